@@ -1,0 +1,104 @@
+"""The channel interface: where the poller hands messages over.
+
+A channel takes batches of messages with ``publish`` and reports, exactly once per message, what
+became of it, by calling ``report(message, outcome, reason)``:
+
+- ``Outcome.ACK``: the sink has it. Only now may the poller delete the message from SQS.
+- ``Outcome.RETRY``: not delivered, but may be later (sink down, timeout, 5xx). The poller makes
+  the message visible again after a backoff.
+- ``Outcome.REJECT``: the sink will never take it (400, oversize, cannot be made an event). The
+  poller leaves it to the queue's redrive policy / DLQ; it is never deleted unacknowledged.
+
+Reports may come from any thread, in any order, during ``publish`` or later; a channel must report
+every message it was given at the latest in ``close``, where what is still undelivered is reported
+as ``RETRY``. ``publish`` may block for backpressure, but should return quickly otherwise.
+
+A channel is built inside the worker process (after the fork/spawn) from its picklable config:
+``ChannelConfig.create()``. Nothing here knows about SQS: a ``Message`` carries an opaque
+``ack_id`` that the channel passes back untouched.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+__all__ = [
+    "Channel",
+    "ChannelConfig",
+    "ChannelError",
+    "Message",
+    "Outcome",
+    "Report",
+]
+
+
+class Outcome(enum.Enum):
+    ACK = "ack"
+    RETRY = "retry"
+    REJECT = "reject"
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One message as the channel sees it.
+
+    ``attributes`` are the queue's system attributes (``SentTimestamp``, ``MessageGroupId``,
+    ``ApproximateReceiveCount``, ...), string to string. ``message_attributes`` are the user's,
+    shaped as SQS gives them: ``{"name": {"DataType": "String", "StringValue": "..."}}``.
+    """
+
+    id: str
+    body: str
+    ack_id: str = field(repr=False)
+    attributes: Mapping[str, str] = field(default_factory=dict)
+    message_attributes: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    md5_of_body: str = ""
+
+    @property
+    def group_id(self) -> str | None:
+        """The FIFO message group, or None on a standard queue."""
+        return self.attributes.get("MessageGroupId")
+
+
+Report = Callable[[Message, Outcome, str], None]
+"""``report(message, outcome, reason)``: reason is a short human string, empty for ACK."""
+
+
+class ChannelError(Exception):
+    """The channel cannot work at all (bad config, sink or broker unusable). One line, no traceback."""
+
+
+class Channel(abc.ABC):
+    """A sink for messages. Use as a context manager, or call ``start`` and ``close``."""
+
+    def start(self) -> None:
+        """Connect and check the sink; raise ``ChannelError`` if it can never work."""
+
+    @abc.abstractmethod
+    def publish(self, batch: Sequence[Message], report: Report) -> None:
+        """Hand over a batch; ``report`` is called once per message, now or later."""
+        raise NotImplementedError("The 'publish' method must be implemented.")
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Deliver what is pending within ``timeout``; report the rest as RETRY."""
+
+    def __enter__(self) -> Channel:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class ChannelConfig(Protocol):
+    """A channel's settings: frozen, picklable, validated on creation; builds the channel."""
+
+    name: str
+
+    def create(self, source: str) -> Channel:
+        """Build the channel for events whose CloudEvents ``source`` is ``source`` (the queue URL)."""
+        ...
