@@ -1,0 +1,459 @@
+"""Receiving CloudEvents over HTTP: the parser and the small server base of the local sinks.
+
+Used by the in-memory channel (``channels.inmemory``) and the message dumper
+(``channels.dumper``); nothing here is on the poller's hot path.
+
+``parse_event(headers, body)`` turns one HTTP request into an event dict, following the
+CloudEvents 1.0 HTTP binding:
+
+- *structured* mode: ``Content-Type: application/cloudevents+json``; the body is the event.
+- *binary* mode: a ``ce-specversion`` header; attributes are the ``ce-*`` headers (values
+  percent-decoded, binding 3.1.3.2), ``datacontenttype`` is ``Content-Type``, data is the body.
+- anything else (including batched mode) is not a CloudEvent: ``NotACloudEvent`` with a
+  one-line reason, which the servers answer as 400.
+
+In the dict, ``data`` is the JSON value when the content type is JSON (``application/json``,
+``*/*+json``), else the text; a body that is not UTF-8 becomes ``data_base64``, as in the JSON
+event format. Structured events are returned as their JSON document.
+
+``CloudEventServer`` is a ``ThreadingHTTPServer`` (HTTP/1.1 keep-alive, one daemon thread per
+connection) with ``start()`` / ``serve_forever()`` / ``stop()`` and a context manager;
+subclasses implement ``handle(headers, body) -> Reply``. Neither server keeps anything across
+restarts: everything lives in memory.
+"""
+
+from __future__ import annotations
+
+import abc
+import base64
+import logging
+import re
+import signal
+import socket
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import unquote
+
+import orjson
+
+__all__ = [
+    "STRUCTURED_CONTENT_TYPE",
+    "CloudEventServer",
+    "NotACloudEvent",
+    "Reply",
+    "ServerOptions",
+    "is_json_content_type",
+    "parse_event",
+    "run_until_signalled",
+]
+
+log = logging.getLogger(__name__)
+
+STRUCTURED_CONTENT_TYPE = "application/cloudevents+json"
+REQUIRED_ATTRIBUTES = ("specversion", "id", "source", "type")
+# Spec 1.0: attribute names are lower-case ASCII letters and digits (headers arrive lower-cased).
+_ATTRIBUTE_NAME = re.compile(r"[a-z0-9]+")
+_HEADER_ORDER = {name: i for i, name in enumerate((*REQUIRED_ATTRIBUTES, "time", "subject"))}
+
+
+class NotACloudEvent(ValueError):
+    """The request is not a (supported) CloudEvent; ``str()`` is a one-line reason for a 400."""
+
+
+def media_type(content_type: str | None) -> str:
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+def is_json_content_type(content_type: str | None) -> bool:
+    media = media_type(content_type)
+    return media in ("application/json", "text/json") or media.endswith("+json")
+
+
+def parse_event(headers: Mapping[str, str], body: bytes, *, decode_data: bool = True) -> dict[str, Any]:
+    """Turn one HTTP request (header names lower-cased) into an event dict.
+
+    With ``decode_data=False`` only the attributes are parsed and validated (binary mode: no
+    ``data`` key), for the channel, which forwards the body untouched anyway.
+    Raises ``NotACloudEvent``.
+    """
+    content_type = headers.get("content-type")
+    media = media_type(content_type)
+    if media.startswith("application/cloudevents"):
+        if media == "application/cloudevents-batch+json":
+            raise NotACloudEvent("batched content mode is not supported; send one event per request")
+        if media != STRUCTURED_CONTENT_TYPE:
+            raise NotACloudEvent(f"unsupported event format {media!r}; use {STRUCTURED_CONTENT_TYPE}")
+        return _parse_structured(body)
+    if "ce-specversion" in headers:
+        return _parse_binary(headers, body, content_type, decode_data)
+    raise NotACloudEvent(
+        f"not a CloudEvent: no ce-specversion header and content type is not {STRUCTURED_CONTENT_TYPE}"
+    )
+
+
+def _parse_structured(body: bytes) -> dict[str, Any]:
+    try:
+        event = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise NotACloudEvent(f"structured event is not valid JSON: {exc}") from None
+    if not isinstance(event, dict):
+        raise NotACloudEvent("structured event must be a JSON object")
+    for name in event:
+        if name not in ("data", "data_base64") and not _ATTRIBUTE_NAME.fullmatch(name):
+            raise NotACloudEvent(f"invalid attribute name {name!r}")
+    if "data" in event and "data_base64" in event:
+        raise NotACloudEvent("structured event has both data and data_base64")
+    _validate(event)
+    return event
+
+
+def _parse_binary(
+    headers: Mapping[str, str], body: bytes, content_type: str | None, decode_data: bool
+) -> dict[str, Any]:
+    attributes: dict[str, Any] = {}
+    for header, value in headers.items():
+        if not header.startswith("ce-"):
+            continue
+        name = header[3:]
+        if not _ATTRIBUTE_NAME.fullmatch(name):
+            raise NotACloudEvent(f"invalid attribute name {name!r} in header {header!r}")
+        attributes[name] = unquote(value)  # binding 3.1.3.2: values are percent-encoded
+    _validate(attributes)
+    # Stable, readable order for the dumper: required attributes first, then the rest by name.
+    event = {k: attributes[k] for k in sorted(attributes, key=lambda k: (_HEADER_ORDER.get(k, 99), k))}
+    if content_type is not None:
+        event["datacontenttype"] = content_type
+    if decode_data and body:
+        event.update(decode_data_field(body, content_type))
+    return event
+
+
+def decode_data_field(body: bytes, content_type: str | None) -> dict[str, Any]:
+    """``{"data": ...}`` (JSON value or text) or ``{"data_base64": ...}`` for a binary-mode body."""
+    if is_json_content_type(content_type):
+        try:
+            return {"data": orjson.loads(body)}
+        except orjson.JSONDecodeError:
+            pass  # claims JSON but is not: show it as it is rather than refuse the event
+    try:
+        return {"data": body.decode("utf-8")}
+    except UnicodeDecodeError:
+        return {"data_base64": base64.b64encode(body).decode("ascii")}
+
+
+def _validate(event: Mapping[str, Any]) -> None:
+    missing = [name for name in REQUIRED_ATTRIBUTES if not event.get(name)]
+    if missing:
+        raise NotACloudEvent(f"missing required attribute(s): {', '.join(missing)}")
+    for name in REQUIRED_ATTRIBUTES:
+        if not isinstance(event[name], str):
+            raise NotACloudEvent(f"attribute {name!r} must be a string")
+    if event["specversion"] != "1.0":
+        raise NotACloudEvent(f"unsupported specversion {event['specversion']!r}; only 1.0 is accepted")
+
+
+# --------------------------------------------------------------------------------------------
+# Server
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """What a server answers to one request: a status and a one-line reason (the body)."""
+
+    status: int
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServerOptions:
+    """HTTP-level limits shared by the local servers."""
+
+    max_body: int = 16 * 1024 * 1024  # SQS messages are <= 1 MiB; this is generous
+    idle_timeout: float | None = 300.0  # close keep-alive connections idle this long (None: never)
+    stop_grace: float = 5.0  # on stop, how long requests in progress may finish
+
+    def __post_init__(self) -> None:
+        if self.max_body <= 0:
+            raise ValueError("max_body must be positive")
+        if self.idle_timeout is not None and self.idle_timeout <= 0:
+            raise ValueError("idle_timeout must be positive or None")
+        if self.stop_grace < 0:
+            raise ValueError("stop_grace must be >= 0")
+
+
+class _BodyError(Exception):
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive: the poller keeps pooled connections open
+    server_version = "sqs-poller-local"
+    disable_nagle_algorithm = True  # headers and body are two writes; avoid 40 ms delayed-ACK stalls
+    server: _HTTPServer
+
+    def setup(self) -> None:
+        self.timeout = self.server.options.idle_timeout  # applied by StreamRequestHandler.setup
+        super().setup()
+
+    def do_POST(self) -> None:
+        server = self.server
+        with server.busy_lock:
+            server.busy += 1
+        try:
+            if server.stopping:
+                self._answer(Reply(503, "shutting down"), close=True)
+                return
+            try:
+                body = self._read_body()
+            except _BodyError as exc:
+                # The rest of the body was not read: the connection cannot be reused.
+                self._answer(Reply(exc.status, exc.reason), close=True)
+                return
+            headers = {name.lower(): value for name, value in self.headers.items()}
+            try:
+                reply = server.app.handle(headers, body)
+            except Exception:
+                log.exception("%s: error handling a request", type(server.app).__name__)
+                reply = Reply(500, "internal error")
+            self._answer(reply)
+        finally:
+            with server.busy_lock:
+                server.busy -= 1
+
+    def _method_not_allowed(self) -> None:
+        self._answer(Reply(405, "only POST is accepted"), extra={"Allow": "POST"})
+
+    do_GET = do_PUT = do_DELETE = do_PATCH = _method_not_allowed
+
+    def do_HEAD(self) -> None:
+        self.send_response(405)
+        self.send_header("Allow", "POST")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def _read_body(self) -> bytes:
+        limit = self.server.options.max_body
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            return self._read_chunked(limit)
+        length_header = self.headers.get("Content-Length")
+        if length_header is None:
+            return b""  # HTTP/1.1: no Content-Length and not chunked means no body
+        try:
+            length = int(length_header)
+            if length < 0:
+                raise ValueError
+        except ValueError:
+            raise _BodyError(400, f"invalid Content-Length {length_header!r}") from None
+        if length > limit:
+            raise _BodyError(413, f"body of {length} bytes exceeds the limit of {limit}")
+        body = self.rfile.read(length)
+        if len(body) != length:
+            raise _BodyError(400, "body shorter than Content-Length")
+        return body
+
+    def _read_chunked(self, limit: int) -> bytes:
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            line = self.rfile.readline(1024)
+            try:
+                chunk = int(line.split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                raise _BodyError(400, "malformed chunked body") from None
+            if chunk == 0:
+                while self.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
+                    pass  # trailers, ignored
+                return b"".join(parts)
+            size += chunk
+            if size > limit:
+                raise _BodyError(413, f"body exceeds the limit of {limit} bytes")
+            parts.append(self.rfile.read(chunk))
+            self.rfile.readline(3)  # CRLF after the chunk
+
+    def _answer(self, reply: Reply, *, close: bool = False, extra: Mapping[str, str] | None = None) -> None:
+        body = (reply.reason + "\n").encode() if reply.reason else b""
+        self.send_response(reply.status)
+        if body:
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in (extra or {}).items():
+            self.send_header(name, value)
+        if close:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        if body:
+            self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib signature)
+        # The stdlib writes every request to stderr; one line per request is noise here.
+        log.debug("%s %s", self.address_string(), format % args)
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True  # a stuck connection never keeps the process alive
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], app: CloudEventServer, options: ServerOptions) -> None:
+        self.app = app
+        self.options = options
+        self.stopping = False
+        self.busy = 0
+        self.busy_lock = threading.Lock()
+        self.connections: set[socket.socket] = set()
+        self.connections_lock = threading.Lock()
+        super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self.connections_lock:
+            self.connections.add(request)  # so that stop() can close idle keep-alive connections
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self.connections_lock:
+            self.connections.discard(request)
+        super().shutdown_request(request)
+
+
+class _HTTPServer6(_HTTPServer):
+    address_family = socket.AF_INET6
+
+
+class CloudEventServer(abc.ABC):
+    """Base of the local HTTP servers: binds in the constructor (port 0 picks a free port).
+
+    ``start()`` serves from a daemon thread; ``serve_forever()`` serves from the caller's thread;
+    ``stop()`` stops accepting, lets requests in progress finish (``stop_grace``), then closes
+    every connection. Keeps nothing across restarts.
+    """
+
+    def __init__(self, host: str, port: int, *, server_options: ServerOptions | None = None) -> None:
+        self.server_options = server_options or ServerOptions()
+        server_class = _HTTPServer6 if ":" in host else _HTTPServer
+        self._httpd = server_class((host, port), self, self.server_options)
+        self._thread: threading.Thread | None = None
+        self._serving_ident: int | None = None
+        self._serve_called = False
+        self._stopped = False
+        self._lock = threading.Lock()
+
+    @property
+    def port(self) -> int:
+        return int(self._httpd.server_address[1])
+
+    @property
+    def url(self) -> str:
+        host = str(self._httpd.server_address[0])
+        if host in ("0.0.0.0", ""):
+            host = "127.0.0.1"  # a URL a local client can use
+        elif host == "::":
+            host = "::1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}/"
+
+    @abc.abstractmethod
+    def handle(self, headers: dict[str, str], body: bytes) -> Reply:
+        """Answer one POST (header names lower-cased). Called from many threads at once."""
+
+    def start(self) -> CloudEventServer:
+        with self._lock:
+            if self._serve_called:
+                raise RuntimeError("server already started")
+            self._serve_called = True
+        self._thread = threading.Thread(
+            target=self._serve, name=f"{type(self).__name__}:{self.port}", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        """Serve from this thread until ``stop()`` is called from another thread."""
+        with self._lock:
+            if self._serve_called:
+                raise RuntimeError("server already started")
+            self._serve_called = True
+        self._serve()
+
+    def _serve(self) -> None:
+        self._serving_ident = threading.get_ident()
+        self._httpd.serve_forever(poll_interval=0.2)
+
+    @property
+    def serving(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self) -> None:
+        """Stop serving and close all connections; idempotent."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+        httpd = self._httpd
+        httpd.stopping = True
+        if self._serve_called:
+            if threading.get_ident() == self._serving_ident:
+                # shutdown() waits for serve_forever() to return: from its own thread it would
+                # deadlock, so only ask for it here.
+                threading.Thread(target=httpd.shutdown, daemon=True).start()
+            else:
+                httpd.shutdown()
+        httpd.server_close()
+        deadline = time.monotonic() + self.server_options.stop_grace
+        while httpd.busy and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with httpd.connections_lock:
+            connections = list(httpd.connections)
+        for conn in connections:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)  # wakes the handler thread blocked in recv()
+            except OSError:
+                pass
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+        self.close()
+
+    def close(self) -> None:
+        """Release what the subclass holds (pools, threads); called once by ``stop()``."""
+
+    def __enter__(self) -> CloudEventServer:
+        if not self._serve_called:
+            self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def run_until_signalled(server: CloudEventServer, started: str, stopped: Any) -> None:
+    """Serve until SIGTERM, SIGINT (KeyboardInterrupt) or the server dies, then stop cleanly.
+
+    ``started`` is logged once serving; ``stopped()`` gives the line logged after the stop.
+    The SIGTERM handler only sets an event: the stop runs in this (the main) thread, never in
+    the handler and never in the serving thread.
+    """
+    stop_requested = threading.Event()
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop_requested.set())
+    try:
+        server.start()
+        log.info("%s", started)
+        # A timed wait, so that SIGINT's KeyboardInterrupt and a dead server are noticed.
+        while not stop_requested.wait(0.5):
+            if not server.serving:
+                raise RuntimeError(f"{type(server).__name__}: server thread ended unexpectedly")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    log.info("%s", stopped())
