@@ -1,0 +1,239 @@
+"""The HTTP channel: each message as a CloudEvent POSTed to a sink (Knative's ``K_SINK``).
+
+``concurrency`` sender threads, each with its own keep-alive connection, take work from one
+queue, so several requests are in flight. A unit of work is one message on a standard queue, and
+all of a batch's messages of one group, in order, on a FIFO queue: a group is sent one message
+at a time, and once one of its messages is not delivered the rest of that group's batch is
+reported RETRY without being sent, so nothing is acknowledged ahead of an earlier message.
+
+Outcomes: 2xx -> ACK; 408, 425, 429, 5xx, timeouts and connection errors are retried with
+backoff, then RETRY; any other status (400, 413, redirects, ...) -> REJECT; a message that cannot
+be made an event -> REJECT.
+
+``http.client`` rather than requests or urllib3: measured here, one POST to a local sink costs
+~400 us of client CPU with requests, ~145 us with urllib3 and ~60 us with http.client, and this
+is the hot path.
+"""
+
+from __future__ import annotations
+
+import http.client
+import logging
+import queue
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+from urllib.parse import urlsplit
+
+from channels.base import Channel, Message, Outcome, Report
+from channels.events import EventError, EventFormat
+from channels.retry import backoff
+
+__all__ = ["HttpChannel", "HttpConfig"]
+
+MODES = ("binary", "structured")
+_RETRY_STATUSES = frozenset({408, 425, 429})
+_STRUCTURED = "application/cloudevents+json; charset=utf-8"
+_USER_AGENT = "sqs-poller"
+_STOP = object()
+
+log = logging.getLogger(__name__)
+
+
+def check_url(url: str, what: str = "sink") -> None:
+    """A one-line ValueError unless ``url`` is an absolute http(s) URL with a host."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as exc:
+        raise ValueError(f"{what} URL {url!r} is malformed: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{what} URL {url!r} must be an absolute http:// or https:// URL")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HttpConfig:
+    name: ClassVar[str] = "http"
+
+    sink: str
+    mode: str = "binary"
+    data_mode: str = "message"
+    overrides: Mapping[str, str] = field(default_factory=dict)
+    concurrency: int = 16
+    timeout: float = 10.0
+    retries: int = 3
+    backoff_base: float = 0.2
+    backoff_max: float = 5.0
+
+    def __post_init__(self) -> None:
+        check_url(self.sink)
+        if self.mode not in MODES:
+            raise ValueError(f"HTTP mode must be one of {', '.join(MODES)}, not {self.mode!r}")
+        EventFormat(source="", data_mode=self.data_mode)  # validates data_mode
+        if not 1 <= self.concurrency <= 1024:
+            raise ValueError(f"--http-concurrency must be between 1 and 1024, not {self.concurrency}")
+        if not 0 < self.timeout <= 3600:
+            raise ValueError(f"--http-timeout must be above 0 and at most 3600, not {self.timeout}")
+        if not 0 <= self.retries <= 100:
+            raise ValueError(f"--http-retries must be between 0 and 100, not {self.retries}")
+
+    def create(self, source: str) -> HttpChannel:
+        return HttpChannel(self, source)
+
+
+class _Connection:
+    """One keep-alive connection to the sink, reopened when it breaks. One per sender thread."""
+
+    def __init__(self, config: HttpConfig) -> None:
+        url = urlsplit(config.sink)
+        self._https = url.scheme == "https"
+        self._host = url.hostname or ""
+        self._port = url.port or (443 if self._https else 80)
+        self.target = (url.path or "/") + (f"?{url.query}" if url.query else "")
+        self._timeout = config.timeout
+        self._conn: http.client.HTTPConnection | None = None
+
+    def post(self, body: bytes, headers: Mapping[str, str]) -> int:
+        """POST and return the status; raises OSError / HTTPException on transport errors."""
+        for attempt in (1, 2):
+            reused = self._conn is not None
+            conn = self._open()
+            try:
+                conn.request("POST", self.target, body, headers)
+                response = conn.getresponse()
+                response.read()
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                self.close()
+                if reused and attempt == 1:
+                    continue  # the sink closed an idle keep-alive connection: try a fresh one
+                raise
+            except (OSError, http.client.HTTPException):
+                self.close()
+                raise
+            if response.will_close:
+                self.close()
+            return response.status
+        raise AssertionError("unreachable")
+
+    def _open(self) -> http.client.HTTPConnection:
+        if self._conn is None:
+            if self._https:
+                conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+                    self._host, self._port, timeout=self._timeout, context=ssl.create_default_context()
+                )
+            else:
+                conn = http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
+            conn.connect()
+            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._conn = conn
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+class HttpChannel(Channel):
+    def __init__(self, config: HttpConfig, source: str) -> None:
+        self.config = config
+        self._format = EventFormat(source=source, data_mode=config.data_mode, overrides=config.overrides)
+        self._work: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._abandon = threading.Event()  # set when close() runs out of time
+        self._threads = [
+            threading.Thread(target=self._send_loop, name=f"http-{i}", daemon=True)
+            for i in range(config.concurrency)
+        ]
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def publish(self, batch: Sequence[Message], report: Report) -> None:
+        groups: dict[str, list[Message]] = {}
+        for message in batch:
+            group = message.group_id
+            if group is None:
+                self._work.put(([message], report))
+            else:
+                groups.setdefault(group, []).append(message)
+        for unit in groups.values():
+            self._work.put((unit, report))
+
+    def close(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        self._work.put(_STOP)
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        if any(thread.is_alive() for thread in self._threads):
+            # Out of time: stop retrying and give back what is left.
+            self._abandon.set()
+            for thread in self._threads:
+                thread.join(1.0)
+        while True:  # units nobody took (no thread started, or all stuck)
+            try:
+                item = self._work.get_nowait()
+            except queue.Empty:
+                break
+            if item is not _STOP:
+                unit, report = item  # type: ignore[misc]
+                for message in unit:
+                    report(message, Outcome.RETRY, "channel closed before delivery")
+
+    def _send_loop(self) -> None:
+        conn = _Connection(self.config)
+        try:
+            while True:
+                item = self._work.get()
+                if item is _STOP:
+                    self._work.put(_STOP)
+                    return
+                unit, report = item  # type: ignore[misc]
+                self._send_unit(conn, unit, report)
+        finally:
+            conn.close()
+
+    def _send_unit(self, conn: _Connection, unit: list[Message], report: Report) -> None:
+        for i, message in enumerate(unit):
+            if self._abandon.is_set():
+                outcome, reason = Outcome.RETRY, "channel closed before delivery"
+            else:
+                outcome, reason = self._deliver(conn, message)
+            report(message, outcome, reason)
+            if outcome is not Outcome.ACK:
+                for later in unit[i + 1:]:
+                    report(later, Outcome.RETRY, f"an earlier message of group {later.group_id} "
+                                                 "was not delivered")
+                return
+
+    def _deliver(self, conn: _Connection, message: Message) -> tuple[Outcome, str]:
+        try:
+            if self.config.mode == "binary":
+                headers, body = self._format.http_binary(message)
+            else:
+                body = self._format.structured(message)
+                headers = {"Content-Type": _STRUCTURED}
+        except EventError as exc:
+            return Outcome.REJECT, f"cannot make a CloudEvent: {exc}"
+        headers["User-Agent"] = _USER_AGENT
+        reason = ""
+        for attempt in range(self.config.retries + 1):
+            if attempt and self._abandon.wait(
+                backoff(attempt, base=self.config.backoff_base, cap=self.config.backoff_max)
+            ):
+                break
+            try:
+                status = conn.post(body, headers)
+            except (OSError, http.client.HTTPException) as exc:
+                reason = f"sink {self.config.sink}: {type(exc).__name__}: {exc}"
+                continue
+            if 200 <= status < 300:
+                return Outcome.ACK, ""
+            reason = f"sink answered HTTP {status}"
+            if status < 500 and status not in _RETRY_STATUSES:
+                return Outcome.REJECT, reason
+        return Outcome.RETRY, reason

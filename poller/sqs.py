@@ -1,0 +1,270 @@
+"""All the poller's talk with Amazon SQS goes through this module.
+
+A lean client over SQS's JSON protocol (``X-Amz-Target: AmazonSQS.<Action>``): botocore resolves
+the endpoint and credentials and signs (SigV4); the request itself is one ``http.client`` call
+and the answer one ``orjson.loads``. Measured here (SERVICES.md), boto3's full client spends about
+twice the CPU per message of this path, which is the hot path of the whole poller.
+
+One ``SqsClient`` holds one keep-alive connection and is used by one thread. Errors come back as
+``SqsError`` with SQS's error code; per-entry failures of batch calls are returned, not raised.
+"""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import ssl
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import botocore.session
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
+from botocore.exceptions import BotoCoreError
+
+import orjson
+
+__all__ = ["BatchFailure", "SqsClient", "SqsError", "SqsTarget", "load_credentials", "resolve_target"]
+
+# Codes after which a retry cannot help: the call itself is wrong or not allowed.
+_PERMANENT_CODES = frozenset(
+    {
+        "QueueDoesNotExist", "AWS.SimpleQueueService.NonExistentQueue", "AccessDenied",
+        "AccessDeniedException", "InvalidClientTokenId", "UnrecognizedClientException",
+        "SignatureDoesNotMatch", "InvalidSignatureException", "IncompleteSignature",
+        "MissingAuthenticationToken", "InvalidAddress", "InvalidParameterValue",
+        "InvalidSecurity", "ExpiredToken", "ExpiredTokenException",
+    }
+)
+CREDENTIAL_CODES = frozenset(
+    {
+        "InvalidClientTokenId", "UnrecognizedClientException", "SignatureDoesNotMatch",
+        "InvalidSignatureException", "IncompleteSignature", "MissingAuthenticationToken",
+        "ExpiredToken", "ExpiredTokenException", "AccessDenied", "AccessDeniedException",
+    }
+)
+
+
+class SqsError(Exception):
+    """An SQS call failed. ``code`` is SQS's error code, or ``ConnectionError`` / ``Timeout``."""
+
+    def __init__(self, code: str, message: str, *, retryable: bool) -> None:
+        super().__init__(f"{code}: {message}" if message else code)
+        self.code = code
+        self.retryable = retryable
+
+
+@dataclass(frozen=True, slots=True)
+class BatchFailure:
+    """One entry of a batch call that SQS did not carry out."""
+
+    index: int
+    code: str
+    message: str
+    sender_fault: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SqsTarget:
+    """Where and as whom to talk to SQS; resolved once in the parent, picklable for workers."""
+
+    queue_url: str
+    region: str
+    endpoint_url: str
+    profile: str | None = None
+
+
+def resolve_target(queue_url: str, *, region: str | None, endpoint_url: str | None,
+                   profile: str | None = None) -> SqsTarget:
+    """Resolve region and endpoint the AWS way (flags, ``AWS_REGION``, ``AWS_ENDPOINT_URL_SQS``,
+    the config file), falling back to the region in the queue URL."""
+    session = botocore.session.Session(profile=profile)
+    region = region or session.get_config_variable("region") or _region_from_queue_url(queue_url)
+    if not region:
+        raise ValueError("no AWS region: pass --region or set AWS_REGION")
+    try:
+        client = session.create_client("sqs", region_name=region, endpoint_url=endpoint_url)
+    except (BotoCoreError, ValueError) as exc:
+        raise ValueError(f"cannot configure SQS for region {region!r}: {exc}") from None
+    return SqsTarget(queue_url=queue_url, region=region, endpoint_url=client.meta.endpoint_url,
+                     profile=profile)
+
+
+def _region_from_queue_url(queue_url: str) -> str | None:
+    host = urlsplit(queue_url).hostname or ""
+    parts = host.split(".")
+    if len(parts) >= 4 and parts[0] == "sqs":  # sqs.us-east-1.amazonaws.com
+        return parts[1]
+    path = urlsplit(queue_url).path.split("/")
+    if len(path) >= 4 and path[1] == "queue":  # LocalStack: /queue/us-east-1/000000000000/name
+        return path[2]
+    return None
+
+
+def load_credentials(target: SqsTarget) -> Credentials:
+    """The AWS default credential chain; one lookup per process, shared by its clients."""
+    credentials = botocore.session.Session(profile=target.profile).get_credentials()
+    if credentials is None:
+        raise ValueError("no AWS credentials found (environment, profile, or instance role)")
+    return credentials
+
+
+class SqsClient:
+    """A single-connection SQS client for one queue. Not thread-safe: one per thread."""
+
+    def __init__(self, target: SqsTarget, *, timeout: float = 10.0,
+                 credentials: Credentials | None = None) -> None:
+        self.target = target
+        self._timeout = timeout
+        url = urlsplit(target.endpoint_url)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError(f"SQS endpoint {target.endpoint_url!r} is not an http(s) URL")
+        self._https = url.scheme == "https"
+        self._host = url.hostname
+        self._port = url.port or (443 if self._https else 80)
+        self._path = url.path or "/"
+        self._url = f"{url.scheme}://{url.netloc}{self._path}"
+        self._credentials = credentials or load_credentials(target)
+        self._conn: http.client.HTTPConnection | None = None
+        self._aborted = False
+        self._queue = {"QueueUrl": target.queue_url}
+
+    # -- the calls ------------------------------------------------------------------------
+
+    def receive(self, *, max_messages: int, wait_time: int,
+                visibility_timeout: int | None = None) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {
+            "QueueUrl": self.target.queue_url,
+            "MaxNumberOfMessages": max_messages,
+            "WaitTimeSeconds": wait_time,
+            "MessageSystemAttributeNames": ["All"],
+            "AttributeNames": ["All"],
+            "MessageAttributeNames": ["All"],
+        }
+        if visibility_timeout is not None:
+            params["VisibilityTimeout"] = visibility_timeout
+        answer = self._call("ReceiveMessage", params, timeout=wait_time + self._timeout)
+        return answer.get("Messages") or []
+
+    def delete_batch(self, receipt_handles: Sequence[str]) -> list[BatchFailure]:
+        entries = [{"Id": str(i), "ReceiptHandle": h} for i, h in enumerate(receipt_handles)]
+        return _failures(self._call("DeleteMessageBatch", {**self._queue, "Entries": entries}))
+
+    def change_visibility_batch(self, entries: Iterable[tuple[str, int]]) -> list[BatchFailure]:
+        """``entries``: (receipt handle, new visibility timeout in seconds)."""
+        body = [
+            {"Id": str(i), "ReceiptHandle": h, "VisibilityTimeout": t}
+            for i, (h, t) in enumerate(entries)
+        ]
+        return _failures(self._call("ChangeMessageVisibilityBatch", {**self._queue, "Entries": body}))
+
+    def queue_attributes(self) -> dict[str, str]:
+        answer = self._call("GetQueueAttributes", {**self._queue, "AttributeNames": ["All"]})
+        return answer.get("Attributes") or {}
+
+    def abort(self) -> None:
+        """Break off a call in progress from another thread (used to end a long poll at shutdown).
+
+        SQS may have handed messages to a receive that is broken off: they become visible again
+        after their visibility timeout, as after a crash, so nothing is lost.
+        """
+        self._aborted = True
+        conn = self._conn
+        sock = conn.sock if conn is not None else None
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    def _call(self, action: str, params: dict[str, Any], *, timeout: float | None = None) -> dict[str, Any]:
+        if self._aborted:
+            raise SqsError("Aborted", f"{action}: the client was shut down", retryable=False)
+        body = orjson.dumps(params)
+        headers = self._sign(action, body)
+        # A kept-alive connection may have been closed by the server in the meantime: one
+        # fresh retry for that case; all these calls may be repeated safely.
+        for attempt in (1, 2):
+            reused = self._conn is not None
+            conn = self._connection()
+            try:
+                if conn.sock is not None:
+                    conn.sock.settimeout(timeout or self._timeout)
+                conn.request("POST", self._path, body, headers)
+                response = conn.getresponse()
+                data = response.read()
+            except (TimeoutError, socket.timeout):
+                self.close()
+                raise SqsError("Timeout", f"{action} got no answer from {self._url}", retryable=True) from None
+            except (OSError, http.client.HTTPException) as exc:
+                self.close()
+                if reused and attempt == 1 and not self._aborted:
+                    continue
+                raise SqsError("ConnectionError", f"{action} to {self._url}: {exc}", retryable=True) from None
+            if response.status == 200:
+                return orjson.loads(data) if data else {}
+            raise _error(action, response.status, data)
+        raise AssertionError("unreachable")
+
+    def _connection(self) -> http.client.HTTPConnection:
+        if self._conn is None:
+            if self._https:
+                self._conn = http.client.HTTPSConnection(
+                    self._host, self._port, timeout=self._timeout, context=ssl.create_default_context()
+                )
+            else:
+                self._conn = http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
+            self._conn.connect()
+            self._conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return self._conn
+
+    def _sign(self, action: str, body: bytes) -> dict[str, str]:
+        frozen = self._credentials.get_frozen_credentials()
+        request = AWSRequest(
+            method="POST",
+            url=self._url,
+            data=body,
+            headers={
+                "Content-Type": "application/x-amz-json-1.0",
+                "X-Amz-Target": "AmazonSQS." + action,
+            },
+        )
+        SigV4Auth(
+            Credentials(frozen.access_key, frozen.secret_key, frozen.token), "sqs", self.target.region
+        ).add_auth(request)
+        return dict(request.headers.items())
+
+
+def _failures(answer: dict[str, Any]) -> list[BatchFailure]:
+    return [
+        BatchFailure(
+            index=int(entry.get("Id", -1)),
+            code=entry.get("Code", ""),
+            message=entry.get("Message", ""),
+            sender_fault=bool(entry.get("SenderFault")),
+        )
+        for entry in answer.get("Failed") or ()
+    ]
+
+
+def _error(action: str, status: int, data: bytes) -> SqsError:
+    try:
+        doc = orjson.loads(data) if data else {}
+    except orjson.JSONDecodeError:
+        doc = {}
+    if not isinstance(doc, dict):
+        doc = {}
+    code = str(doc.get("__type", "")).rpartition("#")[2] or f"HTTP{status}"
+    message = str(doc.get("message") or doc.get("Message") or "")
+    retryable = code not in _PERMANENT_CODES and (status >= 500 or status == 429 or "Throttl" in code)
+    return SqsError(code, f"{action}: {message}" if message else action, retryable=retryable)

@@ -1,0 +1,58 @@
+"""Counters a worker keeps, and the periodic throughput line the supervisor logs from them."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import MutableSequence, Sequence
+
+__all__ = ["FIELDS", "Counters", "format_line"]
+
+FIELDS = (
+    "received",        # messages received from SQS
+    "acked",           # acknowledged by the channel
+    "deleted",         # deleted from SQS
+    "retried",         # nacked: made visible again after a backoff
+    "rejected",        # refused for good by the channel; left to the redrive policy / DLQ
+    "delete_failed",   # deletes that failed after retries (will be redelivered)
+    "expired",         # receipt handle expired before delete (will be redelivered)
+    "receive_errors",  # failed ReceiveMessage calls
+    "extended",        # visibility extensions of slow in-flight messages
+    "in_flight",       # gauge: received, not yet reported by the channel
+)
+_INDEX = {name: i for i, name in enumerate(FIELDS)}
+
+
+class Counters:
+    """Per-process counters, written from many threads, copied out once a second."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._values = [0] * len(FIELDS)
+
+    def add(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self._values[_INDEX[name]] += n
+
+    def set(self, name: str, value: int) -> None:
+        self._values[_INDEX[name]] = value
+
+    def get(self, name: str) -> int:
+        return self._values[_INDEX[name]]
+
+    def snapshot(self) -> list[int]:
+        with self._lock:
+            return list(self._values)
+
+    def copy_to(self, shared: MutableSequence[int]) -> None:
+        shared[:] = self.snapshot()
+
+
+def format_line(totals: Sequence[int], previous: Sequence[int], seconds: float) -> str:
+    get = dict(zip(FIELDS, totals))
+    rate = (get["acked"] - previous[_INDEX["acked"]]) / seconds if seconds > 0 else 0.0
+    return (
+        f"throughput {rate:,.0f} msg/s | received {get['received']:,} acked {get['acked']:,} "
+        f"deleted {get['deleted']:,} in-flight {get['in_flight']:,} | retried {get['retried']:,} "
+        f"rejected {get['rejected']:,} delete-failed {get['delete_failed']:,} "
+        f"expired {get['expired']:,} receive-errors {get['receive_errors']:,}"
+    )
