@@ -251,6 +251,37 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+# -- demo -------------------------------------------------------------------------------------
+
+
+@cli.command("demo")
+@click.option("--endpoint-url", envvar="AWS_ENDPOINT_URL_SQS", show_envvar=True, default=None,
+              help="Use this SQS endpoint instead of starting one.")
+@click.option("--messages", type=click.IntRange(0, 10_000), default=5, show_default=True,
+              help="Sample messages to send at the start.")
+@click.option("--follow", is_flag=True, help="Keep sending one message a second.")
+@click.option("--duration", type=click.FloatRange(0), default=None,
+              help="Stop after this many seconds [default: run until Ctrl-C].")
+@click.option("--processes", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Worker processes of the poller.")
+def demo_cmd(endpoint_url: str | None, messages: int, follow: bool, duration: float | None,
+             processes: int) -> int:
+    """Run the whole pipeline locally and watch messages flow.
+
+    Starts a local SQS (the --endpoint-url given, else Docker's LocalStack if Docker answers,
+    else LocalStack installed on this host on first use, else moto's server), a queue with a
+    DLQ, an in-memory channel, a message dumper and `poller run`; sends sample messages and
+    prints each event as the dumper receives it. Ctrl-C stops everything it started.
+    """
+    setup_logging("INFO")
+    if endpoint_url:
+        check_url(endpoint_url, "endpoint")
+    from poller.demo import DemoOptions, run_demo
+
+    return run_demo(DemoOptions(endpoint_url=endpoint_url, messages=messages, follow=follow,
+                                duration=duration, processes=processes))
+
+
 # -- the local side: in-memory channel and message dumper -----------------------------------
 
 

@@ -1,0 +1,139 @@
+"""``poller demo``: the seed's Knative sample on one machine.
+
+    SQS queue (local) -> poller run -> in-memory channel -> message dumper (prints each event)
+
+It starts a local SQS (an endpoint you gave, Docker, LocalStack on the host, or moto's server, in
+that order), creates a queue with a DLQ, starts the channel and the dumper in this process and
+``poller run`` as a child process, sends a few sample messages (one a second with ``--follow``)
+and shows them arriving. Ctrl-C (or ``--duration``) stops everything it started.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from contextlib import ExitStack
+from dataclasses import dataclass
+
+import boto3
+import orjson
+
+from channels.dumper import DumperServer
+from channels.inmemory import InMemoryChannelServer
+from poller.services import ServiceError, start_sqs
+
+__all__ = ["DemoOptions", "run_demo"]
+
+log = logging.getLogger("poller.demo")
+
+_LOCAL_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "test",
+    "AWS_SECRET_ACCESS_KEY": "test",
+    "AWS_REGION": "us-east-1",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DemoOptions:
+    endpoint_url: str | None = None
+    messages: int = 5
+    follow: bool = False
+    duration: float | None = None  # None: until Ctrl-C
+    processes: int = 1
+
+
+def run_demo(options: DemoOptions) -> int:
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        with ExitStack() as stack:
+            try:
+                service = stack.enter_context(start_sqs(endpoint=options.endpoint_url))
+            except ServiceError as exc:
+                log.error("cannot start a local SQS: %s", exc)
+                return 1
+            log.info("local SQS: %s at %s", service.name, service.endpoint)
+            sqs = boto3.client(
+                "sqs", endpoint_url=service.endpoint, region_name="us-east-1",
+                aws_access_key_id="test", aws_secret_access_key="test",
+            )
+            queue_url = _create_queue(sqs)
+            dumper = stack.enter_context(DumperServer("127.0.0.1", 0))
+            channel = stack.enter_context(InMemoryChannelServer("127.0.0.1", 0, [dumper.url]))
+            log.info("queue %s -> poller -> channel %s -> dumper %s", queue_url, channel.url, dumper.url)
+            poller = _start_poller(queue_url, channel.url, service.endpoint, options.processes)
+            stack.callback(_stop_poller, poller)
+            _send_samples(sqs, queue_url, options, stop)
+        return 0
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        log.info("demo stopped")
+
+
+def _create_queue(sqs: object) -> str:
+    name = f"poller-demo-{uuid.uuid4().hex[:8]}"
+    dlq = sqs.create_queue(QueueName=f"{name}-dlq")["QueueUrl"]  # type: ignore[attr-defined]
+    dlq_arn = sqs.get_queue_attributes(  # type: ignore[attr-defined]
+        QueueUrl=dlq, AttributeNames=["QueueArn"]
+    )["Attributes"]["QueueArn"]
+    redrive = orjson.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "5"}).decode()
+    return sqs.create_queue(  # type: ignore[attr-defined]
+        QueueName=name, Attributes={"RedrivePolicy": redrive, "VisibilityTimeout": "30"}
+    )["QueueUrl"]
+
+
+def _start_poller(queue_url: str, sink: str, endpoint: str, processes: int) -> subprocess.Popen[bytes]:
+    env = {**os.environ, **_LOCAL_CREDENTIALS, "AWS_ENDPOINT_URL_SQS": endpoint}
+    env.pop("AWS_PROFILE", None)
+    env.pop("AWS_SESSION_TOKEN", None)
+    argv = [
+        sys.executable, "-m", "poller", "run", "--queue-url", queue_url, "--sink", sink,
+        "--processes", str(processes), "--wait-time", "5", "--stats-interval", "10",
+    ]
+    # Its own process group: Ctrl-C reaches the demo, which then stops the poller gracefully.
+    return subprocess.Popen(argv, env=env, start_new_session=True)
+
+
+def _stop_poller(poller: subprocess.Popen[bytes]) -> None:
+    if poller.poll() is None:
+        poller.send_signal(signal.SIGTERM)
+        try:
+            poller.wait(35)
+        except subprocess.TimeoutExpired:
+            poller.kill()
+            poller.wait()
+
+
+def _send_samples(sqs: object, queue_url: str, options: DemoOptions, stop: threading.Event) -> None:
+    started = time.monotonic()
+    sent = 0
+
+    def send() -> None:
+        nonlocal sent
+        sent += 1
+        sqs.send_message(  # type: ignore[attr-defined]
+            QueueUrl=queue_url,
+            MessageBody=orjson.dumps({"order": sent, "item": "coffee", "sent_at": time.time()}).decode(),
+            MessageAttributes={"source": {"DataType": "String", "StringValue": "poller-demo"}},
+        )
+
+    for _ in range(options.messages):
+        send()
+    log.info("sent %d sample message(s)%s; Ctrl-C stops", sent,
+             ", then one a second" if options.follow else "")
+    while not stop.is_set():
+        if options.duration is not None and time.monotonic() - started >= options.duration:
+            break
+        if stop.wait(1.0):
+            break
+        if options.follow:
+            send()
