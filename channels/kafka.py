@@ -322,6 +322,7 @@ class KafkaChannel(Channel):
         self._lock = threading.Lock()
         self._runs: set[_Run] = set()  # runs with at least one unsettled entry
         self._last_error: KafkaError | None = None
+        self._last_logged = ""
         self._fatal: KafkaError | None = None
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
@@ -445,8 +446,10 @@ class KafkaChannel(Channel):
 
     def _on_error(self, err: KafkaError) -> None:
         # Client-level errors (broker down, auth failed); per-record errors arrive as delivery reports.
-        repeated = self._last_error is not None and self._last_error.str() == err.str()
-        self._last_error = err
+        repeated = err.str() == self._last_logged
+        self._last_logged = err.str()
+        if err.code() != KafkaError._ALL_BROKERS_DOWN:
+            self._last_error = err  # the cause start() reports; "all brokers down" says less
         if err.fatal():
             self._fatal = err
             log.error("Kafka producer fatal error: %s", err.str())
