@@ -1,0 +1,188 @@
+"""Fixtures that start real services (LocalStack SQS/S3, tansu) once and stop them by pid.
+
+Environment knobs: ``SQS_ENDPOINT_URL`` runs against an existing SQS endpoint instead of starting
+LocalStack; ``KAFKA_BOOTSTRAP_SERVERS`` does the same for ``kafka_broker``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from botocore.config import Config
+
+from poller.services import Service, create_bucket, start_sqs, start_tansu, tansu_s3_env
+
+# Re-exported so tests can take them from either module.
+from helpers import drain, drain_count, queue_counts, send_messages  # noqa: F401
+
+REGION = "us-east-1"
+TEST_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "test",
+    "AWS_SECRET_ACCESS_KEY": "test",
+    "AWS_REGION": REGION,
+    "AWS_DEFAULT_REGION": REGION,
+}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _aws_test_credentials() -> Iterator[None]:
+    """boto3 in this process needs credentials and a region; only fake test values, restored after."""
+    saved = {k: os.environ.get(k) for k in (*TEST_CREDENTIALS, "AWS_SESSION_TOKEN", "AWS_PROFILE")}
+    os.environ.pop("AWS_SESSION_TOKEN", None)
+    os.environ.pop("AWS_PROFILE", None)
+    os.environ.update(TEST_CREDENTIALS)
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def sqs_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """LocalStack with SQS and S3 (S3 backs tansu's durable storage), started once per session."""
+    with start_sqs(
+        endpoint=os.environ.get("SQS_ENDPOINT_URL") or None,
+        services="sqs,s3",
+        log_dir=tmp_path_factory.mktemp("localstack"),
+    ) as service:
+        yield service
+
+
+@pytest.fixture(scope="session")
+def sqs_endpoint(sqs_service: Service) -> str:
+    return sqs_service.endpoint
+
+
+@pytest.fixture(scope="session")
+def aws_env(sqs_endpoint: str) -> dict[str, str]:
+    """Environment for subprocesses (the poller CLI, the aws CLI) pointing at the test SQS."""
+    return {**TEST_CREDENTIALS, "AWS_ENDPOINT_URL_SQS": sqs_endpoint}
+
+
+def _client(service: str, endpoint: str) -> Any:
+    return boto3.client(
+        service,
+        endpoint_url=endpoint,
+        region_name=REGION,
+        aws_access_key_id="test",
+        aws_secret_access_key="test",
+        config=Config(retries={"max_attempts": 5, "mode": "standard"}, max_pool_connections=32),
+    )
+
+
+@pytest.fixture(scope="session")
+def sqs(sqs_endpoint: str) -> Any:
+    return _client("sqs", sqs_endpoint)
+
+
+@dataclass(frozen=True, slots=True)
+class Queue:
+    name: str
+    url: str
+    arn: str
+    fifo: bool
+    dlq_url: str | None = None
+    dlq_arn: str | None = None
+
+
+MakeQueue = Callable[..., Queue]
+
+
+@pytest.fixture
+def make_queue(sqs: Any, request: pytest.FixtureRequest) -> Iterator[MakeQueue]:
+    """Factory for uniquely named queues (and DLQs), all deleted at teardown."""
+    created: list[str] = []
+    stem = re.sub(r"[^A-Za-z0-9_-]", "-", request.node.name)[:40]
+
+    def create(name: str, attributes: Mapping[str, str]) -> tuple[str, str]:
+        url = sqs.create_queue(QueueName=name, Attributes=dict(attributes))["QueueUrl"]
+        created.append(url)
+        arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+        return url, arn
+
+    def make(
+        fifo: bool = False,
+        visibility_timeout: int = 30,
+        dlq_max_receive_count: int | None = None,
+        attributes: Mapping[str, str] | None = None,
+    ) -> Queue:
+        suffix = ".fifo" if fifo else ""
+        name = f"{stem}-{uuid.uuid4().hex[:8]}"
+        base = {"FifoQueue": "true"} if fifo else {}
+        dlq_url = dlq_arn = None
+        attrs = {**base, "VisibilityTimeout": str(visibility_timeout), **(attributes or {})}
+        if dlq_max_receive_count is not None:
+            dlq_url, dlq_arn = create(f"{name}-dlq{suffix}", base)
+            attrs["RedrivePolicy"] = json.dumps(
+                {"deadLetterTargetArn": dlq_arn, "maxReceiveCount": str(dlq_max_receive_count)}
+            )
+        url, arn = create(f"{name}{suffix}", attrs)
+        return Queue(name=f"{name}{suffix}", url=url, arn=arn, fifo=fifo, dlq_url=dlq_url, dlq_arn=dlq_arn)
+
+    yield make
+    for url in reversed(created):
+        try:
+            sqs.delete_queue(QueueUrl=url)
+        except sqs.exceptions.QueueDoesNotExist:
+            pass
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Bootstrap servers of a session-wide tansu broker with memory storage."""
+    external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if external:
+        yield external
+        return
+    with start_tansu(log_dir=tmp_path_factory.mktemp("tansu")) as broker:
+        yield broker.endpoint
+
+
+class TansuFactory:
+    """Starts brokers of a test's own (memory or S3 storage, restartable on the same port).
+
+    ``tansu_factory()`` → memory broker; ``storage, env = tansu_factory.s3_storage()`` then
+    ``b = tansu_factory(storage=storage, env=env)``; ``b.stop()``; ``tansu_factory(port=<b's port>,
+    storage=storage, env=env)`` comes back with the records. All are stopped at teardown.
+    """
+
+    def __init__(self, log_dir: Path, request: pytest.FixtureRequest) -> None:
+        self._log_dir = log_dir
+        self._request = request
+        self.started: list[Service] = []
+
+    def __call__(
+        self, *, port: int | None = None, storage: str = "memory://tansu/", env: Mapping[str, str] | None = None
+    ) -> Service:
+        broker = start_tansu(port=port, storage=storage, env=env, log_dir=self._log_dir)
+        self.started.append(broker)
+        return broker
+
+    def s3_storage(self, bucket: str | None = None) -> tuple[str, dict[str, str]]:
+        """A fresh bucket on the session LocalStack's S3: (storage URL, env for tansu)."""
+        endpoint: str = self._request.getfixturevalue("sqs_endpoint")
+        bucket = bucket or f"tansu-{uuid.uuid4().hex[:12]}"
+        create_bucket(endpoint, bucket)
+        return f"s3://{bucket}/", tansu_s3_env(endpoint)
+
+    def stop_all(self) -> None:
+        for broker in reversed(self.started):
+            broker.stop()
+
+
+@pytest.fixture
+def tansu_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[TansuFactory]:
+    factory = TansuFactory(tmp_path / "tansu", request)
+    yield factory
+    factory.stop_all()

@@ -1,0 +1,112 @@
+"""Plain helpers for tests that talk to a real SQS (LocalStack): sending in batches and counting."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+__all__ = ["BATCH_MAX_BYTES", "BATCH_MAX_ENTRIES", "drain", "drain_count", "queue_counts", "send_messages"]
+
+BATCH_MAX_ENTRIES = 10
+BATCH_MAX_BYTES = 256 * 1024  # SendMessageBatch: total of all bodies + attributes per call
+
+
+def _entry_size(entry: Mapping[str, Any]) -> int:
+    size = len(entry["MessageBody"].encode())
+    for name, attr in (entry.get("MessageAttributes") or {}).items():
+        value = attr.get("StringValue", attr.get("BinaryValue", b""))
+        size += len(name.encode()) + len(attr.get("DataType", "").encode())
+        size += len(value.encode() if isinstance(value, str) else value)
+    return size
+
+
+def _batches(entries: list[dict[str, Any]]) -> Iterable[list[dict[str, Any]]]:
+    batch: list[dict[str, Any]] = []
+    size = 0
+    for entry in entries:
+        n = _entry_size(entry)
+        if batch and (len(batch) == BATCH_MAX_ENTRIES or size + n > BATCH_MAX_BYTES):
+            yield batch
+            batch, size = [], 0
+        batch.append(entry)
+        size += n
+    if batch:
+        yield batch
+
+
+def send_messages(
+    sqs: Any,
+    url: str,
+    bodies_or_entries: Iterable[str | Mapping[str, Any]],
+    *,
+    group_id: str = "g",
+    retries: int = 8,
+) -> list[str]:
+    """Send with SendMessageBatch (<= 10 entries and <= 256 KiB per call); returns MessageIds in order.
+
+    Items are bodies or SendMessageBatch entries (``Id`` optional). On a ``.fifo`` queue, entries
+    without ``MessageGroupId`` get ``group_id`` and a random ``MessageDeduplicationId``. Failed
+    entries are retried with backoff unless SQS blames the sender.
+    """
+    fifo = url.endswith(".fifo")
+    entries: list[dict[str, Any]] = []
+    for i, item in enumerate(bodies_or_entries):
+        entry = {"MessageBody": item} if isinstance(item, str) else dict(item)
+        entry["Id"] = str(i)  # our index, so results map back to input order
+        if fifo:
+            entry.setdefault("MessageGroupId", group_id)
+            entry.setdefault("MessageDeduplicationId", uuid.uuid4().hex)
+        entries.append(entry)
+
+    ids: dict[str, str] = {}
+    for batch in _batches(entries):
+        pending = batch
+        for attempt in range(retries + 1):
+            resp = sqs.send_message_batch(QueueUrl=url, Entries=pending)
+            ids.update((ok["Id"], ok["MessageId"]) for ok in resp.get("Successful", []))
+            failed = resp.get("Failed", [])
+            if not failed:
+                break
+            if any(f.get("SenderFault") for f in failed) or attempt == retries:
+                raise RuntimeError(f"SendMessageBatch failed for {len(failed)} entries: {failed[:3]}")
+            retry_ids = {f["Id"] for f in failed}
+            pending = [e for e in pending if e["Id"] in retry_ids]
+            time.sleep(min(0.05 * 2**attempt, 2.0))
+    return [ids[e["Id"]] for e in entries]
+
+
+def queue_counts(sqs: Any, url: str) -> tuple[int, int]:
+    """(visible, not visible) from ApproximateNumberOfMessages / ...NotVisible."""
+    attrs = sqs.get_queue_attributes(
+        QueueUrl=url,
+        AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+    )["Attributes"]
+    return int(attrs["ApproximateNumberOfMessages"]), int(attrs["ApproximateNumberOfMessagesNotVisible"])
+
+
+def drain(sqs: Any, url: str, *, idle_receives: int = 2, wait_seconds: int = 1) -> list[dict[str, Any]]:
+    """Receive and delete until ``idle_receives`` receives in a row come back empty; returns the messages."""
+    out: list[dict[str, Any]] = []
+    idle = 0
+    while idle < idle_receives:
+        msgs = sqs.receive_message(
+            QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=wait_seconds,
+            AttributeNames=["All"], MessageAttributeNames=["All"],
+        ).get("Messages", [])
+        if not msgs:
+            idle += 1
+            continue
+        idle = 0
+        out += msgs
+        sqs.delete_message_batch(
+            QueueUrl=url,
+            Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(msgs)],
+        )
+    return out
+
+
+def drain_count(sqs: Any, url: str, **kwargs: Any) -> int:
+    """How many messages :func:`drain` received (and deleted)."""
+    return len(drain(sqs, url, **kwargs))
