@@ -30,9 +30,11 @@ import logging
 import re
 import signal
 import socket
+import socketserver
+import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -311,6 +313,20 @@ class _HTTPServer(ThreadingHTTPServer):
         self.connections_lock = threading.Lock()
         super().__init__(address, _Handler)
 
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind does a reverse DNS lookup (getfqdn) that can take seconds.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name = str(self.server_address[0])
+        self.server_port = int(self.server_address[1])
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # The stdlib prints a traceback to stderr; a client that went away is routine here.
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError)) or self.stopping:
+            log.debug("connection from %s ended: %r", client_address, exc)
+        else:
+            log.exception("error serving %s", client_address)
+
     def process_request(self, request: Any, client_address: Any) -> None:
         with self.connections_lock:
             self.connections.add(request)  # so that stop() can close idle keep-alive connections
@@ -432,7 +448,7 @@ class CloudEventServer(abc.ABC):
         self.stop()
 
 
-def run_until_signalled(server: CloudEventServer, started: str, stopped: Any) -> None:
+def run_until_signalled(server: CloudEventServer, started: str, stopped: Callable[[], str]) -> None:
     """Serve until SIGTERM, SIGINT (KeyboardInterrupt) or the server dies, then stop cleanly.
 
     ``started`` is logged once serving; ``stopped()`` gives the line logged after the stop.

@@ -139,8 +139,8 @@ class InMemoryChannelServer(CloudEventServer):
             maxsize=opts.threads,
             block=False,
             timeout=urllib3.Timeout(connect=opts.connect_timeout, read=opts.timeout),
-            # Retry a failed connect once; never re-send a request that may have arrived.
-            retries=urllib3.Retry(total=1, connect=1, read=0, status=0, other=0, redirect=False),
+            # No retries here: the poller retries (with backoff) when we answer 502.
+            retries=False,
         )
         self._pools = [
             ThreadPoolExecutor(max_workers=opts.threads, thread_name_prefix=f"fanout-{i}")
@@ -216,6 +216,8 @@ class InMemoryChannelServer(CloudEventServer):
 
 
 def _describe(exc: BaseException) -> str:
+    if isinstance(exc, urllib3.exceptions.NewConnectionError):  # (a ConnectTimeoutError subclass)
+        return f"cannot connect: {str(exc).rsplit(': ', 1)[-1]}"
     if isinstance(exc, (urllib3.exceptions.TimeoutError, TimeoutError)):
         return "timeout"
     # urllib3 messages start with the connection's repr; the useful part is the last one.
