@@ -373,6 +373,7 @@ class KafkaChannel(Channel):
 
     def _check_topic(self, conf: dict[str, Any]) -> None:
         assert self._producer is not None
+        self._producer.poll(0)  # serves oauth_cb (iam) before the first connection needs a token
         timeout = self.config.metadata_timeout
         deadline = time.monotonic() + timeout
         while True:
