@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Self
 from urllib.parse import unquote
 
 import orjson
@@ -379,7 +379,7 @@ class CloudEventServer(abc.ABC):
     def handle(self, headers: dict[str, str], body: bytes) -> Reply:
         """Answer one POST (header names lower-cased). Called from many threads at once."""
 
-    def start(self) -> CloudEventServer:
+    def start(self) -> Self:
         with self._lock:
             if self._serve_called:
                 raise RuntimeError("server already started")
@@ -439,7 +439,7 @@ class CloudEventServer(abc.ABC):
     def close(self) -> None:
         """Release what the subclass holds (pools, threads); called once by ``stop()``."""
 
-    def __enter__(self) -> CloudEventServer:
+    def __enter__(self) -> Self:
         if not self._serve_called:
             self.start()
         return self
