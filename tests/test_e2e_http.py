@@ -1,0 +1,258 @@
+"""End to end: real LocalStack SQS -> the real ``poller run`` (processes, supervisor) -> a real HTTP sink.
+
+Nothing is faked: the sink is our message dumper on 127.0.0.1 (its ``respond`` hook plays a slow,
+failing or dead sink), and every event it accepted is parsed by the cloudevents SDK.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cloudevents.core.bindings.http import HTTPMessage, from_http_event
+
+from channels.dumper import DumperServer
+from helpers import drain, queue_counts, send_messages
+from poller_proc import PollerProcess, wait_until
+
+pytestmark = pytest.mark.integration
+
+UNICODE = "héllo wörld, 漢字, emoji 🙂, \"quotes\" & <tags>\n"
+
+
+@contextmanager
+def sink(**kwargs: Any) -> Iterator[DumperServer]:
+    with open(os.devnull, "w") as devnull, DumperServer("127.0.0.1", 0, out=devnull, keep=True, **kwargs) as server:
+        yield server
+
+
+def poller_args(queue_url: str, sink_url: str, *extra: str) -> list[str]:
+    return [
+        "--queue-url", queue_url, "--sink", sink_url, "--processes", "2", "--wait-time", "1",
+        "--stats-interval", "2", "--shutdown-timeout", "20", *extra,
+    ]
+
+
+def accepted_ids(server: DumperServer) -> list[str]:
+    return [e["id"] for e in server.events]
+
+
+def make_body(size: int) -> str:
+    """A body of at most ``size`` UTF-8 bytes (at least one character), unicode included."""
+    body = (UNICODE * (size // len(UNICODE.encode()) + 1))[:size]
+    while len(body.encode()) > size and len(body) > 1:  # multi-byte characters: trim to the budget
+        body = body[:-1]
+    return body
+
+
+def test_5000_mixed_messages_arrive_once_and_queue_ends_empty(
+    sqs: Any, make_queue: Any, aws_env: dict[str, str], tmp_path: Path
+) -> None:
+    queue = make_queue(visibility_timeout=60)
+    rng = random.Random(5000)
+    # 1 B to 200 KB, most of them small (log-uniform), a few at the top.
+    sizes = [1, 2, 3] + [200 * 1024] * 5 + [int(10 ** rng.uniform(0, 4.3)) for _ in range(4992)]
+    rng.shuffle(sizes)
+    entries = []
+    for i, size in enumerate(sizes):
+        entry: dict[str, Any] = {"MessageBody": make_body(size)}
+        if i % 2:
+            entry["MessageAttributes"] = {
+                "trace": {"DataType": "String", "StringValue": f"t-{i} ü"},
+                "amount": {"DataType": "Number", "StringValue": str(i)},
+                "Blob": {"DataType": "Binary", "BinaryValue": bytes([i % 256]) * 3},
+            }
+        entries.append(entry)
+
+    with sink() as server:
+        poller = PollerProcess(poller_args(queue.url, server.url), aws_env, tmp_path / "poller.log")
+        try:
+            poller.wait_for_workers(2)
+            started = time.monotonic()
+            ids = send_messages(sqs, queue.url, entries)
+            wait_until(lambda: len(server.received) >= len(ids), 300, "all 5000 events at the sink")
+            elapsed = time.monotonic() - started
+            wait_until(lambda: queue_counts(sqs, queue.url) == (0, 0), 60, "the queue to be empty")
+        finally:
+            code = poller.stop()
+        assert code == 0, poller.log_text()[-3000:]
+
+    by_id = dict(zip(ids, entries))
+    counts = Counter(accepted_ids(server))
+    duplicates = sum(n - 1 for n in counts.values())
+    print(f"\n5000 messages through 2 processes: {len(ids) / elapsed:.0f} msg/s "
+          f"(send included), duplicates {duplicates}")
+    assert set(counts) == set(ids)
+    assert duplicates == 0
+    for received in server.received:
+        event = from_http_event(HTTPMessage(dict(received.headers), received.body))
+        sent = by_id[event.get_id()]
+        assert event.get_type() == "aws.sqs.message"
+        assert event.get_source() == queue.url
+        assert event.get_time() is not None
+        data = event.get_data()
+        assert isinstance(data, dict)
+        assert data["Body"] == sent["MessageBody"]
+        assert data["MessageId"] == event.get_id()
+        if "MessageAttributes" in sent:
+            assert event.get_extension("trace") == sent["MessageAttributes"]["trace"]["StringValue"]
+            assert event.get_extension("amount") == sent["MessageAttributes"]["amount"]["StringValue"]
+            assert set(data["MessageAttributes"]) == {"trace", "amount", "Blob"}
+        else:
+            assert event.get_extension("trace") is None
+
+
+def test_fifo_groups_arrive_in_order(sqs: Any, make_queue: Any, aws_env: dict[str, str], tmp_path: Path) -> None:
+    queue = make_queue(fifo=True, visibility_timeout=30)
+    arrival: list[tuple[str, int]] = []
+    lock = threading.Lock()
+
+    def one_at_a_time(event: dict[str, Any], headers: Any) -> None:
+        # A single-threaded sink: requests are processed one after the other.
+        with lock:
+            body = event["data"]["Body"]
+            group, seq = body.split(":")
+            arrival.append((group, int(seq)))
+            time.sleep(0.001)
+
+    groups = [f"g{n}" for n in range(8)]
+    entries = [
+        {"MessageBody": f"{g}:{seq}", "MessageGroupId": g}
+        for seq in range(40) for g in groups
+    ]
+    with sink(on_event=one_at_a_time) as server:
+        poller = PollerProcess(poller_args(queue.url, server.url), aws_env, tmp_path / "poller.log")
+        try:
+            send_messages(sqs, queue.url, entries)
+            wait_until(lambda: len(server.received) >= len(entries), 120, "all FIFO events")
+            wait_until(lambda: queue_counts(sqs, queue.url) == (0, 0), 60, "the queue to be empty")
+        finally:
+            assert poller.stop() == 0
+    for g in groups:
+        seqs = [seq for group, seq in arrival if group == g]
+        assert seqs == list(range(40)), f"group {g} arrived out of order: {seqs}"
+
+
+def test_sink_down_for_15s_loses_and_deletes_nothing(
+    sqs: Any, make_queue: Any, aws_env: dict[str, str], tmp_path: Path
+) -> None:
+    queue = make_queue(visibility_timeout=30)
+    outage_ends = time.monotonic() + 15.0
+    refused = Counter[str]()
+
+    def down_then_up(event: dict[str, Any], headers: Any) -> int | None:
+        if time.monotonic() < outage_ends:
+            refused[event["id"]] += 1
+            return 503
+        return None
+
+    with sink(respond=down_then_up) as server:
+        ids = send_messages(sqs, queue.url, [f"m{i}" for i in range(200)])
+        poller = PollerProcess(
+            poller_args(queue.url, server.url, "--http-retries", "1", "--nack-backoff", "1",
+                        "--nack-backoff-max", "4"),
+            aws_env, tmp_path / "poller.log",
+        )
+        try:
+            # During the outage: the sink accepted nothing, so nothing may leave the queue.
+            time.sleep(10)
+            assert len(server.received) == 0
+            assert sum(queue_counts(sqs, queue.url)) == 200
+            assert refused, "the poller never reached the sink during the outage"
+            wait_until(lambda: len(set(accepted_ids(server))) >= 200, 120, "recovery")
+            wait_until(lambda: queue_counts(sqs, queue.url) == (0, 0), 60, "the queue to be empty")
+        finally:
+            assert poller.stop() == 0
+    assert set(accepted_ids(server)) == set(ids)
+    assert "nacked" in poller.log_text()
+
+
+def test_rejected_messages_go_to_the_dlq_and_the_rest_flow(
+    sqs: Any, make_queue: Any, aws_env: dict[str, str], tmp_path: Path
+) -> None:
+    queue = make_queue(visibility_timeout=2, dlq_max_receive_count=2)
+
+    def reject_bad(event: dict[str, Any], headers: Any) -> int | None:
+        return 400 if event["data"]["Body"].startswith("bad") else None
+
+    bodies = [f"good {i}" for i in range(100)] + [f"bad {i}" for i in range(10)]
+    with sink(respond=reject_bad) as server:
+        ids = send_messages(sqs, queue.url, bodies)
+        poller = PollerProcess(poller_args(queue.url, server.url), aws_env, tmp_path / "poller.log")
+        try:
+            wait_until(lambda: len(set(accepted_ids(server))) >= 100, 60, "the good messages")
+            dead: list[dict[str, Any]] = []
+
+            def dlq_has_all_bad() -> bool:
+                dead.extend(drain(sqs, queue.dlq_url, idle_receives=1, wait_seconds=1))
+                return len(dead) >= 10
+
+            wait_until(dlq_has_all_bad, 90, "the rejected messages in the DLQ")
+            wait_until(lambda: queue_counts(sqs, queue.url) == (0, 0), 30, "the queue to be empty")
+        finally:
+            assert poller.stop() == 0
+    assert sorted(m["Body"] for m in dead) == sorted(f"bad {i}" for i in range(10))
+    assert {e["data"]["Body"] for e in server.events} == {f"good {i}" for i in range(100)}
+    assert set(accepted_ids(server)) == set(ids[:100])
+    assert "rejected message" in poller.log_text()
+
+
+def test_sigkill_of_a_worker_is_replaced_and_nothing_is_lost(
+    sqs: Any, make_queue: Any, aws_env: dict[str, str], tmp_path: Path
+) -> None:
+    queue = make_queue(visibility_timeout=5)
+
+    def slowish(event: dict[str, Any], headers: Any) -> None:
+        time.sleep(0.002)
+
+    with sink(respond=slowish) as server:
+        poller = PollerProcess(poller_args(queue.url, server.url), aws_env, tmp_path / "poller.log")
+        try:
+            workers = poller.wait_for_workers(2)
+            ids = send_messages(sqs, queue.url, [f"k{i}" for i in range(2000)])
+            wait_until(lambda: len(server.received) >= 200, 60, "the flow to start")
+            victim = workers[0]
+            os.kill(victim, signal.SIGKILL)
+            wait_until(lambda: victim not in poller.worker_pids() and len(poller.worker_pids()) == 2,
+                       30, "the supervisor to replace the killed worker")
+            wait_until(lambda: set(accepted_ids(server)) >= set(ids), 120, "every message after visibility")
+            wait_until(lambda: queue_counts(sqs, queue.url) == (0, 0), 60, "the queue to be empty")
+        finally:
+            assert poller.stop() == 0
+    assert "was killed by SIGKILL" in poller.log_text()
+
+
+def test_sigterm_under_load_exits_0_in_time_and_loses_nothing(
+    sqs: Any, make_queue: Any, aws_env: dict[str, str], tmp_path: Path
+) -> None:
+    queue = make_queue(visibility_timeout=5)
+
+    def slowish(event: dict[str, Any], headers: Any) -> None:
+        time.sleep(0.005)
+
+    bodies = [f"t{i}" for i in range(3000)]
+    with sink(respond=slowish) as server:
+        ids = send_messages(sqs, queue.url, bodies)
+        poller = PollerProcess(poller_args(queue.url, server.url), aws_env, tmp_path / "poller.log")
+        wait_until(lambda: len(server.received) >= 500, 60, "the flow to start")
+        stopping = time.monotonic()
+        code = poller.stop(timeout=30)
+        took = time.monotonic() - stopping
+        delivered = set(accepted_ids(server))
+    assert code == 0, poller.log_text()[-3000:]
+    assert took < 20 + 2, f"took {took:.1f}s for a 20s shutdown timeout"
+    assert 500 <= len(delivered) < 3000
+    # What was not delivered is back in the queue (at once, or after its visibility timeout).
+    id_of = dict(zip(bodies, ids))
+    remaining_ids = {id_of[m["Body"]] for m in drain(sqs, queue.url, idle_receives=3, wait_seconds=3)}
+    assert delivered | remaining_ids == set(ids), "a message was lost"
+    assert not delivered & remaining_ids, "a delivered message was not deleted"
