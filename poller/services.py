@@ -28,6 +28,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -370,7 +371,7 @@ def _localstack_venv(cache_dir: Path | None) -> Path:
     stamp = "\n".join((str(python), *LOCALSTACK_PACKAGES))
 
     def install(dest: Path) -> None:
-        log.info("installing LocalStack into %s (one time, ~20 s)", dest)
+        log.info("installing LocalStack into %s (first use only, ~20-60 s)", dest)
         log_path = dest.with_name("localstack-install.log")
         log_path.write_text("")
         _run_logged([str(python), "-m", "venv", str(dest)], "creating the LocalStack venv", log_path, 120)
@@ -431,10 +432,16 @@ def _log_file(log_dir: Path | None, name: str, port: int, cleanup: list[Callable
 
 
 def _spawn(launch: _Launch) -> subprocess.Popen[bytes]:
+    argv: tuple[str, ...] = launch.argv
+    setpriv = shutil.which("setpriv")
+    if setpriv and threading.current_thread() is threading.main_thread():
+        # PR_SET_PDEATHSIG: the service gets SIGTERM if we die without stop() (SIGKILL, timeout).
+        # Main thread only: the kernel ties it to the forking thread, not to the process.
+        argv = (setpriv, "--pdeathsig", "TERM", "--", *argv)
     with open(launch.log_path, "ab") as out:
         # Own session: stop() can signal the group, and a Ctrl-C meant for us does not hit it first.
         return subprocess.Popen(
-            launch.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env=dict(launch.env) or None, cwd=launch.cwd, start_new_session=True,
         )
 
@@ -446,10 +453,10 @@ def _start(
     cleanup: list[Callable[[], object]],
 ) -> Service:
     started = time.monotonic()
-    _check_port_free(int(launch.endpoint.rsplit(":", 1)[1]))
-    proc = _spawn(launch)
-    service = Service(launch.name, launch.endpoint, proc, log_path=launch.log_path, cleanup=cleanup)
-    try:
+    service = Service(launch.name, launch.endpoint, log_path=launch.log_path, cleanup=cleanup)
+    try:  # any failure from here on stops what was started and removes the temp dirs
+        _check_port_free(int(launch.endpoint.rsplit(":", 1)[1]))
+        proc = service._process = _spawn(launch)
         wait_for(ready, timeout, f"{launch.name} on {launch.endpoint}", process=proc, log_path=launch.log_path)
     except BaseException:
         service.stop()
@@ -540,10 +547,7 @@ def _start_localstack_host(
     port: int, wanted: Sequence[str], cache_dir: Path | None, log_dir: Path | None
 ) -> Service:
     endpoint = f"http://{HOST}:{port}"
-    log.info(
-        "starting LocalStack on the host at %s (first use installs it into %s, ~20 s)",
-        endpoint, cache_root(cache_dir) / "localstack",
-    )
+    log.info("starting LocalStack on the host at %s", endpoint)  # install() says so when it installs
     venv = _localstack_venv(cache_dir)
     root = Path(tempfile.mkdtemp(prefix="sqs-poller-localstack-"))
     cleanup: list[Callable[[], object]] = [_rmtree(root)]

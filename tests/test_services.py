@@ -29,11 +29,19 @@ from poller.services import (
 
 
 def _alive(pid: int) -> bool:
+    """False once the process is gone or a zombie (an orphan waits for init to reap it)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
         return False
-    return True
+    return state != "Z"
+
+
+def _wait_gone(pid: int, timeout: float = 5) -> bool:
+    deadline = time.monotonic() + timeout
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not _alive(pid)
 
 
 def _create_topic(bootstrap: str, topic: str, partitions: int) -> None:
@@ -192,10 +200,29 @@ def test_stop_escalates_to_sigkill_for_the_whole_group(tmp_path: Path) -> None:
     service.stop()
     assert time.monotonic() - started < 5
     assert proc.returncode == -signal.SIGKILL
-    deadline = time.monotonic() + 5
-    while _alive(child_pid) and time.monotonic() < deadline:  # reaped by init once orphaned
-        time.sleep(0.05)
-    assert not _alive(child_pid)
+    assert _wait_gone(child_pid)
+
+
+_OWNER = """
+import sys
+from poller.services import start_tansu
+broker = start_tansu(log_dir=sys.argv[1])
+print(broker.pid, flush=True)
+input()  # never stops the broker itself: it is SIGKILLed while waiting here
+"""
+
+
+@pytest.mark.integration
+def test_services_die_with_an_owner_killed_before_stop(tmp_path: Path) -> None:
+    owner = subprocess.Popen([sys.executable, "-c", _OWNER, str(tmp_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert owner.stdout is not None
+    try:
+        broker_pid = int(owner.stdout.readline())
+        assert _alive(broker_pid)
+    finally:
+        owner.kill()
+        owner.wait()
+    assert _wait_gone(broker_pid)
 
 
 def test_install_once_redoes_a_half_finished_install(tmp_path: Path) -> None:
