@@ -196,8 +196,8 @@ class SqsClient:
         # fresh retry for that case; all these calls may be repeated safely.
         for attempt in (1, 2):
             reused = self._conn is not None
-            conn = self._connection()
             try:
+                conn = self._connection()  # connecting fails too: refused, DNS, TLS, timeout
                 if conn.sock is not None:
                     conn.sock.settimeout(timeout or self._timeout)
                 conn.request("POST", self._path, body, headers)
@@ -218,14 +218,20 @@ class SqsClient:
 
     def _connection(self) -> http.client.HTTPConnection:
         if self._conn is None:
+            conn: http.client.HTTPConnection
             if self._https:
-                self._conn = http.client.HTTPSConnection(
+                conn = http.client.HTTPSConnection(
                     self._host, self._port, timeout=self._timeout, context=ssl.create_default_context()
                 )
             else:
-                self._conn = http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
-            self._conn.connect()
-            self._conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                conn = http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
+            try:  # kept only once connected: a failed connect leaves no half-open client behind
+                conn.connect()
+                conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except BaseException:
+                conn.close()
+                raise
+            self._conn = conn
         return self._conn
 
     def _sign(self, action: str, body: bytes) -> dict[str, str]:
