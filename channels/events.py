@@ -49,7 +49,9 @@ SPEC_ATTRIBUTES = frozenset(
 DATA_MODES = ("message", "body")
 
 _EXTENSION_NAME = re.compile(r"[a-z0-9]{1,20}")
-_MEDIA_TYPE = re.compile(r"[\w.+-]+/[\w.+-]+(?:\s*;[^\r\n]*)?")
+# ASCII only: it becomes the Content-Type header, which http.client encodes as latin-1 and
+# refuses with CR/LF; parameters are printable ASCII, spaces and tabs.
+_MEDIA_TYPE = re.compile(r"[\w.+-]+/[\w.+-]+(?:[ \t]*;[\t\x20-\x7e]*)?", re.ASCII)
 # HTTP binding 3.1.3.2: space, '"', '%' and anything outside U+0021-U+007E are percent-encoded.
 _HEADER_UNSAFE = re.compile(r'[^\x21-\x7e]|["%]')
 _HEADER_SAFE_CHARS = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in '"%')
