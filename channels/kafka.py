@@ -98,6 +98,13 @@ _REJECT_CODES = frozenset(
      KafkaError.INVALID_MSG_SIZE, KafkaError.RECORD_LIST_TOO_LARGE, KafkaError.INVALID_TIMESTAMP,
      KafkaError._BAD_MSG, KafkaError._INVALID_ARG}
 )
+# The broker fenced this producer: none of its records will be accepted again. librdkafka reports
+# this per record, not as a fatal error, for an idempotent non-transactional producer. Seen with
+# tansu: records timed out while the broker was down, librdkafka bumped the producer epoch, and
+# after the restart every record of that producer failed with PRODUCER_FENCED for good, while a new
+# producer worked. Retrying with the same producer would loop forever, so the channel fails
+# instead and the worker is restarted with a new producer.
+_FENCED_CODES = frozenset({KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH})
 _TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
 _GROUP_FAILED = "an earlier message of its FIFO group in this batch was not delivered"
 
@@ -516,8 +523,11 @@ class KafkaChannel(Channel):
     def _delivered(self, entry: _Entry, err: KafkaError | None) -> None:
         if err is None:
             self._settle(entry, Outcome.ACK, "")
-        else:
-            self._settle(entry, _outcome(err), err.str())
+            return
+        if err.code() in _FENCED_CODES and self._fatal is None:
+            self._fatal = err  # the next publish raises: the worker restarts with a new producer
+            log.error("Kafka producer fenced by the broker: %s", err.str())
+        self._settle(entry, _outcome(err), err.str())
 
     def _settle(self, entry: _Entry, outcome: Outcome, reason: str) -> None:
         run = entry.run
