@@ -64,7 +64,7 @@ class HttpConfig:
     data_mode: str = "message"
     overrides: Mapping[str, str] = field(default_factory=dict)
     concurrency: int = 16
-    timeout: float = 10.0
+    timeout: float = 30.0
     retries: int = 3
     backoff_base: float = 0.2
     backoff_max: float = 5.0

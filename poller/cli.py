@@ -96,7 +96,7 @@ def cli() -> None:
         help="HTTP channel: CloudEvents content mode.")
 @option("--http-concurrency", type=click.IntRange(1, 1024), default=16,
         help="HTTP channel: requests in flight per process.")
-@option("--http-timeout", type=click.FloatRange(0.001, 3600), default=10.0,
+@option("--http-timeout", type=click.FloatRange(0.001, 3600), default=30.0,
         help="HTTP channel: seconds per request.")
 @option("--http-retries", type=click.IntRange(0, 100), default=3,
         help="HTTP channel: retries on 5xx/429/connection errors before the message is nacked.")
@@ -306,7 +306,10 @@ def channel_cmd(port: int, host: str, subscribers: tuple[str, ...]) -> int:
             raise click.UsageError(str(exc)) from None
     from channels.inmemory import serve_channel
 
-    serve_channel(port, list(subscribers), host=host)
+    try:
+        serve_channel(port, list(subscribers), host=host)
+    except (OSError, ValueError, RuntimeError) as exc:  # port taken, bad address, server died
+        raise click.ClickException(f"in-memory channel: {exc}") from None
     return 0
 
 
@@ -320,7 +323,10 @@ def dump_cmd(port: int, host: str, pretty: bool) -> int:
     setup_logging("INFO")
     from channels.dumper import serve_dumper
 
-    serve_dumper(port, pretty, host=host)
+    try:
+        serve_dumper(port, pretty, host=host)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise click.ClickException(f"message dumper: {exc}") from None
     return 0
 
 

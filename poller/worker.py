@@ -54,6 +54,7 @@ class Worker:
         self.config = config
         self.counters = counters or Counters()
         self._stopping = threading.Event()
+        self._failed = False  # the channel broke: exit non-zero so the supervisor restarts us
         self._cond = threading.Condition()
         self._reserved = 0  # in flight + reserved for receives under way
         self._in_flight: dict[str, float] = {}  # receipt handle -> when received (monotonic)
@@ -103,7 +104,7 @@ class Worker:
         self._shutdown(threads)
         if tick is not None:
             tick()
-        return EXIT_OK
+        return 1 if self._failed else EXIT_OK
 
     def _shutdown(self, threads: Sequence[threading.Thread]) -> None:
         deadline = time.monotonic() + self.config.shutdown_timeout
@@ -197,7 +198,12 @@ class Worker:
         if batch:
             self.counters.add("received", len(batch))
             assert self._channel is not None
-            self._channel.publish(batch, self.report)
+            try:
+                self._channel.publish(batch, self.report)
+            except Exception as exc:  # the channel is broken: restart the process, lose nothing
+                log.error("channel failed, restarting the worker: %s: %s", type(exc).__name__, exc)
+                self._failed = True
+                self.stop()
 
     def _unreserve(self, n: int) -> None:
         with self._cond:
