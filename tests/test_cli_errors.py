@@ -1,0 +1,303 @@
+"""Bad input to ``poller run``: a non-zero exit, exactly one line on stderr, never a traceback.
+
+Runs the real console script (``.venv/bin/poller``) as a subprocess against the session's
+LocalStack. Flag and config errors must fail before any log line, so the one-line check is strict
+at the default log level; the cases that reach SQS fail before the first log line too (the check
+of the queue comes before any logging), so they run at the default level as well.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import click
+import pytest
+
+pytestmark = pytest.mark.integration
+
+POLLER = str(Path(sys.executable).with_name("poller"))
+TIMEOUT = 60  # seconds per subprocess; every case is expected to take well under this
+# Environment the caller may have set that would change what a case tests.
+_SCRUBBED_PREFIXES = ("POLLER_", "K_SINK", "K_CE_OVERRIDES", "AWS_", "KAFKA_")
+
+
+def _env(aws_env: Mapping[str, str], extra: Mapping[str, str] | None = None,
+         drop: Sequence[str] = ()) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_SCRUBBED_PREFIXES)}
+    env.update(aws_env)
+    env.update(extra or {})
+    for name in drop:
+        env.pop(name, None)
+    return env
+
+
+def run_poller(args: Sequence[str], env: Mapping[str, str], timeout: float = TIMEOUT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([POLLER, *args], env=dict(env), capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], *expected: str) -> str:
+    stderr = result.stderr
+    assert result.returncode != 0, f"exit 0 on bad input; stderr={stderr!r}"
+    assert "Traceback" not in stderr and "Traceback" not in result.stdout, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected exactly one line on stderr, got {len(lines)}: {stderr!r}"
+    line = lines[0]
+    assert line.startswith("poller: error:"), line
+    for text in expected:
+        assert text.lower() in line.lower(), f"{text!r} not in {line!r}"
+    return line
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def queue_url(sqs: object) -> Iterator[str]:
+    """One real queue for the whole module, so that only the bad input can be wrong."""
+    url = sqs.create_queue(QueueName=f"cli-errors-{uuid.uuid4().hex[:8]}")["QueueUrl"]  # type: ignore[attr-defined]
+    yield url
+    sqs.delete_queue(QueueUrl=url)  # type: ignore[attr-defined]
+
+
+SINK = "http://127.0.0.1:9/"  # never contacted: every case fails before sending anything
+
+# (id, args after the queue/sink, extra env, env names to drop, texts the line must contain)
+FLAG_CASES = [
+    ("batch-size-0", ["--batch-size", "0"], {}, (), ["--batch-size"]),
+    ("batch-size-11", ["--batch-size", "11"], {}, (), ["--batch-size"]),
+    ("batch-size-env", [], {"POLLER_BATCH_SIZE": "0"}, (), ["POLLER_BATCH_SIZE"]),
+    ("wait-time-21", ["--wait-time", "21"], {}, (), ["--wait-time"]),
+    ("processes-0", ["--processes", "0"], {}, (), ["--processes"]),
+    ("channel-foo", ["--channel", "foo"], {}, (), ["--channel"]),
+    ("log-level-loud", ["--log-level", "LOUD"], {}, (), ["--log-level"]),
+    ("sink-notaurl", ["--sink", "notaurl"], {}, (), ["notaurl"]),
+    ("sink-no-host", ["--sink", "http://"], {}, (), ["sink", "http://"]),
+    ("k-sink-notaurl", [], {"K_SINK": "notaurl"}, (), ["notaurl"]),
+    ("overrides-not-json", [], {"K_CE_OVERRIDES": "{not json"}, (), ["K_CE_OVERRIDES"]),
+    ("overrides-bad-name", [], {"K_CE_OVERRIDES": '{"extensions": {"Bad-Name": "x"}}'}, (),
+     ["K_CE_OVERRIDES", "Bad-Name"]),
+    ("overrides-reserved-name", [], {"K_CE_OVERRIDES": '{"extensions": {"id": "x"}}'}, (),
+     ["K_CE_OVERRIDES"]),
+    ("overrides-not-string", [], {"K_CE_OVERRIDES": '{"extensions": {"a": 1}}'}, (),
+     ["K_CE_OVERRIDES"]),
+    ("overrides-wrong-shape", [], {"K_CE_OVERRIDES": "[1, 2]"}, (), ["K_CE_OVERRIDES"]),
+]
+
+
+@pytest.mark.parametrize(("args", "extra", "drop", "expected"),
+                         [c[1:] for c in FLAG_CASES], ids=[c[0] for c in FLAG_CASES])
+def test_bad_flag(aws_env: Mapping[str, str], queue_url: str, args: list[str],
+                  extra: dict[str, str], drop: tuple[str, ...], expected: list[str]) -> None:
+    sink = [] if "K_SINK" in extra or "--sink" in args else ["--sink", SINK]
+    result = run_poller(["run", "--queue-url", queue_url, *sink, *args], _env(aws_env, extra, drop))
+    assert_one_line_error(result, *expected)
+
+
+def test_missing_queue_url(aws_env: Mapping[str, str]) -> None:
+    result = run_poller(["run", "--sink", SINK], _env(aws_env))
+    assert_one_line_error(result, "--queue-url")
+
+
+def test_http_channel_without_sink(aws_env: Mapping[str, str], queue_url: str) -> None:
+    result = run_poller(["run", "--queue-url", queue_url], _env(aws_env, drop=["K_SINK"]))
+    assert_one_line_error(result, "sink")
+
+
+@pytest.mark.parametrize("bad", ["notaurl", "http://", "ftp://sqs.example/123/q", "http://host:99999/q"])
+def test_malformed_queue_url(aws_env: Mapping[str, str], bad: str) -> None:
+    result = run_poller(["run", "--queue-url", bad, "--sink", SINK], _env(aws_env))
+    assert_one_line_error(result, "queue URL")
+
+
+@pytest.mark.parametrize("bad", ["notaurl", "http://"])
+def test_malformed_endpoint_url(aws_env: Mapping[str, str], queue_url: str, bad: str) -> None:
+    result = run_poller(["run", "--queue-url", queue_url, "--sink", SINK, "--endpoint-url", bad],
+                        _env(aws_env))
+    assert_one_line_error(result, "endpoint")
+
+
+KAFKA = ["--channel", "kafka", "--kafka-bootstrap-servers", "127.0.0.1:9", "--kafka-topic", "t"]
+
+
+@pytest.mark.parametrize(("config", "expected"), [
+    ("nokey", ["--kafka-config", "nokey"]),
+    ("=value", ["--kafka-config"]),
+    ("no.such.property=1", ["kafka-config", "no.such.property"]),
+    ("message.max.bytes=notanumber", ["kafka-config", "message.max.bytes"]),
+])
+def test_bad_kafka_config(aws_env: Mapping[str, str], queue_url: str, config: str,
+                          expected: list[str]) -> None:
+    result = run_poller(["run", "--queue-url", queue_url, *KAFKA, "--kafka-config", config], _env(aws_env))
+    assert_one_line_error(result, *expected)
+
+
+def test_kafka_channel_without_topic(aws_env: Mapping[str, str], queue_url: str) -> None:
+    result = run_poller(["run", "--queue-url", queue_url, "--channel", "kafka",
+                         "--kafka-bootstrap-servers", "127.0.0.1:9"], _env(aws_env))
+    assert_one_line_error(result, "--kafka-topic")
+
+
+# -- errors found at start, against the real SQS -----------------------------------------------
+
+
+def test_queue_does_not_exist(aws_env: Mapping[str, str], queue_url: str) -> None:
+    missing = queue_url.rsplit("/", 1)[0] + f"/no-such-queue-{uuid.uuid4().hex[:8]}"
+    result = run_poller(["run", "--queue-url", missing, "--sink", SINK], _env(aws_env))
+    line = assert_one_line_error(result, "does not exist", missing)
+    assert result.returncode == 3, line  # EXIT_BOOT
+
+
+def test_endpoint_refuses_connections(aws_env: Mapping[str, str], queue_url: str) -> None:
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    result = run_poller(["run", "--queue-url", queue_url, "--sink", SINK, "--endpoint-url", endpoint],
+                        _env(aws_env), timeout=30)
+    elapsed = time.monotonic() - started
+    assert_one_line_error(result, "cannot reach SQS", endpoint)
+    assert elapsed < 15, f"took {elapsed:.1f} s to notice a refused connection"
+
+
+def test_endpoint_refuses_connections_via_env(aws_env: Mapping[str, str], queue_url: str) -> None:
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    result = run_poller(["run", "--queue-url", queue_url, "--sink", SINK],
+                        _env(aws_env, {"AWS_ENDPOINT_URL_SQS": endpoint}), timeout=30)
+    assert_one_line_error(result, "cannot reach SQS", endpoint)
+
+
+@pytest.fixture
+def silent_endpoint() -> Iterator[str]:
+    """A TCP port that accepts connections but never answers a byte."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
+            held.append(conn)
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    stop.set()
+    thread.join()
+    for conn in held:
+        conn.close()
+    server.close()
+
+
+def test_endpoint_never_answers(aws_env: Mapping[str, str], queue_url: str, silent_endpoint: str) -> None:
+    started = time.monotonic()
+    result = run_poller(["run", "--queue-url", queue_url, "--sink", SINK, "--endpoint-url", silent_endpoint],
+                        _env(aws_env), timeout=45)
+    elapsed = time.monotonic() - started
+    assert_one_line_error(result, "cannot reach SQS")
+    assert elapsed < 25, f"took {elapsed:.1f} s to give up on a silent endpoint"
+
+
+def test_no_credentials(aws_env: Mapping[str, str], queue_url: str, tmp_path: Path) -> None:
+    empty_credentials = tmp_path / "credentials"
+    empty_config = tmp_path / "config"
+    empty_credentials.write_text("")
+    empty_config.write_text("")
+    env = _env(
+        aws_env,
+        {
+            "AWS_SHARED_CREDENTIALS_FILE": str(empty_credentials),
+            "AWS_CONFIG_FILE": str(empty_config),
+            "AWS_EC2_METADATA_DISABLED": "true",
+            "HOME": str(tmp_path),  # no ~/.aws of the user's, no SSO cache
+        },
+        drop=["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"],
+    )
+    assert not any(k.startswith(("AWS_CONTAINER_", "AWS_WEB_IDENTITY")) for k in env)
+    started = time.monotonic()
+    result = run_poller(["run", "--queue-url", queue_url, "--sink", SINK], env, timeout=30)
+    assert_one_line_error(result, "credentials")
+    assert time.monotonic() - started < 15
+
+
+def test_unknown_profile(aws_env: Mapping[str, str], queue_url: str, tmp_path: Path) -> None:
+    (tmp_path / "config").write_text("")
+    env = _env(aws_env, {"AWS_CONFIG_FILE": str(tmp_path / "config"),
+                         "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "config")})
+    result = run_poller(["run", "--queue-url", queue_url, "--sink", SINK, "--profile", "nosuchprofile"], env)
+    assert_one_line_error(result, "nosuchprofile")
+
+
+# -- help ----------------------------------------------------------------------------------------
+
+
+def _option_blocks(help_text: str) -> dict[str, str]:
+    """--long-name -> its whole entry in ``--help`` (whitespace normalised)."""
+    options = help_text.split("Options:", 1)[1]
+    blocks: dict[str, str] = {}
+    current: list[str] = []
+    for line in options.splitlines():
+        if re.match(r"^  -", line) and current:
+            _store(blocks, current)
+            current = []
+        current.append(line)
+    if current:
+        _store(blocks, current)
+    return blocks
+
+
+def _store(blocks: dict[str, str], lines: list[str]) -> None:
+    name = re.search(r"--[a-z][a-z0-9-]*", lines[0])
+    if name:
+        blocks[name.group(0)] = " ".join(" ".join(lines).split())
+
+
+def _no_default(value: object) -> bool:
+    # click >= 8.3 says "no default" with its own UNSET sentinel
+    return value is None or value == () or value is False or type(value).__name__ == "Sentinel"
+
+
+def test_run_help_lists_every_flag_with_env_var_and_default(aws_env: Mapping[str, str]) -> None:
+    from poller.cli import run as run_command
+
+    result = run_poller(["run", "--help"], _env(aws_env))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    help_text = result.stdout
+    flat = " ".join(help_text.split())
+    for name in ("POLLER_QUEUE_URL", "K_SINK", "POLLER_BATCH_SIZE", "POLLER_SINK", "AWS_REGION"):
+        assert name in flat, name
+    assert re.search(r"POLLER_BATCH_SIZE; default: 10\b", flat)
+    assert re.search(r"POLLER_WAIT_TIME; default: 20\b", flat)
+    blocks = _option_blocks(help_text)
+    options = [p for p in run_command.params if isinstance(p, click.Option) and p.name != "help"]
+    assert len(options) >= 30
+    ctx = click.Context(run_command)
+    for param in options:
+        long_name = next(o for o in param.opts if o.startswith("--"))
+        assert long_name in blocks, f"{long_name} missing from --help"
+        block = blocks[long_name]
+        envvars = [param.envvar] if isinstance(param.envvar, str) else list(param.envvar or ())
+        assert envvars, f"{long_name} has no env var"
+        for envvar in envvars:
+            assert envvar in block, f"{envvar} not in the help of {long_name}: {block!r}"
+        if param.required:
+            assert "required" in block, block
+        elif not _no_default(param.get_default(ctx, call=True)):
+            assert "default" in block, f"{long_name} has a default but --help does not say it: {block!r}"

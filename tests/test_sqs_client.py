@@ -1,0 +1,230 @@
+"""poller/sqs.py's lean client against a real SQS (LocalStack): calls, per-entry failures, errors."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from conftest import REGION, MakeQueue
+from helpers import queue_counts, send_messages
+from poller.sqs import BatchFailure, SqsClient, SqsError, SqsTarget, resolve_target
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def client_for(sqs_endpoint: str) -> Iterator[Any]:
+    clients: list[SqsClient] = []
+
+    def make(queue_url: str, **kwargs: Any) -> SqsClient:
+        client = SqsClient(SqsTarget(queue_url=queue_url, region=REGION, endpoint_url=sqs_endpoint), **kwargs)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_round_trip(sqs: Any, make_queue: MakeQueue, client_for: Any) -> None:
+    queue = make_queue(visibility_timeout=30)
+    ids = send_messages(sqs, queue.url, [
+        {"MessageBody": f"body {i} \u00e9\u6f22", "MessageAttributes": {
+            "kind": {"DataType": "String", "StringValue": f"k{i}"}}}
+        for i in range(5)
+    ])
+    client = client_for(queue.url)
+
+    attributes = client.queue_attributes()
+    assert attributes["VisibilityTimeout"] == "30"
+    assert attributes["QueueArn"] == queue.arn
+    assert int(attributes["ApproximateNumberOfMessages"]) == 5
+
+    received: list[dict[str, Any]] = []
+    for _ in range(10):
+        received += client.receive(max_messages=10, wait_time=1, visibility_timeout=60)
+        if len(received) >= 5:
+            break
+    assert sorted(m["MessageId"] for m in received) == sorted(ids)
+    by_id = {m["MessageId"]: m for m in received}
+    first = by_id[ids[0]]
+    assert first["Body"] == "body 0 \u00e9\u6f22"
+    assert first["MessageAttributes"]["kind"]["StringValue"] == "k0"
+    assert first["Attributes"]["ApproximateReceiveCount"] == "1"
+    assert "SentTimestamp" in first["Attributes"]
+    assert first["ReceiptHandle"] and first["MD5OfBody"]
+    assert queue_counts(sqs, queue.url) == (0, 5)
+
+    # Make two visible again at once, delete the other three.
+    back, gone = received[:2], received[2:]
+    assert client.change_visibility_batch([(m["ReceiptHandle"], 0) for m in back]) == []
+    assert client.delete_batch([m["ReceiptHandle"] for m in gone]) == []
+    again: list[dict[str, Any]] = []
+    for _ in range(10):
+        again += client.receive(max_messages=10, wait_time=1)
+        if len(again) >= 2:
+            break
+    assert sorted(m["MessageId"] for m in again) == sorted(m["MessageId"] for m in back)
+    assert all(m["Attributes"]["ApproximateReceiveCount"] == "2" for m in again)
+    assert client.delete_batch([m["ReceiptHandle"] for m in again]) == []
+    assert queue_counts(sqs, queue.url) == (0, 0)
+
+
+def test_receive_empty_queue_returns_empty_list(make_queue: MakeQueue, client_for: Any) -> None:
+    client = client_for(make_queue().url)
+    started = time.monotonic()
+    assert client.receive(max_messages=10, wait_time=1) == []
+    assert time.monotonic() - started >= 0.5  # it did long-poll
+
+
+def _receive_all(client: SqsClient, n: int) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for _ in range(20):
+        out += client.receive(max_messages=10, wait_time=1, visibility_timeout=60)
+        if len(out) >= n:
+            return out
+    raise AssertionError(f"received {len(out)} of {n}")
+
+
+def test_delete_batch_with_one_bogus_handle(sqs: Any, make_queue: MakeQueue, client_for: Any) -> None:
+    queue = make_queue()
+    send_messages(sqs, queue.url, ["a", "b", "c"])
+    client = client_for(queue.url)
+    messages = _receive_all(client, 3)
+    handles = [m["ReceiptHandle"] for m in messages]
+    handles.insert(1, "bogus-receipt-handle")
+
+    failures = client.delete_batch(handles)
+
+    assert len(failures) == 1, failures
+    failure = failures[0]
+    assert isinstance(failure, BatchFailure)
+    assert failure.index == 1
+    assert failure.code == "ReceiptHandleIsInvalid"
+    assert "bogus-receipt-handle" in failure.message
+    # SenderFault as the service says it (AWS: true; LocalStack says false), parsed faithfully:
+    boto = sqs.delete_message_batch(QueueUrl=queue.url, Entries=[
+        {"Id": "0", "ReceiptHandle": "bogus-receipt-handle"}])["Failed"][0]
+    assert failure.sender_fault is boto["SenderFault"]
+    assert queue_counts(sqs, queue.url) == (0, 0)  # the three real ones are gone
+
+
+def test_change_visibility_batch_with_one_bogus_handle(sqs: Any, make_queue: MakeQueue, client_for: Any) -> None:
+    queue = make_queue()
+    send_messages(sqs, queue.url, ["a", "b"])
+    client = client_for(queue.url)
+    messages = _receive_all(client, 2)
+    entries = [(m["ReceiptHandle"], 0) for m in messages] + [("bogus-receipt-handle", 0)]
+
+    failures = client.change_visibility_batch(entries)
+
+    assert [f.index for f in failures] == [2], failures
+    assert queue_counts(sqs, queue.url) == (2, 0)  # both real ones visible again
+
+
+def test_queue_does_not_exist(make_queue: MakeQueue, client_for: Any) -> None:
+    existing = make_queue().url
+    missing = existing.rsplit("/", 1)[0] + f"/missing-{uuid.uuid4().hex[:8]}"
+    client = client_for(missing)
+    for call in (client.queue_attributes,
+                 lambda: client.receive(max_messages=1, wait_time=0),
+                 lambda: client.delete_batch(["x"])):
+        with pytest.raises(SqsError) as info:
+            call()
+        assert info.value.code == "QueueDoesNotExist"
+        assert info.value.retryable is False
+
+
+def test_connection_refused() -> None:
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    client = SqsClient(SqsTarget(queue_url=f"{endpoint}/000000000000/q", region=REGION, endpoint_url=endpoint))
+    try:
+        for _ in range(2):  # and again: a failed connect leaves the client usable
+            with pytest.raises(SqsError) as info:
+                client.queue_attributes()
+            assert info.value.code == "ConnectionError"
+            assert info.value.retryable is True
+    finally:
+        client.close()
+
+
+def test_unresolvable_host() -> None:
+    endpoint = "http://no-such-host.invalid:4566"
+    client = SqsClient(SqsTarget(queue_url=f"{endpoint}/000000000000/q", region=REGION, endpoint_url=endpoint))
+    with pytest.raises(SqsError) as info:
+        client.queue_attributes()
+    assert info.value.code == "ConnectionError"
+    client.close()
+
+
+def test_silent_endpoint_times_out() -> None:
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)  # the kernel completes the handshake; nobody ever answers
+    try:
+        endpoint = f"http://127.0.0.1:{server.getsockname()[1]}"
+        client = SqsClient(SqsTarget(queue_url=f"{endpoint}/000000000000/q", region=REGION,
+                                     endpoint_url=endpoint), timeout=0.5)
+        started = time.monotonic()
+        with pytest.raises(SqsError) as info:
+            client.queue_attributes()
+        assert info.value.code == "Timeout"
+        assert info.value.retryable is True
+        assert time.monotonic() - started < 3
+        client.close()
+    finally:
+        server.close()
+
+
+def test_abort_ends_a_long_poll(make_queue: MakeQueue, client_for: Any) -> None:
+    client = client_for(make_queue().url)
+    outcome: dict[str, Any] = {}
+
+    def poll() -> None:
+        started = time.monotonic()
+        try:
+            outcome["result"] = client.receive(max_messages=10, wait_time=20)
+        except SqsError as exc:
+            outcome["error"] = exc
+        outcome["elapsed"] = time.monotonic() - started
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    time.sleep(1.0)  # the long poll is under way
+    assert thread.is_alive()
+    aborted = time.monotonic()
+    client.abort()
+    thread.join(5)
+    assert not thread.is_alive(), "abort() did not end the long poll"
+    assert time.monotonic() - aborted < 1.5
+    assert "error" in outcome, outcome
+    assert outcome["error"].code in ("ConnectionError", "Aborted")
+    # and the client stays shut
+    with pytest.raises(SqsError) as info:
+        client.queue_attributes()
+    assert info.value.code == "Aborted"
+
+
+def test_resolve_target_region_from_queue_url(sqs_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AWS_REGION", raising=False)
+    monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    target = resolve_target("https://sqs.eu-west-2.amazonaws.com/123456789012/orders", region=None,
+                            endpoint_url=None)
+    assert target.region == "eu-west-2"
+    assert target.endpoint_url.startswith("https://sqs.eu-west-2.")
+    target = resolve_target("https://sqs.eu-west-2.amazonaws.com/123456789012/orders", region="us-east-1",
+                            endpoint_url=sqs_endpoint)
+    assert (target.region, target.endpoint_url) == ("us-east-1", sqs_endpoint)
