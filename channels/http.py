@@ -217,7 +217,7 @@ class HttpChannel(Channel):
             else:
                 body = self._format.structured(message)
                 headers = {"Content-Type": _STRUCTURED}
-        except EventError as exc:
+        except (EventError, TypeError, ValueError) as exc:
             return Outcome.REJECT, f"cannot make a CloudEvent: {exc}"
         headers["User-Agent"] = _USER_AGENT
         reason = ""
@@ -231,6 +231,10 @@ class HttpChannel(Channel):
             except (OSError, http.client.HTTPException) as exc:
                 reason = f"sink {self.config.sink}: {type(exc).__name__}: {exc}"
                 continue
+            except Exception as exc:  # never let a sender thread die with a message unreported
+                log.error("unexpected error sending message %s: %s: %s", message.id, type(exc).__name__, exc)
+                conn.close()
+                return Outcome.RETRY, f"unexpected {type(exc).__name__}: {exc}"
             if 200 <= status < 300:
                 return Outcome.ACK, ""
             reason = f"sink answered HTTP {status}"

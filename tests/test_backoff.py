@@ -17,9 +17,12 @@ def test_backoff_within_jitter_of_doubling(attempt: int) -> None:
     rng = random.Random(attempt)
     nominal = min(30.0, 0.5 * 2 ** (attempt - 1))
     samples = [backoff(attempt, base=0.5, cap=30.0, rng=rng) for _ in range(500)]
-    assert all(nominal * 0.8 - 1e-9 <= s <= nominal * 1.2 + 1e-9 for s in samples), (min(samples), max(samples))
-    # the jitter is real: not always the same value, spread on both sides
-    assert min(samples) < nominal < max(samples)
+    upper = min(30.0, nominal * 1.2)  # the cap is hard: jitter never lifts a delay above it
+    assert all(nominal * 0.8 - 1e-9 <= s <= upper + 1e-9 for s in samples), (min(samples), max(samples))
+    # the jitter is real: not always the same value, spread on both sides (below the cap)
+    assert min(samples) < nominal
+    if nominal < 30.0:
+        assert max(samples) > nominal
 
 
 def test_backoff_without_jitter_is_exact() -> None:
@@ -47,11 +50,6 @@ def test_backoff_capped_for_many_attempts(attempt: int) -> None:
     assert all(16.0 - 1e-9 <= s <= 24.0 + 1e-9 for s in samples)
 
 
-@pytest.mark.xfail(strict=True, raises=OverflowError, reason=(
-    "BUG in channels/retry.backoff: base * 2**(attempt-1) overflows a float from attempt 1025 on. "
-    "The worker calls it with an unbounded count of failed receives (an SQS outage of a few hours) "
-    "and, through nack_visibility, with ApproximateReceiveCount; the OverflowError kills the thread. "
-    "Fix: clamp the exponent, e.g. 2 ** min(max(0, attempt - 1), 64)."))
 @pytest.mark.parametrize("attempt", [1025, 10_000, 10**6])
 def test_backoff_huge_attempt_is_the_cap(attempt: int) -> None:
     assert 16.0 <= backoff(attempt, base=0.5, cap=20.0) <= 24.0
@@ -79,11 +77,6 @@ def test_nack_visibility_zero_base_means_at_once() -> None:
     assert {nack_visibility(n, base=0.0, cap=300.0) for n in range(1, 30)} == {0}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG in poller/backoff.nack_visibility (via channels/retry.backoff): the jitter is added after "
-    "the cap, so the visibility exceeds --nack-backoff-max by up to 20%; with the allowed maximum "
-    "43200 it reaches ~51840, which ChangeMessageVisibility refuses (the nack then fails and is "
-    "only logged at DEBUG). Fix: min(cap, ...) after the jitter in nack_visibility (or in backoff)."))
 @pytest.mark.parametrize("cap", [300.0, float(SQS_MAX_VISIBILITY)])
 def test_nack_visibility_never_exceeds_the_cap(cap: float) -> None:
     values = [nack_visibility(n, base=2.0, cap=cap) for n in range(1, 40) for _ in range(50)]
@@ -91,8 +84,5 @@ def test_nack_visibility_never_exceeds_the_cap(cap: float) -> None:
     assert max(values) <= SQS_MAX_VISIBILITY
 
 
-@pytest.mark.xfail(strict=True, raises=OverflowError, reason=(
-    "BUG: nack_visibility overflows for ApproximateReceiveCount > 1024 (a message without DLQ "
-    "nacked for days); Worker.report raises in the channel's thread. Same fix as backoff's."))
 def test_nack_visibility_huge_receive_count() -> None:
     assert 0 < nack_visibility(5000, base=2.0, cap=300.0) <= 360

@@ -284,9 +284,6 @@ def test_partial_receive_gives_back_its_reservation() -> None:
     assert worker._reserved == 20
 
 
-@pytest.mark.xfail(strict=True, raises=OverflowError, reason=(
-    "BUG (channels/retry.backoff overflow, see test_backoff): a RETRY of a message received more "
-    "than 1024 times raises OverflowError out of Worker.report, i.e. in the channel's sender thread."))
 def test_retry_of_a_message_received_very_often() -> None:
     worker, channel, _, nacker = make_worker(nack_backoff_base=2.0, nack_backoff_max=300.0)
     receive(worker, [raw_message(1, receive_count=5000)])
