@@ -9,6 +9,7 @@ $(BIN)/poller: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
+	@# LocalStack needs Python 3.13 (PEP 695); poller/services.py installs it into a cache on first use.
 	@touch $(BIN)/poller
 
 setup: $(BIN)/poller
@@ -16,8 +17,9 @@ setup: $(BIN)/poller
 demo: setup
 	$(BIN)/poller demo
 
+# pytest's exit code 5 ("no tests ran") is not a failure of the build; every other code is.
 test: setup
-	$(BIN)/python -m pytest -ra $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -ra $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 bench: setup
 	$(BIN)/python -m benchmarks.run
