@@ -318,6 +318,23 @@ class _Run:
         self.failed = False  # a record failed before being produced: skip the rest of the group
 
 
+class _LibrdkafkaLog:
+    """librdkafka's log lines (served by ``poll``) for the ``logger`` setting.
+
+    While ``quiet`` (``start()`` waiting for the broker) they go at DEBUG: a refused connection is
+    logged on every reconnect, and ``start()``'s one-line error already gives the cause.
+    """
+
+    __slots__ = ("logger", "quiet")
+
+    def __init__(self) -> None:
+        self.logger = logging.getLogger(__name__ + ".librdkafka")
+        self.quiet = False
+
+    def log(self, level: int, msg: str, *args: Any) -> None:
+        self.logger.log(logging.DEBUG if self.quiet else level, msg, *args)
+
+
 class KafkaChannel(Channel):
     """One idempotent producer per worker process; build it with ``KafkaConfig.create(source)``."""
 
@@ -330,6 +347,7 @@ class KafkaChannel(Channel):
         self._runs: set[_Run] = set()  # runs with at least one unsettled entry
         self._last_error: KafkaError | None = None
         self._last_logged = ""
+        self._librdkafka_log = _LibrdkafkaLog()
         self._fatal: KafkaError | None = None
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
@@ -340,6 +358,13 @@ class KafkaChannel(Channel):
         """Create the producer, check the broker and the topic (bounded wait), start polling."""
         if self._producer is not None:
             return
+        self._librdkafka_log.quiet = True  # until the broker answered: errors go into ChannelError
+        try:
+            self._start()
+        finally:
+            self._librdkafka_log.quiet = False
+
+    def _start(self) -> None:
         conf = self._client_config()
         try:
             producer = Producer(conf)
@@ -359,7 +384,7 @@ class KafkaChannel(Channel):
 
     def _client_config(self) -> dict[str, Any]:
         conf = self.config.producer_config()
-        conf["logger"] = logging.getLogger(__name__ + ".librdkafka")
+        conf["logger"] = self._librdkafka_log
         conf["error_cb"] = self._on_error
         if self.config.auth == "scram-sha-512":
             username = os.environ.get("KAFKA_SASL_USERNAME")
@@ -454,14 +479,17 @@ class KafkaChannel(Channel):
 
     def _on_error(self, err: KafkaError) -> None:
         # Client-level errors (broker down, auth failed); per-record errors arrive as delivery reports.
-        repeated = err.str() == self._last_logged
-        self._last_logged = err.str()
         if err.code() != KafkaError._ALL_BROKERS_DOWN:
             self._last_error = err  # the cause start() reports; "all brokers down" says less
         if err.fatal():
             self._fatal = err
             log.error("Kafka producer fatal error: %s", err.str())
-        elif not repeated:  # librdkafka repeats a refused connection on every retry
+            return
+        if self._librdkafka_log.quiet:
+            return  # start() is waiting for the broker: a failure ends in one line with the cause
+        repeated = err.str() == self._last_logged
+        self._last_logged = err.str()
+        if not repeated:  # librdkafka repeats a refused connection on every retry
             log.warning("Kafka: %s", err.str())
 
     # -- publishing ----------------------------------------------------------------------------
