@@ -15,7 +15,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from contextlib import ExitStack
@@ -49,9 +48,19 @@ class DemoOptions:
     processes: int = 1
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    """Ctrl-C or SIGTERM: unwind, whatever the demo is doing (even installing LocalStack).
+
+    Installed explicitly, because a shell starting us in the background would leave SIGINT
+    ignored. Further signals are ignored so the cleanup itself is not cut short.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
 def run_demo(options: DemoOptions) -> int:
-    stop = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         with ExitStack() as stack:
             try:
@@ -70,12 +79,13 @@ def run_demo(options: DemoOptions) -> int:
             log.info("queue %s -> poller -> channel %s -> dumper %s", queue_url, channel.url, dumper.url)
             poller = _start_poller(queue_url, channel.url, service.endpoint, options.processes)
             stack.callback(_stop_poller, poller)
-            _send_samples(sqs, queue_url, options, stop)
+            _send_samples(sqs, queue_url, options)
         return 0
     except KeyboardInterrupt:
         return 0
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         log.info("demo stopped")
 
 
@@ -113,7 +123,7 @@ def _stop_poller(poller: subprocess.Popen[bytes]) -> None:
             poller.wait()
 
 
-def _send_samples(sqs: object, queue_url: str, options: DemoOptions, stop: threading.Event) -> None:
+def _send_samples(sqs: object, queue_url: str, options: DemoOptions) -> None:
     started = time.monotonic()
     sent = 0
 
@@ -130,10 +140,7 @@ def _send_samples(sqs: object, queue_url: str, options: DemoOptions, stop: threa
         send()
     log.info("sent %d sample message(s)%s; Ctrl-C stops", sent,
              ", then one a second" if options.follow else "")
-    while not stop.is_set():
-        if options.duration is not None and time.monotonic() - started >= options.duration:
-            break
-        if stop.wait(1.0):
-            break
+    while options.duration is None or time.monotonic() - started < options.duration:
+        time.sleep(1.0)
         if options.follow:
             send()
