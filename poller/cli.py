@@ -87,7 +87,8 @@ def cli() -> None:
         help="Seconds an acknowledged message may wait for a fuller DeleteMessageBatch.")
 @option("--stats-interval", type=click.FloatRange(0.1), default=10.0,
         help="Seconds between throughput log lines.")
-@option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="INFO")
+@option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="INFO",
+        help="Log level; logs go to stderr.")
 @option("--data", "data_mode", type=click.Choice(["message", "body"]), default="message",
         help="Event data: the whole SQS message as JSON, or the raw body.")
 @option("--sink", extra_env=["K_SINK"], default=None, show_default=False,
@@ -130,10 +131,10 @@ def run(**opts: Any) -> int:
     target = _resolve(opts)
     attributes = _check_queue(target)
     fifo = attributes.get("FifoQueue") == "true"
-    if "RedrivePolicy" not in attributes:
+    _check_channel(channel, target.queue_url)
+    if "RedrivePolicy" not in attributes:  # warned only once the start checks passed
         log.warning("queue has no redrive policy: rejected messages will be redelivered until "
                     "they expire (retention %ss)", attributes.get("MessageRetentionPeriod", "?"))
-    _check_channel(channel, target.queue_url)
     try:
         worker = WorkerConfig(
             target=target,

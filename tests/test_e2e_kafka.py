@@ -363,11 +363,6 @@ def silent_broker() -> Iterator[str]:
 # cases it does not have: a broker that is missing, refusing or hung, a missing topic, and config
 # that only librdkafka's producer (or the channel) rejects. The queue has a DLQ, as in production;
 # "-no-dlq" runs the same on a queue without a redrive policy (the poller warns about that).
-NO_DLQ_WARNING_FIRST = pytest.mark.xfail(
-    strict=True,
-    reason="poller/cli.py logs 'queue has no redrive policy' before checking the channel, so a "
-           "channel error on a queue without a DLQ is two lines on stderr",
-)
 # (id, kafka args, extra env, texts the line must contain, seconds it may take, queue)
 START_CASES = [
     ("missing-topic", ["--kafka-topic", "{missing}"], {}, ["does not exist", "{missing}"], 20, "dlq"),
@@ -380,8 +375,7 @@ START_CASES = [
     ("broker-refuses-no-dlq", ["--kafka-bootstrap-servers", "{refused}"], {}, ["cannot reach Kafka"], 25, "plain"),
 ]
 START_PARAMS = [
-    pytest.param(case, id=case[0], marks=[NO_DLQ_WARNING_FIRST] if case[-1] == "plain" else [])
-    for case in START_CASES
+    pytest.param(case, id=case[0]) for case in START_CASES
 ]
 
 
