@@ -1,0 +1,1 @@
+"""Benchmarks of the poller: ``python -m benchmarks.run`` (see README.md in this directory)."""

@@ -1,0 +1,220 @@
+"""``--profile``: one poller worker in-process, SQS -> HTTP sink, under cProfile; where the CPU goes.
+
+Every thread the worker starts (receivers, HTTP senders, delete batchers, ...) gets its own
+``cProfile.Profile`` timed with ``time.thread_time`` (that thread's CPU time, so time blocked in
+``recv`` or on a lock is not counted), and the profiles are merged. Profiling slows Python
+code down (every call is timed), so read the shares, not the absolute numbers; the benchmark
+proper gives the real CPU per message.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import io
+import logging
+import os
+import pstats
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from channels.http import HttpConfig
+from poller.config import WorkerConfig
+from poller.sqs import SqsTarget
+from poller.worker import Worker
+
+from benchmarks.procstat import CLK_TCK
+from benchmarks.peers import REGION, VISIBILITY_TIMEOUT, Sink, create_queue, preload, queue_total
+
+__all__ = ["HOT_PATH", "profile_http_worker"]
+
+log = logging.getLogger(__name__)
+
+# (label, file suffix, function name; for C functions "~" and a part of the name): cumulative
+# CPU of these per message answers "where does it go". Indented rows are part of the row above.
+HOT_PATH: tuple[tuple[str, str, str], ...] = (
+    ("receive loop (Worker._receive_loop)", "poller/worker.py", "_receive_loop"),
+    ("  hand-over to the channel (Worker._hand_over)", "poller/worker.py", "_hand_over"),
+    ("HTTP channel send loop (HttpChannel._send_loop)", "channels/http.py", "_send_loop"),
+    ("  event building (EventFormat.http_binary)", "channels/events.py", "http_binary"),
+    ("    orjson.dumps", "~", "orjson.dumps"),
+    ("    time attribute (rfc3339_from_millis)", "channels/events.py", "rfc3339_from_millis"),
+    ("  POST to the sink (_Connection.post)", "channels/http.py", "post"),
+    ("  outcome bookkeeping (Worker.report)", "poller/worker.py", "report"),
+    ("delete batching (Batcher._run)", "poller/batcher.py", "_run"),
+    ("SQS calls, all threads (SqsClient._call)", "poller/sqs.py", "_call"),
+    ("  SigV4 signing (SqsClient._sign)", "poller/sqs.py", "_sign"),
+    ("  orjson.loads", "~", "orjson.loads"),
+    ("http.client, SQS + sink: request()", "http/client.py", "request"),
+    ("  putheader (validation, encoding)", "http/client.py", "putheader"),
+    ("  socket sendall (headers and body: 2 per request)", "~", "'sendall'"),
+    ("http.client, SQS + sink: getresponse()", "http/client.py", "getresponse"),
+    ("  parse_headers (email.parser)", "http/client.py", "parse_headers"),
+    ("lock acquire (all)", "~", "'acquire' of '_thread.lock'"),
+    ("queue get/put (all)", "~", "of '_queue.SimpleQueue'"),
+    ("counters (Counters.add)", "poller/stats.py", "add"),
+)
+
+
+@contextmanager
+def profile_threads(profiles: list[cProfile.Profile]) -> Iterator[None]:
+    """Profile every thread started inside the block with its own per-thread-CPU profiler."""
+    original = threading.Thread.run
+    lock = threading.Lock()
+
+    def run(self: threading.Thread) -> None:
+        profiler = cProfile.Profile(time.thread_time)
+        with lock:
+            profiles.append(profiler)
+        profiler.enable()
+        try:
+            original(self)
+        finally:
+            profiler.disable()
+
+    threading.Thread.run = run  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        threading.Thread.run = original  # type: ignore[method-assign]
+
+
+def _cpu() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds of this process's live Python threads, by name without its ``-N`` suffix."""
+    groups: dict[str, float] = {}
+    for thread in threading.enumerate():
+        tid = thread.native_id
+        if tid is None:
+            continue
+        try:
+            text = Path(f"/proc/self/task/{tid}/stat").read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2:].split()
+        seconds = (int(fields[11]) + int(fields[12])) / CLK_TCK
+        name = thread.name.rsplit("-", 1)[0] if thread.name[-1:].isdigit() else thread.name
+        groups[name] = groups.get(name, 0.0) + seconds
+    return groups
+
+
+@dataclass(slots=True)
+class WorkerRun:
+    messages: int
+    seconds: float
+    cpu_seconds: float
+    threads: dict[str, float]
+
+
+def run_worker(sqs: Any, endpoint: str, sink: Sink, bodies: Sequence[str],
+               profiles: list[cProfile.Profile] | None) -> WorkerRun:
+    """One in-process worker drains a freshly pre-loaded queue into the sink.
+
+    With ``profiles``, every thread it starts is profiled (into that list).
+    """
+    url = create_queue(sqs, "profile")
+    preload(sqs, url, bodies)
+    sink.reset()
+    config = WorkerConfig(
+        target=SqsTarget(queue_url=url, region=REGION, endpoint_url=endpoint),
+        channel=HttpConfig(sink=sink.url), queue_visibility_timeout=VISIBILITY_TIMEOUT,
+    )
+    worker = Worker(config)
+    expected = len(bodies)
+    with profile_threads(profiles) if profiles is not None else nullcontext():
+        # The patch stays on until the worker is done: it starts its threads inside run().
+        runner = threading.Thread(target=worker.run, name="worker-main")
+        began, began_cpu = time.monotonic(), _cpu()
+        runner.start()
+        deadline = began + 60 + expected / 50
+        while not (sink.stats()["unique"] >= expected and queue_total(sqs, url) == 0):
+            if time.monotonic() > deadline or not runner.is_alive():
+                raise RuntimeError(f"the in-process worker did not drain the queue (sink: {sink.stats()})")
+            time.sleep(0.05)
+        seconds, cpu = time.monotonic() - began, _cpu() - began_cpu
+        threads = thread_cpu()  # before stop(): the worker's threads are still alive
+        worker.stop()
+        runner.join(60)
+    threads.pop("MainThread", None)
+    return WorkerRun(messages=expected, seconds=seconds, cpu_seconds=cpu, threads=threads)
+
+
+def profile_http_worker(sqs: Any, endpoint: str, sink: Sink, bodies: Sequence[str], *, top: int = 25) -> None:
+    """Two in-process runs: plain (real CPU per thread group), then under cProfile (per function)."""
+    plain = run_worker(sqs, endpoint, sink, bodies, None)
+    log.info("plain worker: %d messages in %.1f s, %.1f us CPU/msg (process)",
+             plain.messages, plain.seconds, plain.cpu_seconds / plain.messages * 1e6)
+    profiles: list[cProfile.Profile] = []
+    profiled = run_worker(sqs, endpoint, sink, bodies, profiles)
+    log.info("profiled worker: %d messages in %.1f s, %.1f us CPU/msg under the profiler",
+             profiled.messages, profiled.seconds, profiled.cpu_seconds / profiled.messages * 1e6)
+    print(thread_report(plain) + "\n" + report(_merge(profiles), profiled.messages, top))  # this mode's result
+
+
+def thread_report(run: WorkerRun) -> str:
+    per_msg = 1e6 / run.messages
+    lines = [f"Real CPU of one in-process worker (no profiler), SQS -> HTTP, {run.messages} messages, "
+             f"{run.messages / run.seconds:,.0f} msg/s: {run.cpu_seconds * per_msg:.0f} us/msg for the "
+             "whole process (incl. the benchmark's polling)", "",
+             f"{'thread group':<28} {'us/msg':>8} {'share':>6}"]
+    total = sum(run.threads.values()) or 1.0
+    for name, seconds in sorted(run.threads.items(), key=lambda kv: -kv[1]):
+        lines.append(f"{name:<28} {seconds * per_msg:>8.1f} {seconds / total * 100:>5.0f}%")
+    return "\n".join(lines) + "\n"
+
+
+def _merge(profiles: Sequence[cProfile.Profile]) -> pstats.Stats:
+    merged: pstats.Stats | None = None
+    for profiler in profiles:
+        profiler.create_stats()
+        if not getattr(profiler, "stats", None):
+            continue
+        if merged is None:
+            merged = pstats.Stats(profiler)
+        else:
+            merged.add(profiler)
+    if merged is None:
+        raise RuntimeError("no thread was profiled")
+    return merged
+
+
+def hot_path(stats: pstats.Stats, messages: int) -> list[tuple[str, float, float]]:
+    """(label, own us/msg, cumulative us/msg) for each ``HOT_PATH`` row found."""
+    table: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
+    rows = []
+    for label, suffix, name in HOT_PATH:
+        own = cum = 0.0
+        for (filename, _line, funcname), (_cc, _nc, tt, ct, _callers) in table.items():
+            builtin = suffix == "~" and filename == "~" and name in funcname
+            if builtin or (funcname == name and filename.endswith(suffix)):
+                own += tt
+                cum += ct
+        rows.append((label, own / messages * 1e6, cum / messages * 1e6))
+    return rows
+
+
+def report(stats: pstats.Stats, messages: int, top: int) -> str:
+    total = stats.total_tt  # type: ignore[attr-defined]
+    out = io.StringIO()
+    out.write(f"Profile of one worker, SQS -> HTTP, {messages} messages: "
+              f"{total:.2f} s of thread CPU under cProfile = {total / messages * 1e6:.0f} us/msg "
+              "(inflated by the profiler; compare shares)\n\n")
+    out.write(f"{'hot path (cumulative CPU per message)':<55} {'cum us/msg':>10} {'share':>6}\n")
+    for label, _own, cum in hot_path(stats, messages):
+        out.write(f"{label:<55} {cum:>10.1f} {cum / (total / messages * 1e6) * 100:>5.0f}%\n")
+    for key, title in (("tottime", "own time"), ("cumulative", "cumulative time")):
+        buffer = io.StringIO()
+        stats.stream = buffer  # type: ignore[attr-defined]
+        stats.sort_stats(key).print_stats(top)
+        body = buffer.getvalue()
+        body = body[body.find("   ncalls"):] if "   ncalls" in body else body
+        out.write(f"\n=== top {top} functions by {title} ===\n{body}")
+    return out.getvalue()
