@@ -55,7 +55,10 @@ class Worker:
         self.counters = counters or Counters()
         self._stopping = threading.Event()
         self._failed = False  # the channel broke: exit non-zero so the supervisor restarts us
-        self._cond = threading.Condition()
+        # A plain Lock (not the default RLock) and notify only when a receiver waits: report()
+        # takes this once per message, on the hot path.
+        self._cond = threading.Condition(threading.Lock())
+        self._waiting = 0  # receivers waiting in _reserve
         self._reserved = 0  # in flight + reserved for receives under way
         self._in_flight: dict[str, float] = {}  # receipt handle -> when received (monotonic)
         self._receive_clients: list[SqsClient] = []
@@ -138,7 +141,9 @@ class Worker:
             while self._reserved + n > limit:
                 if self._stopping.is_set():
                     return False
+                self._waiting += 1
                 self._cond.wait(0.5)
+                self._waiting -= 1
             if self._stopping.is_set():
                 return False
             self._reserved += n
@@ -219,7 +224,8 @@ class Worker:
                 return  # reported twice: the first verdict stands
             self._reserved -= 1
             self.counters.set("in_flight", len(self._in_flight))
-            self._cond.notify()
+            if self._waiting:
+                self._cond.notify()
         if outcome is Outcome.ACK:
             self.counters.add("acked")
             self._deleter.add(message.ack_id)
