@@ -35,14 +35,17 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Self
+from typing import Any, Generic, Self, TypeVar
 from urllib.parse import unquote
 
 import orjson
 
+C = TypeVar("C")
+
 __all__ = [
+    "Tally",
     "STRUCTURED_CONTENT_TYPE",
     "CloudEventServer",
     "NotACloudEvent",
@@ -160,6 +163,23 @@ def _validate(event: Mapping[str, Any]) -> None:
 
 # --------------------------------------------------------------------------------------------
 # Server
+
+
+class Tally(Generic[C]):
+    """Counts kept as a frozen dataclass, replaced under a lock: readers get a consistent snapshot."""
+
+    def __init__(self, initial: C) -> None:
+        self._lock = threading.Lock()
+        self._value = initial
+
+    @property
+    def value(self) -> C:
+        return self._value
+
+    def add(self, **deltas: int) -> None:
+        with self._lock:
+            current = self._value
+            self._value = replace(current, **{k: getattr(current, k) + n for k, n in deltas.items()})
 
 
 @dataclass(frozen=True, slots=True)

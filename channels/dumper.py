@@ -35,6 +35,7 @@ from channels.cehttp import (
     NotACloudEvent,
     Reply,
     ServerOptions,
+    Tally,
     parse_event,
     run_until_signalled,
 )
@@ -93,14 +94,13 @@ class DumperServer(CloudEventServer):
         self.received: list[Received] = []
         self._received_changed = threading.Condition()
         self._out_lock = threading.Lock()  # one writer at a time: lines never interleave
-        self._counts_lock = threading.Lock()
-        self._counts = DumperCounts()
+        self._tally = Tally(DumperCounts())
         self._dump_options = orjson.OPT_INDENT_2 if pretty else 0
         super().__init__(host, port, server_options=server_options)
 
     @property
     def counts(self) -> DumperCounts:
-        return self._counts
+        return self._tally.value
 
     @property
     def events(self) -> list[dict[str, Any]]:
@@ -119,32 +119,22 @@ class DumperServer(CloudEventServer):
                 self._received_changed.wait(remaining)
         return True
 
-    def _count(self, **deltas: int) -> None:
-        with self._counts_lock:
-            c = self._counts
-            self._counts = DumperCounts(
-                received=c.received + deltas.get("received", 0),
-                accepted=c.accepted + deltas.get("accepted", 0),
-                refused=c.refused + deltas.get("refused", 0),
-                invalid=c.invalid + deltas.get("invalid", 0),
-            )
-
     def handle(self, headers: dict[str, str], body: bytes) -> Reply:
         try:
             event = parse_event(headers, body)
         except NotACloudEvent as exc:
-            self._count(invalid=1)
+            self._tally.add(invalid=1)
             return Reply(400, str(exc))
-        self._count(received=1)
+        self._tally.add(received=1)
         reply = self._decide(event, headers)
         if not 200 <= reply.status < 300:
-            self._count(refused=1)
+            self._tally.add(refused=1)
             return reply
         try:
             self._write(event)
         except (OSError, ValueError) as exc:  # e.g. the demo's pipe closed
             log.warning("message dumper cannot write event %r: %s", event.get("id"), exc)
-            self._count(refused=1)
+            self._tally.add(refused=1)
             return Reply(500, "cannot write the event to the output")
         if self.keep:
             with self._received_changed:
@@ -155,7 +145,7 @@ class DumperServer(CloudEventServer):
                 self.on_event(event, headers)
             except Exception:
                 log.exception("message dumper: on_event hook failed for event %r", event.get("id"))
-        self._count(accepted=1)
+        self._tally.add(accepted=1)
         return reply
 
     def _decide(self, event: dict[str, Any], headers: Mapping[str, str]) -> Reply:

@@ -24,7 +24,6 @@ retrying is the poller's job.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
@@ -38,6 +37,7 @@ from channels.cehttp import (
     NotACloudEvent,
     Reply,
     ServerOptions,
+    Tally,
     parse_event,
     run_until_signalled,
 )
@@ -146,32 +146,21 @@ class InMemoryChannelServer(CloudEventServer):
             ThreadPoolExecutor(max_workers=opts.threads, thread_name_prefix=f"fanout-{i}")
             for i in range(len(self.subscribers))
         ]
-        self._counts_lock = threading.Lock()
-        self._counts = ChannelCounts()
+        self._tally = Tally(ChannelCounts())
         super().__init__(host, port, server_options=opts.server)
 
     @property
     def counts(self) -> ChannelCounts:
-        return self._counts
-
-    def _count(self, **deltas: int) -> None:
-        with self._counts_lock:
-            c = self._counts
-            self._counts = ChannelCounts(
-                received=c.received + deltas.get("received", 0),
-                delivered=c.delivered + deltas.get("delivered", 0),
-                failed=c.failed + deltas.get("failed", 0),
-                invalid=c.invalid + deltas.get("invalid", 0),
-            )
+        return self._tally.value
 
     def handle(self, headers: dict[str, str], body: bytes) -> Reply:
         try:
             # Only the attributes matter here: the body is forwarded as it came.
             event = parse_event(headers, body, decode_data=False)
         except NotACloudEvent as exc:
-            self._count(invalid=1)
+            self._tally.add(invalid=1)
             return Reply(400, str(exc))
-        self._count(received=1)
+        self._tally.add(received=1)
         forward = {k: v for k, v in headers.items() if k.startswith("ce-") or k in FORWARDED_HEADERS}
         futures = [
             pool.submit(self._deliver, url, forward, body)
@@ -190,9 +179,9 @@ class InMemoryChannelServer(CloudEventServer):
     def _decide(self, event_id: str, outcomes: list[_Outcome]) -> Reply:
         failures = [o for o in outcomes if not o.ok]
         if not failures:
-            self._count(delivered=1)
+            self._tally.add(delivered=1)
             return Reply(202)
-        self._count(failed=1)
+        self._tally.add(failed=1)
         retryable = [o for o in failures if not o.permanent]
         status = 502 if retryable else failures[0].status
         assert status is not None
