@@ -281,7 +281,14 @@ class SqsClient:
                     continue
                 raise SqsError("ConnectionError", f"{action} to {self._url}: {exc}", retryable=True) from None
             if response.status == 200:
-                return orjson.loads(data) if data else {}
+                try:
+                    answer = orjson.loads(data) if data else {}
+                except orjson.JSONDecodeError:
+                    answer = None
+                if not isinstance(answer, dict):
+                    raise SqsError("InvalidResponse", f"{action}: the answer is not a JSON object",
+                                   retryable=True)
+                return answer
             raise _error(action, response.status, data)
         raise AssertionError("unreachable")
 

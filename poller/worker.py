@@ -165,13 +165,13 @@ class Worker:
                         wait_time=config.wait_time,
                         visibility_timeout=config.visibility_timeout,
                     )
-                except SqsError as exc:
+                except Exception as exc:  # SqsError, or a bug: a receiver must not die silently
                     self._unreserve(config.batch_size)
                     if self._stopping.is_set():
                         break
                     failures += 1
                     self.counters.add("receive_errors")
-                    self._receive_log.hit(str(exc))
+                    self._receive_log.hit(str(exc) if isinstance(exc, SqsError) else repr(exc))
                     self._stopping.wait(backoff(failures, base=0.5, cap=20.0))
                     continue
                 failures = 0
