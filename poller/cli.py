@@ -87,6 +87,10 @@ def cli() -> None:
         help="Seconds an acknowledged message may wait for a fuller DeleteMessageBatch.")
 @option("--stats-interval", type=click.FloatRange(0.1), default=10.0,
         help="Seconds between throughput log lines.")
+@option("--metrics-port", type=click.IntRange(1, 65535), default=None, show_default=False,
+        help="Serve Prometheus metrics on this port (/metrics) [default: off].")
+@option("--metrics-host", default="127.0.0.1",
+        help="Address for --metrics-port (0.0.0.0 to let Prometheus scrape the pod).")
 @option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="INFO",
         help="Log level; logs go to stderr.")
 @option("--data", "data_mode", type=click.Choice(["message", "body"]), default="message",
@@ -162,7 +166,14 @@ def run(**opts: Any) -> int:
              channel.name, _describe(channel), config.processes)
     from poller.supervisor import Supervisor  # imported late: keeps --help fast
 
-    return Supervisor(config).run()
+    supervisor = Supervisor(config)
+    if opts["metrics_port"] is not None:
+        try:
+            supervisor.serve_metrics(opts["metrics_host"], opts["metrics_port"])
+        except OSError as exc:
+            raise BootError(f"cannot serve metrics on {opts['metrics_host']}:{opts['metrics_port']}: "
+                            f"{exc.strerror or exc}") from None
+    return supervisor.run()
 
 
 def _channel_config(opts: dict[str, Any]) -> ChannelConfig:

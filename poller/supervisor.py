@@ -41,6 +41,7 @@ class _Slot:
     process: BaseProcess | None = None
     started_at: float = 0.0
     failures: int = 0
+    restarts: int = 0
     respawn_at: float = 0.0
     retired: list[int] = field(default_factory=lambda: [0] * len(FIELDS))
 
@@ -57,6 +58,18 @@ class Supervisor:
             _Slot(index=i, stats=self._ctx.Array("q", len(FIELDS), lock=False))
             for i in range(config.processes)
         ]
+
+    def serve_metrics(self, host: str, port: int) -> None:
+        """Prometheus ``/metrics`` from the workers' counters; OSError if the port is taken."""
+        from poller.metrics import PollerCollector, serve_metrics
+
+        collector = PollerCollector(
+            totals=self._totals,
+            workers=lambda: sum(1 for s in self._slots if s.process is not None and s.process.is_alive()),
+            restarts=lambda: sum(s.restarts for s in self._slots),
+        )
+        serve_metrics(collector, host, port)
+        log.info("metrics on http://%s:%d/metrics", host, port)
 
     def _on_signal(self, signum: int, frame: object) -> None:
         """No logging, no work: just queue the signal for the main loop."""
@@ -120,6 +133,7 @@ class Supervisor:
             slot.failures = 0 if lived >= _HEALTHY_AFTER else slot.failures + 1
             delay = min(_RESTART_BACKOFF_MAX, 0.5 * 2 ** (slot.failures - 1)) if slot.failures else 0.0
             slot.respawn_at = now + delay
+            slot.restarts += 1
             log.warning("worker-%d (pid %d) %s after %.1fs; restarting in %.1fs",
                         slot.index, process.pid, _describe_exit(code), lived, delay)
         return False

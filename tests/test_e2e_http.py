@@ -11,6 +11,7 @@ import random
 import signal
 import threading
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -256,3 +257,39 @@ def test_sigterm_under_load_exits_0_in_time_and_loses_nothing(
     remaining_ids = {id_of[m["Body"]] for m in drain(sqs, queue.url, idle_receives=3, wait_seconds=3)}
     assert delivered | remaining_ids == set(ids), "a message was lost"
     assert not delivered & remaining_ids, "a delivered message was not deleted"
+
+
+def test_metrics_endpoint_counts_what_flowed(
+    sqs: Any, make_queue: Any, aws_env: dict[str, str], tmp_path: Path
+) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from poller.services import free_port
+
+    queue = make_queue(visibility_timeout=30)
+    port = free_port()
+
+    def scrape() -> dict[str, float]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples}
+
+    with sink() as server:
+        ids = send_messages(sqs, queue.url, [f"metric {i}" for i in range(50)])
+        poller = PollerProcess(
+            poller_args(queue.url, server.url, "--metrics-port", str(port), "--metrics-host", "127.0.0.1"),
+            aws_env, tmp_path / "poller.log",
+        )
+        try:
+            wait_until(lambda: len(server.received) >= len(ids), 60, "the events")
+            # Counters reach the supervisor once a second.
+            wait_until(lambda: scrape().get("sqs_poller_messages_deleted_total") == 50, 15, "metrics")
+            metrics = scrape()
+        finally:
+            assert poller.stop() == 0
+    assert metrics["sqs_poller_messages_received_total"] == 50
+    assert metrics["sqs_poller_messages_acked_total"] == 50
+    assert metrics["sqs_poller_messages_rejected_total"] == 0
+    assert metrics["sqs_poller_messages_in_flight"] == 0
+    assert metrics["sqs_poller_workers"] == 2
+    assert metrics["sqs_poller_worker_restarts_total"] == 0
