@@ -135,10 +135,6 @@ def run(**opts: Any) -> int:
     target = _resolve(opts)
     attributes = _check_queue(target)
     fifo = attributes.get("FifoQueue") == "true"
-    _check_channel(channel, target.queue_url)
-    if "RedrivePolicy" not in attributes:  # warned only once the start checks passed
-        log.warning("queue has no redrive policy: rejected messages will be redelivered until "
-                    "they expire (retention %ss)", attributes.get("MessageRetentionPeriod", "?"))
     try:
         worker = WorkerConfig(
             target=target,
@@ -161,9 +157,7 @@ def run(**opts: Any) -> int:
                            stats_interval=opts["stats_interval"])
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    log.info("polling %s%s (region %s, endpoint %s) -> %s channel %s with %d process(es)",
-             target.queue_url, " (FIFO)" if fifo else "", target.region, target.endpoint_url,
-             channel.name, _describe(channel), config.processes)
+    _check_channel(channel, target.queue_url)
     from poller.supervisor import Supervisor  # imported late: keeps --help fast
 
     supervisor = Supervisor(config)
@@ -173,6 +167,13 @@ def run(**opts: Any) -> int:
         except OSError as exc:
             raise BootError(f"cannot serve metrics on {opts['metrics_host']}:{opts['metrics_port']}: "
                             f"{exc.strerror or exc}") from None
+    # Logging starts only here, once every start check passed: a bad start stays one line.
+    if "RedrivePolicy" not in attributes:
+        log.warning("queue has no redrive policy: rejected messages will be redelivered until "
+                    "they expire (retention %ss)", attributes.get("MessageRetentionPeriod", "?"))
+    log.info("polling %s%s (region %s, endpoint %s) -> %s channel %s with %d process(es)",
+             target.queue_url, " (FIFO)" if fifo else "", target.region, target.endpoint_url,
+             channel.name, _describe(channel), config.processes)
     return supervisor.run()
 
 

@@ -94,6 +94,9 @@ FLAG_CASES = [
     ("overrides-not-string", [], {"K_CE_OVERRIDES": '{"extensions": {"a": 1}}'}, (),
      ["K_CE_OVERRIDES"]),
     ("overrides-wrong-shape", [], {"K_CE_OVERRIDES": "[1, 2]"}, (), ["K_CE_OVERRIDES"]),
+    # Checked only after the queue was read (the module's queue has no redrive policy, whose
+    # warning must not come first).
+    ("max-in-flight-below-batch", ["--max-in-flight", "5"], {}, (), ["--max-in-flight"]),
 ]
 
 
@@ -301,3 +304,14 @@ def test_run_help_lists_every_flag_with_env_var_and_default(aws_env: Mapping[str
             assert "required" in block, block
         elif not _no_default(param.get_default(ctx, call=True)):
             assert "default" in block, f"{long_name} has a default but --help does not say it: {block!r}"
+
+
+def test_metrics_port_taken(aws_env: Mapping[str, str], queue_url: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = run_poller(["run", "--queue-url", queue_url, "--sink", SINK, "--metrics-port", str(port)],
+                            _env(aws_env))
+    line = assert_one_line_error(result, "metrics", str(port))
+    assert result.returncode == 3, line
