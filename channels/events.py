@@ -104,6 +104,26 @@ class EventFormat:
     def attributes(self, message: Message) -> dict[str, str]:
         """The event's context attributes and extensions, without ``data``/``datacontenttype``."""
         attrs = {"specversion": "1.0", "id": message.id, "source": self.source, "type": EVENT_TYPE}
+        self._add_message_attributes(attrs, message)
+        if self.overrides:
+            attrs.update(self.overrides)
+        return attrs
+
+    def constant_attributes(self) -> dict[str, str]:
+        """The attributes that are the same for every message: specversion, source, type and the
+        overrides. ``attributes()`` is these plus ``per_message_attributes()``."""
+        return {"specversion": "1.0", "source": self.source, "type": EVENT_TYPE, **self.overrides}
+
+    def per_message_attributes(self, message: Message) -> dict[str, str]:
+        """The attributes of this message that no override replaces: id, time, extensions."""
+        attrs = {"id": message.id}
+        self._add_message_attributes(attrs, message)
+        if self.overrides:
+            for name in self.overrides:
+                attrs.pop(name, None)
+        return attrs
+
+    def _add_message_attributes(self, attrs: dict[str, str], message: Message) -> None:
         sent = message.attributes.get("SentTimestamp")
         if sent:
             try:
@@ -113,9 +133,6 @@ class EventFormat:
         for name, value in message.message_attributes.items():
             if is_extension_name(name) and value.get("DataType", "").startswith(("String", "Number")):
                 attrs[name] = value.get("StringValue", "")
-        if self.overrides:
-            attrs.update(self.overrides)
-        return attrs
 
     def data(self, message: Message) -> tuple[bytes, str]:
         """The event's data as bytes, and its content type."""
@@ -135,12 +152,23 @@ class EventFormat:
 
     def http_binary(self, message: Message) -> tuple[dict[str, str], bytes]:
         """HTTP binary mode: ``ce-*`` headers and the data as body."""
+        headers, body = self.http_binary_message(message)
+        return {**dict(headers[:1]), **self.http_binary_constant(), **dict(headers[1:])}, body
+
+    def http_binary_constant(self) -> dict[str, str]:
+        """The ``ce-*`` headers of ``http_binary`` that are the same for every message, so that a
+        sender encodes them once: ``ce-specversion``, ``ce-source``, ``ce-type``, the overrides."""
+        return {"ce-" + name: _header_value(value) for name, value in self.constant_attributes().items()}
+
+    def http_binary_message(self, message: Message) -> tuple[list[tuple[str, str]], bytes]:
+        """The rest of ``http_binary``, per message: ``Content-Type``, ``ce-id``, ``ce-time`` and
+        the extensions (as name/value pairs), and the body."""
         body, content_type = self.data(message)
-        headers = {"Content-Type": content_type}
-        for name, value in self.attributes(message).items():
+        headers = [("Content-Type", content_type)]
+        for name, value in self.per_message_attributes(message).items():
             if _HEADER_UNSAFE.search(value):
                 value = quote(value, safe=_HEADER_SAFE_CHARS)
-            headers["ce-" + name] = value
+            headers.append(("ce-" + name, value))
         return headers, body
 
     def structured(self, message: Message) -> bytes:
@@ -160,6 +188,11 @@ class EventFormat:
             else:
                 event["data"] = message.body
         return orjson.dumps(event)
+
+
+def _header_value(value: str) -> str:
+    """An attribute value as a header value (HTTP binding 3.1.3.2)."""
+    return quote(value, safe=_HEADER_SAFE_CHARS) if _HEADER_UNSAFE.search(value) else value
 
 
 def message_document(message: Message) -> dict[str, object]:
