@@ -10,18 +10,18 @@ Outcomes: 2xx -> ACK; 408, 425, 429, 5xx, timeouts and connection errors are ret
 backoff, then RETRY; any other status (400, 413, redirects, ...) -> REJECT; a message that cannot
 be made an event -> REJECT.
 
-``http.client`` rather than requests or urllib3: measured here, one POST to a local sink costs
-~400 us of client CPU with requests, ~145 us with urllib3 and ~60 us with http.client, and this
-is the hot path.
+The connection is ``channels.wire``, not requests, urllib3 or ``http.client``: measured here, one
+POST to a local sink costs ~400 us of client CPU with requests, ~145 us with urllib3, 130-170 us
+with http.client and ~25 us with ``channels.wire``, and this is the hot path. The headers that
+are the same for every message (``Host``, ``User-Agent``, ``ce-specversion``, ``ce-source``,
+``ce-type``, overrides; ``Content-Type`` in structured mode) are encoded once per connection.
 """
 
 from __future__ import annotations
 
-import http.client
 import logging
 import queue
-import socket
-import ssl
+import re
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -30,8 +30,9 @@ from typing import ClassVar
 from urllib.parse import urlsplit
 
 from channels.base import Channel, Message, Outcome, Report
-from channels.events import EventError, EventFormat
+from channels.events import EventError, EventFormat, is_extension_name
 from channels.retry import backoff
+from channels.wire import Headers, HttpConnection
 
 __all__ = ["HttpChannel", "HttpConfig"]
 
@@ -40,6 +41,7 @@ _RETRY_STATUSES = frozenset({408, 425, 429})
 _STRUCTURED = "application/cloudevents+json; charset=utf-8"
 _USER_AGENT = "sqs-poller"
 _STOP = object()
+_PRINTABLE = re.compile(r"[\x21-\x7e]*")
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,8 @@ def check_url(url: str, what: str = "sink") -> None:
         raise ValueError(f"{what} URL {url!r} is malformed: {exc}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"{what} URL {url!r} must be an absolute http:// or https:// URL")
+    if not _PRINTABLE.fullmatch(parts.path + parts.query):
+        raise ValueError(f"{what} URL {url!r}: spaces and non-ASCII in the path must be percent-encoded")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -74,6 +78,9 @@ class HttpConfig:
         if self.mode not in MODES:
             raise ValueError(f"HTTP mode must be one of {', '.join(MODES)}, not {self.mode!r}")
         EventFormat(source="", data_mode=self.data_mode)  # validates data_mode
+        for name in self.overrides:  # they become header names
+            if not is_extension_name(name):
+                raise ValueError(f"override {name!r} is not a valid CloudEvents extension name")
         if not 1 <= self.concurrency <= 1024:
             raise ValueError(f"--http-concurrency must be between 1 and 1024, not {self.concurrency}")
         if not 0 < self.timeout <= 3600:
@@ -88,60 +95,31 @@ class HttpConfig:
 class _Connection:
     """One keep-alive connection to the sink, reopened when it breaks. One per sender thread."""
 
-    def __init__(self, config: HttpConfig) -> None:
+    def __init__(self, config: HttpConfig, headers: Headers) -> None:
         url = urlsplit(config.sink)
-        self._https = url.scheme == "https"
-        self._host = url.hostname or ""
-        self._port = url.port or (443 if self._https else 80)
+        https = url.scheme == "https"
         self.target = (url.path or "/") + (f"?{url.query}" if url.query else "")
-        self._timeout = config.timeout
-        self._conn: http.client.HTTPConnection | None = None
+        self._conn = HttpConnection(url.hostname or "", url.port or (443 if https else 80), tls=https,
+                                    timeout=config.timeout, headers=headers)
 
-    def post(self, body: bytes, headers: Mapping[str, str]) -> int:
-        """POST and return the status; raises OSError / HTTPException on transport errors."""
-        for attempt in (1, 2):
-            reused = self._conn is not None
-            conn = self._open()
-            try:
-                conn.request("POST", self.target, body, headers)
-                response = conn.getresponse()
-                response.read()
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
-                self.close()
-                if reused and attempt == 1:
-                    continue  # the sink closed an idle keep-alive connection: try a fresh one
-                raise
-            except (OSError, http.client.HTTPException):
-                self.close()
-                raise
-            if response.will_close:
-                self.close()
-            return response.status
-        raise AssertionError("unreachable")
-
-    def _open(self) -> http.client.HTTPConnection:
-        if self._conn is None:
-            if self._https:
-                conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-                    self._host, self._port, timeout=self._timeout, context=ssl.create_default_context()
-                )
-            else:
-                conn = http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
-            conn.connect()
-            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._conn = conn
-        return self._conn
+    def post(self, body: bytes, headers: Headers) -> int:
+        """POST and return the status. OSError (TimeoutError, ``wire.ProtocolError``, ...) on
+        transport errors; ValueError if the headers cannot be sent (nothing was)."""
+        return self._conn.post(self.target, headers, body)
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        self._conn.close()
 
 
 class HttpChannel(Channel):
     def __init__(self, config: HttpConfig, source: str) -> None:
         self.config = config
         self._format = EventFormat(source=source, data_mode=config.data_mode, overrides=config.overrides)
+        self._binary = config.mode == "binary"
+        # Sent with every request, encoded once per connection.
+        self._headers: dict[str, str] = {"User-Agent": _USER_AGENT}
+        self._headers.update(self._format.http_binary_constant() if self._binary
+                             else {"Content-Type": _STRUCTURED})
         self._work: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._abandon = threading.Event()  # set when close() runs out of time
         self._threads = [
@@ -185,7 +163,7 @@ class HttpChannel(Channel):
                     report(message, Outcome.RETRY, "channel closed before delivery")
 
     def _send_loop(self) -> None:
-        conn = _Connection(self.config)
+        conn = _Connection(self.config, self._headers)
         try:
             while True:
                 item = self._work.get()
@@ -211,15 +189,14 @@ class HttpChannel(Channel):
                 return
 
     def _deliver(self, conn: _Connection, message: Message) -> tuple[Outcome, str]:
+        headers: list[tuple[str, str]]
         try:
-            if self.config.mode == "binary":
-                headers, body = self._format.http_binary(message)
+            if self._binary:
+                headers, body = self._format.http_binary_message(message)
             else:
-                body = self._format.structured(message)
-                headers = {"Content-Type": _STRUCTURED}
+                body, headers = self._format.structured(message), []
         except (EventError, TypeError, ValueError) as exc:
             return Outcome.REJECT, f"cannot make a CloudEvent: {exc}"
-        headers["User-Agent"] = _USER_AGENT
         reason = ""
         for attempt in range(self.config.retries + 1):
             if attempt and self._abandon.wait(
@@ -228,9 +205,11 @@ class HttpChannel(Channel):
                 break
             try:
                 status = conn.post(body, headers)
-            except (OSError, http.client.HTTPException) as exc:
+            except OSError as exc:  # before ValueError: ssl.SSLCertVerificationError is both
                 reason = f"sink {self.config.sink}: {type(exc).__name__}: {exc}"
                 continue
+            except ValueError as exc:  # the event cannot be put in a request (CR/LF in a header...)
+                return Outcome.REJECT, f"cannot send the CloudEvent: {exc}"
             except Exception as exc:  # never let a sender thread die with a message unreported
                 log.error("unexpected error sending message %s: %s: %s", message.id, type(exc).__name__, exc)
                 conn.close()
