@@ -1,0 +1,583 @@
+"""channels/wire.py against real servers on 127.0.0.1: the DumperServer, and tiny raw-socket
+servers written here for the edges (chunked + trailers, Connection: close, 1xx, idle close,
+garbage, silence, bodies to drain, TLS with a self-signed certificate). No mocks.
+"""
+
+from __future__ import annotations
+
+import datetime
+import io
+import ipaddress
+import socket
+import ssl
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from channels.base import Message, Outcome
+from channels.dumper import DumperServer
+from channels.events import EventFormat
+from channels.http import HttpConfig, HttpChannel
+from channels.wire import HttpConnection, ProtocolError
+
+SOURCE = "http://localhost:4566/000000000000/orders"
+
+
+def make_message(i: int = 0, **message_attributes: Any) -> Message:
+    return Message(id=f"m-{i}", body=f'{{"n": {i}}}', ack_id=f"h-{i}",
+                   attributes={"SentTimestamp": "1700000000123"},
+                   message_attributes=message_attributes)
+
+
+# -- a raw-socket server -----------------------------------------------------------------------
+
+
+class Reader:
+    """Reads requests (head + Content-Length body) from one accepted socket."""
+
+    def __init__(self, conn: socket.socket) -> None:
+        self.conn = conn
+        self.buf = b""
+
+    def request(self) -> bytes | None:
+        """One whole request, or None at EOF."""
+        while b"\r\n\r\n" not in self.buf:
+            data = self.conn.recv(65536)
+            if not data:
+                return None
+            self.buf += data
+        head, _, rest = self.buf.partition(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        while len(rest) < length:
+            rest += self.conn.recv(65536)
+        self.buf = rest[length:]
+        return head + b"\r\n\r\n" + rest[:length]
+
+
+Handler = Callable[["RawServer", socket.socket, Reader], None]
+
+
+class RawServer:
+    """Accepts on 127.0.0.1 and runs ``handler(server, conn, reader)`` per connection, in a thread.
+
+    Counts connections and requests; ``tls``: a server-side SSLContext to wrap connections with.
+    """
+
+    def __init__(self, handler: Handler, tls: ssl.SSLContext | None = None) -> None:
+        self.handler = handler
+        self.tls = tls
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.1)
+        self.port = self.listener.getsockname()[1]
+        self.connections = 0
+        self.requests: list[bytes] = []
+        self._open: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
+        self.stopped = self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._acceptor = threading.Thread(target=self._accept, daemon=True)
+        self._acceptor.start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with self._lock:
+                self.connections += 1
+                self._open.append(conn)
+            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            conn.settimeout(10)
+            if self.tls is not None:
+                conn = self.tls.wrap_socket(conn, server_side=True)
+                with self._lock:
+                    self._open.append(conn)
+            self.handler(self, conn, Reader(conn))
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def record(self, request: bytes) -> None:
+        with self._lock:
+            self.requests.append(request)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._acceptor.join(5)
+        self.listener.close()
+        with self._lock:
+            for conn in self._open:
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        for thread in self._threads:
+            thread.join(5)
+            assert not thread.is_alive()
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., RawServer]]:
+    servers: list[RawServer] = []
+
+    def start(handler: Handler, tls: ssl.SSLContext | None = None) -> RawServer:
+        servers.append(RawServer(handler, tls))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def answering(*responses: bytes, then_close: bool = False) -> Handler:
+    """Answers each request on a connection with the next of ``responses`` (cycling)."""
+    def handler(server: RawServer, conn: socket.socket, reader: Reader) -> None:
+        i = 0
+        while (request := reader.request()) is not None:
+            server.record(request)
+            conn.sendall(responses[i % len(responses)])
+            i += 1
+            if then_close:
+                return
+    return handler
+
+
+def connect(server: RawServer, timeout: float = 5.0, **kwargs: Any) -> HttpConnection:
+    return HttpConnection("127.0.0.1", server.port, tls=False, timeout=timeout, **kwargs)
+
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+
+
+# -- against the DumperServer ------------------------------------------------------------------
+
+
+def test_binary_events_reach_the_dumper_over_one_keepalive_connection() -> None:
+    fmt = EventFormat(SOURCE)
+    with DumperServer(out=io.StringIO(), keep=True) as dumper:
+        conn = HttpConnection("127.0.0.1", dumper.port, tls=False, timeout=5,
+                              headers={"User-Agent": "t", **fmt.http_binary_constant()})
+        try:
+            for i in range(20):
+                headers, body = fmt.http_binary_message(make_message(i))
+                assert conn.post("/", headers, body) == 200
+            sock = conn._sock
+            assert conn.post("/x?y=1", *fmt.http_binary_message(make_message(20))) == 200
+            assert conn._sock is sock  # the same connection all along
+        finally:
+            conn.close()
+        assert dumper.counts.accepted == 21
+        got = dumper.received[3]
+        expected, body = fmt.http_binary(make_message(3))
+        assert got.body == body
+        assert {k.lower(): v for k, v in expected.items()}.items() <= dict(got.headers).items()
+        assert got.headers["host"] == f"127.0.0.1:{dumper.port}"
+        assert got.headers["user-agent"] == "t"
+        assert [e["id"] for e in dumper.events] == [f"m-{i}" for i in range(21)]
+
+
+def test_error_statuses_are_returned_and_the_connection_kept() -> None:
+    answers = {"bad": 400, "busy": 503, "gone": 410}
+    with DumperServer(out=io.StringIO(), respond=lambda event, headers: answers.get(event["id"])) as dumper:
+        fmt = EventFormat(SOURCE)
+        with HttpConnection("127.0.0.1", dumper.port, tls=False, timeout=5,
+                            headers=fmt.http_binary_constant()) as conn:
+            for event_id, status in [("bad", 400), ("ok", 200), ("busy", 503), ("gone", 410), ("ok", 200)]:
+                message = Message(id=event_id, body="{}", ack_id="h")
+                assert conn.post("/", *fmt.http_binary_message(message)) == status
+            # a request that is not a CloudEvent: the dumper answers 400 with a body, drained
+            assert conn.post("/", [("Content-Type", "text/plain")], b"hello") == 400
+            assert conn.post("/", *fmt.http_binary_message(make_message())) == 200
+
+
+# -- the channel on the new connection ---------------------------------------------------------
+
+
+def run_channel(config: HttpConfig, messages: list[Message],
+                fmt: EventFormat | None = None) -> dict[str, tuple[Outcome, str]]:
+    outcomes: dict[str, tuple[Outcome, str]] = {}
+    done = threading.Event()
+
+    def report(message: Message, outcome: Outcome, reason: str) -> None:
+        outcomes[message.id] = (outcome, reason)
+        if len(outcomes) == len(messages):
+            done.set()
+
+    channel = config.create(SOURCE)
+    if fmt is not None:
+        channel._format = fmt
+    with channel:
+        channel.publish(messages, report)
+        assert done.wait(20), outcomes
+    return outcomes
+
+
+@pytest.mark.parametrize("mode", ["binary", "structured"])
+def test_channel_outcomes_and_headers_on_the_wire(mode: str) -> None:
+    answers = {"m-1": 400, "m-2": 503, "m-3": 429}
+    overrides = {"tenant": "acme co", "region": "eu"}  # "region" also comes from the message
+    with DumperServer(out=io.StringIO(), keep=True,
+                      respond=lambda event, headers: answers.get(event["id"])) as dumper:
+        config = HttpConfig(sink=dumper.url + "events?x=1", mode=mode, overrides=overrides,
+                            concurrency=2, retries=1, backoff_base=0.01, backoff_max=0.02)
+        messages = [make_message(i, region={"DataType": "String", "StringValue": "us"}) for i in range(5)]
+        outcomes = run_channel(config, messages)
+        assert {k: v[0] for k, v in outcomes.items()} == {
+            "m-0": Outcome.ACK, "m-1": Outcome.REJECT, "m-2": Outcome.RETRY, "m-3": Outcome.RETRY,
+            "m-4": Outcome.ACK,
+        }
+        assert outcomes["m-2"][1] == "sink answered HTTP 503"
+        got = {r.event["id"]: r for r in dumper.received}
+        fmt = EventFormat(SOURCE, overrides=overrides)
+        assert got["m-0"].event["region"] == "eu" and got["m-0"].event["tenant"] == "acme co"
+        if mode == "binary":
+            expected, body = fmt.http_binary(messages[0])
+            assert got["m-0"].body == body
+            assert {k.lower(): v for k, v in expected.items()}.items() <= dict(got["m-0"].headers).items()
+            assert got["m-0"].headers["ce-tenant"] == "acme%20co"
+        else:
+            assert got["m-0"].headers["content-type"] == "application/cloudevents+json; charset=utf-8"
+        assert got["m-0"].headers["user-agent"] == "sqs-poller"
+
+
+class _CrlfFormat(EventFormat):
+    """Puts a CR/LF in one message's header, as no real mapping can: the channel must REJECT."""
+
+    def http_binary_message(self, message: Message) -> tuple[list[tuple[str, str]], bytes]:
+        headers, body = super().http_binary_message(message)
+        if message.id == "m-0":
+            headers.append(("ce-evil", "x\r\nInjected: 1"))
+        return headers, body
+
+
+def test_channel_rejects_a_header_it_cannot_send_and_the_thread_lives_on() -> None:
+    with DumperServer(out=io.StringIO(), keep=True) as dumper:
+        config = HttpConfig(sink=dumper.url, concurrency=1, retries=0)
+        outcomes = run_channel(config, [make_message(0), make_message(1)], _CrlfFormat(SOURCE))
+        assert outcomes["m-0"][0] is Outcome.REJECT and "invalid HTTP header" in outcomes["m-0"][1]
+        assert outcomes["m-1"] == (Outcome.ACK, "")
+        assert [r.event["id"] for r in dumper.received] == ["m-1"]
+
+
+def test_channel_retries_garbage_and_silence(serve: Callable[..., RawServer]) -> None:
+    garbage = serve(answering(b"SPAM SPAM SPAM\r\n\r\n"))
+    config = HttpConfig(sink=f"http://127.0.0.1:{garbage.port}/", concurrency=1, retries=1,
+                        backoff_base=0.01, backoff_max=0.02)
+    outcome, reason = run_channel(config, [make_message()])["m-0"]
+    assert outcome is Outcome.RETRY and "ProtocolError" in reason
+    assert garbage.connections == 2  # one per attempt: closed after the garbage
+
+    silent = serve(lambda server, conn, reader: reader.request() and server.stopped.wait(5))
+    config = HttpConfig(sink=f"http://127.0.0.1:{silent.port}/", concurrency=1, retries=0, timeout=0.3)
+    outcome, reason = run_channel(config, [make_message()])["m-0"]
+    assert outcome is Outcome.RETRY and "TimeoutError" in reason
+
+
+# -- request building --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("headers", [
+    {"ce-id": "a\r\nX-Injected: 1"}, {"ce-id": "a\nb"}, {"ce-id": "a\rb"}, {"ce-id": "a\0b"},
+    [("ce id", "v")], [("", "v")], [("ce-id:", "v")], [(" folded", "v")], {"ce-id": "\u2615"},
+])
+def test_invalid_headers_raise_valueerror_before_sending(serve: Callable[..., RawServer], headers: Any) -> None:
+    server = serve(answering(OK))
+    with connect(server) as conn:
+        assert conn.post("/", {"a": "b"}, b"1") == 200
+        with pytest.raises(ValueError):
+            conn.post("/", headers, b"2")
+        assert conn.post("/", [], b"3") == 200  # the connection was not touched
+    assert server.connections == 1
+    assert [r.rsplit(b"\r\n\r\n", 1)[1] for r in server.requests] == [b"1", b"3"]
+
+
+def test_request_is_one_well_formed_message(serve: Callable[..., RawServer]) -> None:
+    server = serve(answering(OK))
+    with connect(server, headers=[("User-Agent", "u")]) as conn:
+        assert conn.post("/p?q=1", {"Content-Type": "text/plain", "ce-x": "caf\u00e9"}, b"body") == 200
+        assert conn.post("/p?q=1", (), b"") == 200
+        with pytest.raises(ValueError):
+            conn.post("/a b", (), b"")
+    assert server.requests[0] == (
+        b"POST /p?q=1 HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nAccept-Encoding: identity\r\nUser-Agent: u\r\n"
+        b"Content-Type: text/plain\r\nce-x: caf\xe9\r\nContent-Length: 4\r\n\r\nbody" % server.port
+    )
+    assert server.requests[1].endswith(b"User-Agent: u\r\nContent-Length: 0\r\n\r\n")
+
+
+# -- response framing --------------------------------------------------------------------------
+
+
+def test_chunked_response_with_extensions_and_trailers(serve: Callable[..., RawServer]) -> None:
+    def handler(server: RawServer, conn: socket.socket, reader: Reader) -> None:
+        while (request := reader.request()) is not None:
+            server.record(request)
+            for part in (b"HTTP/1.1 202 Accepted\r\nTransfer-Encoding: chunked\r\n\r\n",
+                         b"5;ext=1\r\nhello\r\n", b"1A\r\n" + b"x" * 26 + b"\r\n",
+                         b"0\r\nX-Trailer: 1\r\nX-Other: 2\r\n", b"\r\n"):
+                conn.sendall(part)
+                time.sleep(0.01)  # arrive in pieces
+
+    server = serve(handler)
+    with connect(server) as conn:
+        assert [conn.post("/", (), b"%d" % i) for i in range(3)] == [202, 202, 202]
+    assert server.connections == 1 and len(server.requests) == 3
+
+
+def test_chunked_response_in_one_piece(serve: Callable[..., RawServer]) -> None:
+    server = serve(answering(b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n"
+                             b"3\r\nabc\r\n0\r\n\r\n"))
+    with connect(server) as conn:
+        assert [conn.post("/", (), b"") for _ in range(3)] == [200, 200, 200]
+    assert server.connections == 1
+
+
+def test_bodies_are_drained_before_the_next_request(serve: Callable[..., RawServer]) -> None:
+    big = b"y" * 300_000
+    server = serve(answering(
+        b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 11\r\n\r\nbad request",
+        b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(big), big),
+        b"HTTP/1.1 204 No Content\r\n\r\n",
+        b"HTTP/1.1 304 Not Modified\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok",  # bare LF line ends
+    ))
+    with connect(server) as conn:
+        assert [conn.post("/", (), b"") for _ in range(6)] == [400, 200, 204, 304, 200, 400]
+    assert server.connections == 1
+
+
+def test_connection_close_and_http10(serve: Callable[..., RawServer]) -> None:
+    cases = [
+        (b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok", 3),
+        (b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nbody until close", 3),  # no length
+        (b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n", 3),
+        (b"HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\nContent-Length: 0\r\n\r\n", 1),
+        (b"HTTP/1.1 200 OK\r\nConnection: keep-alive, close\r\nContent-Length: 0\r\n\r\n", 3),
+    ]
+    for response, connections in cases:
+        # The server closes after a Connection: close answer; the client must not reuse it.
+        server = serve(answering(response, then_close=connections > 1))
+        with connect(server) as conn:
+            assert [conn.post("/", (), b"") for _ in range(3)] == [200, 200, 200]
+            assert (conn._sock is None) == (connections > 1)
+        assert server.connections == connections, response
+
+
+def test_interim_1xx_responses_are_skipped(serve: Callable[..., RawServer]) -> None:
+    server = serve(answering(
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
+        b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n"
+    ))
+    with connect(server) as conn:
+        assert [conn.post("/", (), b"x") for _ in range(2)] == [201, 201]
+    assert server.connections == 1
+
+
+# -- broken connections ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["close", "reset"])
+def test_idle_keepalive_closed_by_server_is_reopened_transparently(
+    serve: Callable[..., RawServer], how: str
+) -> None:
+    def handler(server: RawServer, conn: socket.socket, reader: Reader) -> None:
+        request = reader.request()
+        assert request is not None
+        server.record(request)
+        conn.sendall(OK)  # keep-alive, but then the server drops the idle connection
+        if how == "reset":
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = RST
+
+    server = serve(handler)
+    with connect(server) as conn:
+        for _ in range(3):
+            assert conn.post("/", (), b"x") == 200
+            time.sleep(0.1)  # the server has closed it by now
+    assert server.connections == 3 and len(server.requests) == 3
+
+
+def test_fresh_connection_closed_without_answer_is_not_resent(serve: Callable[..., RawServer]) -> None:
+    def handler(server: RawServer, conn: socket.socket, reader: Reader) -> None:
+        if (request := reader.request()) is not None:
+            server.record(request)  # and close without answering
+
+    server = serve(handler)
+    with connect(server) as conn:
+        with pytest.raises(ConnectionResetError):
+            conn.post("/", (), b"x")
+    assert server.connections == 1 and len(server.requests) == 1
+
+
+def test_reused_connection_is_resent_only_once(serve: Callable[..., RawServer]) -> None:
+    def handler(server: RawServer, conn: socket.socket, reader: Reader) -> None:
+        # The first connection answers one request; after that every request is read and the
+        # connection closed without an answer.
+        first = server.connections == 1
+        while (request := reader.request()) is not None:
+            server.record(request)
+            if not first:
+                return
+            first = False
+            conn.sendall(OK)
+        
+    server = serve(handler)
+    with connect(server) as conn:
+        assert conn.post("/", (), b"x") == 200
+        with pytest.raises(ConnectionResetError):
+            conn.post("/", (), b"y")  # no answer on the reused connection, nor on the new one
+    assert server.connections == 2
+    assert [r[-1:] for r in server.requests] == [b"x", b"y", b"y"]
+
+
+@pytest.mark.parametrize("garbage", [
+    b"SPAM\r\n\r\n", b"HTTP/2 200\r\n\r\n", b"HTTP/1.1 2000 OK\r\n\r\n", b"HTTP/1.1 abc OK\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1;" + b"e" * 70_000 + b"\r\n",
+    b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",  # then closed: truncated body
+    b"HTTP/1.1 200 OK\r\n" + b"X-Long: " + b"a" * 70_000 + b"\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\n" + b"X: 1\r\n" * 101 + b"\r\n",
+    b"HTTP/1.1 100 Continue\r\n\r\n" * 40,
+])
+def test_garbage_is_a_protocol_error_and_the_next_post_uses_a_fresh_connection(
+    serve: Callable[..., RawServer], garbage: bytes
+) -> None:
+    def handler(server: RawServer, conn: socket.socket, reader: Reader) -> None:
+        while (request := reader.request()) is not None:
+            server.record(request)
+            if server.connections == 1:
+                conn.sendall(garbage)
+                return
+            conn.sendall(OK)
+
+    server = serve(handler)
+    with connect(server) as conn:
+        with pytest.raises(ProtocolError):
+            conn.post("/", (), b"x")
+        assert conn._sock is None  # closed
+        assert conn.post("/", (), b"x") == 200
+    assert server.connections == 2
+
+
+def test_a_server_that_never_answers_times_out(serve: Callable[..., RawServer]) -> None:
+    def handler(server: RawServer, conn: socket.socket, reader: Reader) -> None:
+        request = reader.request()
+        if request is not None:
+            server.record(request)
+            conn.sendall(b"HTTP/1.1 200 OK\r\n")  # half a head, then silence
+        server.stopped.wait(3)
+
+    server = serve(handler)
+    with connect(server, timeout=0.3) as conn:
+        began = time.monotonic()
+        with pytest.raises(TimeoutError):
+            conn.post("/", (), b"x")
+        assert time.monotonic() - began < 2
+        assert conn._sock is None
+
+
+def test_refused_connection_is_an_oserror() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, not listening: refused
+        with HttpConnection("127.0.0.1", port, tls=False, timeout=2) as conn, \
+                pytest.raises(ConnectionRefusedError):
+            conn.post("/", (), b"x")
+
+
+# -- TLS ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    x509 = pytest.importorskip("cryptography.x509", reason="the cryptography package makes the test cert")
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                     x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                       critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    folder = tmp_path_factory.mktemp("tls")
+    cert_file, key_file = folder / "cert.pem", folder / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_file, key_file
+
+
+def tls_server(serve: Callable[..., RawServer], certificate: tuple[Path, Path], handler: Handler) -> RawServer:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(*certificate)
+    return serve(handler, tls=context)
+
+
+def test_tls_post_with_sni_keepalive_and_idle_reconnect(
+    serve: Callable[..., RawServer], certificate: tuple[Path, Path]
+) -> None:
+    names: list[str | None] = []
+
+    def handler(server: RawServer, conn: socket.socket, reader: Reader) -> None:
+        for _ in range(2):  # two requests per connection, then an idle close
+            if (request := reader.request()) is None:
+                return
+            server.record(request)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(*certificate)
+    context.sni_callback = lambda sock, name, ctx: names.append(name)  # type: ignore[assignment,func-returns-value]
+    server = serve(handler, tls=context)
+    client = ssl.create_default_context(cafile=str(certificate[0]))
+    with HttpConnection("127.0.0.1", server.port, tls=True, timeout=5, server_hostname="localhost",
+                        context=client) as conn:
+        for _ in range(4):
+            assert conn.post("/", {"ce-id": "1"}, b"{}") == 200
+            time.sleep(0.05)
+    assert len(server.requests) == 4 and server.connections == 2
+    assert names == ["localhost", "localhost"]
+    assert server.requests[0].startswith(b"POST / HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n" % server.port)
+
+
+def test_tls_verifies_the_certificate_by_default(
+    serve: Callable[..., RawServer], certificate: tuple[Path, Path]
+) -> None:
+    server = tls_server(serve, certificate, answering(OK))
+    with HttpConnection("127.0.0.1", server.port, tls=True, timeout=5) as conn:
+        with pytest.raises(ssl.SSLCertVerificationError) as caught:
+            conn.post("/", (), b"")
+        assert isinstance(caught.value, OSError)  # so the channel retries it, not rejects
+    client = ssl.create_default_context(cafile=str(certificate[0]))
+    with HttpConnection("127.0.0.1", server.port, tls=True, timeout=5, server_hostname="wrong.example",
+                        context=client) as conn, pytest.raises(ssl.SSLCertVerificationError):
+        conn.post("/", (), b"")
