@@ -71,8 +71,16 @@ def encode_headers(headers: Headers) -> bytes:
     items = headers.items() if isinstance(headers, Mapping) else headers  # or pairs
     block = "".join([f"{name}: {value}\r\n" for name, value in items])
     if not _HEADER_BLOCK.fullmatch(block) or block.count("\n") != len(items):
-        raise ValueError(f"invalid HTTP header name or value (CR, LF, NUL or not a token) in {block!r}")
-    return block.encode("latin-1")  # UnicodeEncodeError is a ValueError too
+        for name, value in items:  # which one (the error path only)
+            line = f"{name}: {value}\r\n"
+            if not _HEADER_BLOCK.fullmatch(line) or line.count("\n") != 1:
+                raise ValueError(f"invalid HTTP header (CR, LF or NUL in the value, or a name that is "
+                                 f"not a token): {name[:40]!r}: {value[:60]!r}")
+        raise AssertionError("unreachable")
+    try:
+        return block.encode("latin-1")
+    except UnicodeEncodeError as exc:  # a ValueError too
+        raise ValueError(f"HTTP header value not latin-1: {block[max(0, exc.start - 40):exc.end + 20]!r}") from None
 
 
 class HttpConnection:
