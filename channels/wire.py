@@ -1,12 +1,13 @@
-"""A minimal HTTP/1.1 keep-alive client connection, for the HTTP channel's POSTs.
+"""A minimal HTTP/1.1 keep-alive client connection, for the HTTP channel's and SQS's POSTs.
 
 Why not ``http.client``: measured here, it costs 130-170 us of CPU per POST to a local sink (a
 regex check and an encode per ``putheader``, two ``sendall`` calls, ``email.parser`` for the
 response headers), against ~25 us for this. Here a request is one bytes object sent with one
 ``sendall`` (the request line, ``Host`` and the connection's constant headers are encoded once),
 and of the response only the status and its framing are parsed: ``Content-Length``,
-``Transfer-Encoding: chunked`` (trailers included) or until-close, and ``Connection``. The body
-is read and thrown away: the status is all a sender needs.
+``Transfer-Encoding: chunked`` (trailers included) or until-close, and ``Connection``. ``post``
+reads the body and throws it away (the status is all a sender needs); ``request`` returns it
+(SQS's JSON answers). Both take a per-call ``timeout`` (an SQS long poll waits longer).
 
 One request at a time (no pipelining). Errors:
 
@@ -14,11 +15,14 @@ One request at a time (no pipelining). Errors:
   name, a non-latin-1 value); raised before anything is sent, the connection is untouched.
 - ``TimeoutError``: no progress for ``timeout`` seconds (connect, send, or between reads).
 - ``ProtocolError`` (an ``OSError``): the answer is not HTTP/1.x we can frame.
+- ``Aborted`` (an ``OSError``): ``abort()`` was called, from any thread; it breaks off a call
+  in progress (a blocked ``recv`` returns) and every later call raises it at once.
 - other ``OSError`` (``ConnectionError``, ``ssl.SSLError``): the transport failed.
 
-After any error but ``ValueError`` the connection is closed; the next ``post`` opens a new one.
+After any error but ``ValueError`` the connection is closed; the next call opens a new one.
 A reused keep-alive connection that fails before any byte of the answer arrived (the server
-closed it while idle: EOF, reset, broken pipe) is reopened and the request sent again, once.
+closed it while idle: EOF, reset, broken pipe) is reopened and the request sent again, once:
+only for requests that are safe to repeat (the channel's POSTs and these SQS calls are).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import ssl
 import threading
 from collections.abc import Mapping, Sequence
 
-__all__ = ["HttpConnection", "ProtocolError"]
+__all__ = ["Aborted", "HttpConnection", "ProtocolError"]
 
 MAX_HEAD = 65536  # bytes of one response's status line and headers (as http.client's line limit)
 MAX_HEADERS = 100  # header (or trailer) lines of one response
@@ -66,6 +70,10 @@ class ProtocolError(OSError):
     """The server's answer is not HTTP/1.x this client can read; the connection was closed."""
 
 
+class Aborted(OSError):
+    """``HttpConnection.abort()`` was called: the call was broken off, or refused."""
+
+
 def encode_headers(headers: Headers) -> bytes:
     """``name: value\\r\\n`` per header, checked and latin-1 encoded; ValueError if invalid."""
     items = headers.items() if isinstance(headers, Mapping) else headers  # or pairs
@@ -84,10 +92,12 @@ def encode_headers(headers: Headers) -> bytes:
 
 
 class HttpConnection:
-    """One HTTP/1.1 keep-alive connection for POSTs, opened on the first ``post``. Not thread-safe.
+    """One HTTP/1.1 keep-alive connection for POSTs, opened on the first call. Not thread-safe,
+    except ``abort()``, which is meant to be called from another thread.
 
-    ``headers`` are sent with every request (encoded once); ``post`` adds ``Content-Length``
-    itself, so neither may carry ``Content-Length``, ``Transfer-Encoding`` or ``Host``.
+    ``headers`` are sent with every request (encoded once); ``Host`` (``authority``) and
+    ``Content-Length`` are added here, so neither argument may carry ``Content-Length``,
+    ``Transfer-Encoding`` or ``Host``. ``timeout``: the default of every call, and the connect's.
     """
 
     def __init__(self, host: str, port: int, *, tls: bool, timeout: float,
@@ -99,22 +109,63 @@ class HttpConnection:
         name = f"[{host}]" if ":" in host else host  # an IPv6 literal
         if port != (443 if tls else 80):
             name = f"{name}:{port}"
+        self.authority = name  # the Host header's value (SigV4 signs it)
         self._constant = encode_headers({"Host": name, "Accept-Encoding": "identity"}) + encode_headers(headers)
         self._prefixes: dict[str, bytes] = {}
         self._sock: socket.socket | None = None
+        self._sock_timeout = timeout  # what the open socket is set to: settimeout is a syscall
+        self._aborted = False
 
-    def post(self, target: str, headers: Headers, body: bytes) -> int:
-        """POST ``body`` to ``target`` (``/path?query``) and return the final status."""
+    def post(self, target: str, headers: Headers, body: bytes, *, timeout: float | None = None) -> int:
+        """POST ``body`` to ``target`` (``/path?query``) and return the final status; the answer's
+        body is read and dropped."""
+        return self._exchange(target, headers, body, timeout, None)[0]
+
+    def request(self, target: str, headers: Headers, body: bytes, *,
+                timeout: float | None = None) -> tuple[int, bytes]:
+        """POST ``body`` to ``target`` and return the final status and the answer's body."""
+        parts: list[bytes] = []
+        status = self._exchange(target, headers, body, timeout, parts)[0]
+        return status, b"".join(parts)
+
+    def abort(self) -> None:
+        """Break off a call in progress (from any thread) and refuse every later one (``Aborted``).
+
+        Shuts the socket down, so a blocked ``recv``/``sendall`` returns at once; the calling thread
+        closes it. A connect in progress is not interrupted: it is refused once it completes.
+        """
+        self._aborted = True  # set before reading _sock; _connect stores the socket, then checks it
+        sock = self._sock
+        if sock is not None:
+            try:
+                # socket.socket's own shutdown, not SSLSocket's: that one also drops the TLS
+                # object, under the feet of the thread reading from it.
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+            except OSError:
+                pass  # already closed, or not connected yet
+
+    def _exchange(self, target: str, headers: Headers, body: bytes, timeout: float | None,
+                  parts: list[bytes] | None) -> tuple[int, bool]:
+        """Send one request and read its answer, the body into ``parts`` (dropped if None)."""
+        if self._aborted:
+            raise Aborted("the connection was aborted")
         prefix = self._prefixes.get(target)
         if prefix is None:
             prefix = self._prefix(target)
         # One bytes object, one sendall: "%s" formatting is the cheapest way to build it here.
         request = b"%s%sContent-Length: %d\r\n\r\n%s" % (
             prefix, encode_headers(headers) if headers else b"", len(body), body)
+        if timeout is None:
+            timeout = self.timeout
         for attempt in (1, 2):
             reused = self._sock is not None
-            sock = self._sock if self._sock is not None else self._connect()
             try:
+                sock = self._sock if self._sock is not None else self._connect()
+                if self._aborted:  # abort() came while connecting, or broke off the first try
+                    raise Aborted("the connection was aborted")
+                if timeout != self._sock_timeout:
+                    sock.settimeout(timeout)
+                    self._sock_timeout = timeout
                 try:
                     sock.sendall(request)
                     first = sock.recv(_RECV)
@@ -127,13 +178,18 @@ class HttpConnection:
                         self.close()  # the server closed the idle connection: once more, afresh
                         continue
                     raise ConnectionResetError("the server closed the connection without answering")
-                status, keep = self._read_response(sock, first)
-            except BaseException:
+                status, keep = self._read_response(sock, first, parts)
+            except Aborted:
                 self.close()
+                raise
+            except BaseException as exc:
+                self.close()
+                if self._aborted and isinstance(exc, Exception):  # EOF, reset... caused by abort()
+                    raise Aborted(f"the connection was aborted ({exc!r})") from exc
                 raise
             if not keep:
                 self.close()
-            return status
+            return status, keep
         raise AssertionError("unreachable")
 
     def close(self) -> None:
@@ -159,19 +215,26 @@ class HttpConnection:
 
     def _connect(self) -> socket.socket:
         sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
+        self._sock, self._sock_timeout = sock, self.timeout  # stored at once: abort() can reach it
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.tls:
                 context = self._context or default_context()
-                sock = context.wrap_socket(sock, server_hostname=self._server_hostname)
+                # The handshake after storing the TLS socket, so that abort() can break it off too.
+                sock = context.wrap_socket(sock, server_hostname=self._server_hostname,
+                                           do_handshake_on_connect=False)
+                self._sock = sock
+                if self._aborted:
+                    raise Aborted("the connection was aborted")
+                sock.do_handshake()
         except BaseException:
-            sock.close()
+            self.close()
             raise
-        self._sock = sock
         return sock
 
-    def _read_response(self, sock: socket.socket, buf: bytes) -> tuple[int, bool]:
-        """(status, keep-alive) of the final response; its body is read and dropped."""
+    def _read_response(self, sock: socket.socket, buf: bytes, parts: list[bytes] | None) -> tuple[int, bool]:
+        """(status, keep-alive) of the final response; its body is read into ``parts``, or
+        dropped if None."""
         for _ in range(MAX_INTERIM + 1):
             head, buf = _read_head(sock, buf)
             lines = head.split(b"\n")
@@ -213,16 +276,25 @@ class HttpConnection:
             if status in (204, 304):
                 return status, keep and not buf
             if chunked:
-                buf = _drain_chunked(sock, buf)
+                buf = _read_chunked(sock, buf, parts)
             elif length is not None and not until_close:
                 if len(buf) >= length:
+                    if parts is not None:
+                        parts.append(buf[:length])
                     buf = buf[length:]
                 else:
-                    _drain(sock, length - len(buf))
+                    if parts is not None:
+                        parts.append(buf)
+                    _read_exact(sock, length - len(buf), parts)
                     buf = b""
             else:
-                while sock.recv(_RECV):  # no length: the body ends when the server closes
-                    pass
+                if parts is not None:  # no length: the body ends when the server closes
+                    parts.append(buf)
+                    while data := sock.recv(_RECV):
+                        parts.append(data)
+                else:
+                    while sock.recv(_RECV):
+                        pass
                 return status, False
             # Bytes beyond the response mean the server and we disagree on framing: do not reuse.
             return status, keep and not buf
@@ -249,10 +321,14 @@ def _read_head(sock: socket.socket, buf: bytes) -> tuple[bytes, bytes]:
         buf += _recv_more(sock)
 
 
-def _drain(sock: socket.socket, remaining: int) -> None:
-    """Read and drop exactly ``remaining`` bytes (never more: they would be the next response)."""
+def _read_exact(sock: socket.socket, remaining: int, parts: list[bytes] | None) -> None:
+    """Read exactly ``remaining`` bytes (never more: they would be the next response), into
+    ``parts``, or dropped if None."""
     while remaining > 0:
-        remaining -= len(_recv_more(sock, min(remaining, _RECV)))
+        data = _recv_more(sock, min(remaining, _RECV))
+        remaining -= len(data)
+        if parts is not None:
+            parts.append(data)
 
 
 def _read_line(sock: socket.socket, buf: bytes) -> tuple[bytes, bytes]:
@@ -263,8 +339,9 @@ def _read_line(sock: socket.socket, buf: bytes) -> tuple[bytes, bytes]:
     return buf[:end].rstrip(b"\r"), buf[end + 1:]
 
 
-def _drain_chunked(sock: socket.socket, buf: bytes) -> bytes:
-    """Read and drop a chunked body and its trailers; returns the bytes after it."""
+def _read_chunked(sock: socket.socket, buf: bytes, parts: list[bytes] | None) -> bytes:
+    """Read a chunked body (into ``parts``, or dropped if None) and its trailers; returns the
+    bytes after it."""
     while True:
         line, buf = _read_line(sock, buf)
         size_text = line.split(b";", 1)[0].strip()
@@ -273,11 +350,18 @@ def _drain_chunked(sock: socket.socket, buf: bytes) -> bytes:
         size = int(size_text, 16)
         if size == 0:
             break
-        size += 2  # the chunk's data and its CRLF
-        if len(buf) >= size:
-            buf = buf[size:]
+        if len(buf) >= size + 2:  # the chunk's data and its CRLF
+            if parts is not None:
+                parts.append(buf[:size])
+            buf = buf[size + 2:]
         else:
-            _drain(sock, size - len(buf))
+            if parts is not None:
+                parts.append(buf[:size])
+            data: list[bytes] | None = [] if parts is not None else None
+            _read_exact(sock, size + 2 - len(buf), data)
+            if data is not None and parts is not None:
+                tail = b"".join(data)  # the rest of the data, then its CRLF (dropped)
+                parts.append(tail[:max(0, size - len(buf))])
             buf = b""
     for _ in range(MAX_HEADERS + 1):  # trailer fields, up to a blank line
         line, buf = _read_line(sock, buf)

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from botocore.credentials import Credentials
 
 from conftest import REGION, MakeQueue
 from helpers import queue_counts, send_messages
@@ -228,3 +229,83 @@ def test_resolve_target_region_from_queue_url(sqs_endpoint: str, monkeypatch: py
     target = resolve_target("https://sqs.eu-west-2.amazonaws.com/123456789012/orders", region="us-east-1",
                             endpoint_url=sqs_endpoint)
     assert (target.region, target.endpoint_url) == ("us-east-1", sqs_endpoint)
+
+
+class OneShotServer:
+    """Answers every request on 127.0.0.1 with the next of ``answers`` and closes the connection
+    after each (without ``Connection: close``: a kept-alive connection the server dropped)."""
+
+    def __init__(self, *answers: bytes) -> None:
+        self.answers = list(answers)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.requests: list[bytes] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        for answer in self.answers:
+            conn, _ = self.listener.accept()
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(65536)
+                head, _, body = data.partition(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                while len(body) < length:
+                    body += conn.recv(65536)
+                self.requests.append(head + b"\r\n\r\n" + body)
+                conn.sendall(answer)
+
+    def client(self, **kwargs: Any) -> SqsClient:
+        return SqsClient(SqsTarget(queue_url=f"{self.endpoint}/000000000000/q", region=REGION,
+                                   endpoint_url=self.endpoint), **kwargs)
+
+    def close(self) -> None:
+        self.thread.join(5)
+        self.listener.close()
+
+
+def test_answers_errors_and_stale_connections_on_the_wire() -> None:
+    error = b'{"__type":"com.amazonaws.sqs#RequestThrottled","message":"slow down"}'
+    server = OneShotServer(
+        b'HTTP/1.1 200 OK\r\nContent-Length: 28\r\n\r\n{"Attributes":{"A":"1"}}    ',
+        # the server dropped the idle connection: resent once on a fresh one, transparently
+        b"HTTP/1.1 400 Bad Request\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(error), error),
+        b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nnot json!",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n[]",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}",
+    )
+    client = server.client(credentials=Credentials("AKID", "secret"))
+    try:
+        assert client.queue_attributes() == {"A": "1"}
+        with pytest.raises(SqsError) as info:
+            client.receive(max_messages=1, wait_time=0)
+        assert (info.value.code, info.value.retryable) == ("RequestThrottled", True)
+        assert "slow down" in str(info.value)
+        for _ in range(2):
+            with pytest.raises(SqsError) as info:
+                client.delete_batch(["h"])
+            assert (info.value.code, info.value.retryable) == ("InvalidResponse", True)
+        assert client.delete_batch(["h"]) == []
+    finally:
+        client.close()
+        server.close()
+    assert len(server.requests) == 5
+    head = server.requests[0].split(b"\r\n\r\n")[0].decode()
+    assert head.startswith("POST / HTTP/1.1\r\n")
+    assert head.count(f"Host: {server.endpoint[7:]}\r\n") == 1  # the signed one, once
+    assert "X-Amz-Target: AmazonSQS.GetQueueAttributes\r\n" in head
+
+
+def test_a_header_that_cannot_be_sent_is_an_sqs_error() -> None:
+    server = OneShotServer()  # accepts nothing: nothing may be sent
+    client = server.client(credentials=Credentials("AKID", "secret", token="tok\r\nX-Evil: 1"))
+    try:
+        with pytest.raises(SqsError) as info:
+            client.queue_attributes()
+        assert (info.value.code, info.value.retryable) == ("InvalidRequest", False)
+        assert server.requests == []  # nothing was sent
+    finally:
+        client.close()
+        server.close()

@@ -23,6 +23,7 @@ from channels.base import Message, Outcome
 from channels.dumper import DumperServer
 from channels.events import EventFormat
 from channels.http import HttpConfig, HttpChannel
+from channels import wire
 from channels.wire import HttpConnection, ProtocolError
 
 SOURCE = "http://localhost:4566/000000000000/orders"
@@ -581,3 +582,124 @@ def test_tls_verifies_the_certificate_by_default(
     with HttpConnection("127.0.0.1", server.port, tls=True, timeout=5, server_hostname="wrong.example",
                         context=client) as conn, pytest.raises(ssl.SSLCertVerificationError):
         conn.post("/", (), b"")
+
+
+# -- request(): the body kept; per-call timeout; abort() ---------------------------------------
+
+
+def test_request_returns_the_body_however_it_is_framed(serve: Callable[..., RawServer]) -> None:
+    big = bytes(range(256)) * 1200  # > one recv
+    server = serve(answering(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n{\"a\":1}",
+        b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(big), big),
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 400 Bad Request\nContent-Length: 3\n\nbad",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3;x=1\r\nabc\r\n10\r\n0123456789abcdef\r\n"
+        b"0\r\nX-T: 1\r\n\r\n",
+        b"HTTP/1.1 204 No Content\r\n\r\n",
+    ))
+    with connect(server) as conn:
+        assert conn.request("/", (), b"") == (200, b'{"a":1}')
+        assert conn.request("/", (), b"") == (200, big)
+        assert conn.request("/", (), b"") == (400, b"bad")
+        assert conn.request("/", (), b"") == (200, b"abc0123456789abcdef")
+        assert conn.request("/", (), b"") == (204, b"")
+        assert conn.post("/", (), b"") == 200  # post and request share the connection
+        assert conn.request("/", (), b"") == (200, big)
+    assert server.connections == 1 and len(server.requests) == 7
+
+
+def test_request_body_arriving_in_pieces(serve: Callable[..., RawServer]) -> None:
+    chunked = [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel", b"lo\r", b"\n1A\r\n",
+               b"x" * 20, b"y" * 6 + b"\r", b"\n0\r\n", b"\r\n"]
+    sized = [b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n01234", b"567", b"89"]
+    until_close = [b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil", b" close"]
+
+    def handler(server: RawServer, conn: socket.socket, reader: Reader) -> None:
+        for parts in (chunked, sized, until_close):
+            if (request := reader.request()) is None:
+                return
+            server.record(request)
+            for part in parts:
+                conn.sendall(part)
+                time.sleep(0.02)
+
+    server = serve(handler)
+    with connect(server) as conn:
+        assert conn.request("/", (), b"") == (200, b"hello" + b"x" * 20 + b"y" * 6)
+        assert conn.request("/", (), b"") == (200, b"0123456789")
+        assert conn.request("/", (), b"") == (200, b"until close")
+        assert conn._sock is None
+    assert server.connections == 1
+
+
+def test_per_call_timeout(serve: Callable[..., RawServer]) -> None:
+    def handler(server: RawServer, conn: socket.socket, reader: Reader) -> None:
+        while (request := reader.request()) is not None:
+            server.record(request)
+            time.sleep(0.6)  # a long poll
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+
+    server = serve(handler)
+    with connect(server, timeout=0.3) as conn:
+        assert conn.request("/", (), b"", timeout=3) == (200, b"{}")
+        sock = conn._sock
+        began = time.monotonic()
+        with pytest.raises(TimeoutError):  # back to the default for a call without one
+            conn.request("/", (), b"")
+        assert time.monotonic() - began < 0.55 and conn._sock is None
+        assert conn.post("/", (), b"", timeout=3) == 200
+        assert conn._sock is not sock
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_abort_breaks_off_a_blocked_call_and_refuses_later_ones(
+    serve: Callable[..., RawServer], certificate: tuple[Path, Path], tls: bool
+) -> None:
+    def silent(server: RawServer, conn: socket.socket, reader: Reader) -> None:
+        while (request := reader.request()) is not None:
+            server.record(request)  # and never answer
+
+    if tls:
+        server = tls_server(serve, certificate, silent)
+        conn = HttpConnection("127.0.0.1", server.port, tls=True, timeout=30,
+                              context=ssl.create_default_context(cafile=str(certificate[0])))
+    else:
+        server = serve(silent)
+        conn = connect(server, timeout=30)
+    outcome: dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            outcome["result"] = conn.request("/", (), b"x")
+        except BaseException as exc:  # noqa: BLE001 - the test looks at it
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 5
+    while not server.requests and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)  # blocked in recv
+    began = time.monotonic()
+    conn.abort()
+    thread.join(2)
+    assert not thread.is_alive() and time.monotonic() - began < 1
+    assert isinstance(outcome.get("error"), wire.Aborted), outcome  # not resent as a stale connection
+    began = time.monotonic()
+    for _ in range(2):
+        with pytest.raises(wire.Aborted):
+            conn.post("/", (), b"x")
+    assert time.monotonic() - began < 0.1
+    conn.close()
+    assert server.connections == 1 and len(server.requests) == 1
+
+
+def test_abort_before_any_call_never_connects(serve: Callable[..., RawServer]) -> None:
+    server = serve(answering(OK))
+    conn = connect(server)
+    conn.abort()
+    with pytest.raises(wire.Aborted):
+        conn.request("/", (), b"")
+    assert isinstance(wire.Aborted(), OSError)  # the channel treats it as a transport failure
+    time.sleep(0.1)
+    assert server.connections == 0
