@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import logging
+import socket
+import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["BATCH_MAX_BYTES", "BATCH_MAX_ENTRIES", "drain", "drain_count", "queue_counts", "send_messages"]
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+__all__ = [
+    "BATCH_MAX_BYTES", "BATCH_MAX_ENTRIES", "consume_topic", "drain", "drain_count", "queue_counts",
+    "send_messages", "silent_server",
+]
 
 BATCH_MAX_ENTRIES = 10
 BATCH_MAX_BYTES = 256 * 1024  # SendMessageBatch: total of all bodies + attributes per call
@@ -110,3 +119,60 @@ def drain(sqs: Any, url: str, *, idle_receives: int = 2, wait_seconds: int = 1) 
 def drain_count(sqs: Any, url: str, **kwargs: Any) -> int:
     """How many messages :func:`drain` received (and deleted)."""
     return len(drain(sqs, url, **kwargs))
+
+
+def consume_topic(bootstrap: str, topic: str, until: Callable[[list[Any]], bool], timeout: float = 60,
+                  settle: float = 2.0) -> list[Any]:
+    """Every record of the topic, reading each partition from offset 0 (no consumer group).
+
+    Reads until ``until(records)`` holds, then until ``settle`` seconds pass without a new record
+    (to catch records that should not be there: duplicates). Counted by consuming, never with
+    watermarks (tansu's are off, see SERVICES.md).
+    """
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"t-{uuid.uuid4().hex[:6]}",
+                         "enable.auto.commit": False, "logger": logging.getLogger("consumer")})
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+        records: list[Any] = []
+        deadline = time.monotonic() + timeout
+        while not until(records) and time.monotonic() < deadline:
+            records += [r for r in consumer.consume(1000, timeout=0.5) if r.error() is None]
+        quiet_since = time.monotonic()
+        while time.monotonic() - quiet_since < settle:
+            more = [r for r in consumer.consume(1000, timeout=0.5) if r.error() is None]
+            if more:
+                records += more
+                quiet_since = time.monotonic()
+        return records
+    finally:
+        consumer.close()
+
+
+@contextmanager
+def silent_server() -> Iterator[str]:
+    """``127.0.0.1:PORT`` of a TCP server that accepts connections and never answers a byte."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    server.settimeout(0.2)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join()
+        for conn in held:
+            conn.close()
+        server.close()

@@ -13,7 +13,6 @@ import re
 import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -21,6 +20,8 @@ from pathlib import Path
 
 import click
 import pytest
+
+from helpers import silent_server
 
 pytestmark = pytest.mark.integration
 
@@ -183,29 +184,8 @@ def test_endpoint_refuses_connections_via_env(aws_env: Mapping[str, str], queue_
 @pytest.fixture
 def silent_endpoint() -> Iterator[str]:
     """A TCP port that accepts connections but never answers a byte."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(16)
-    held: list[socket.socket] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        server.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                continue
-            held.append(conn)
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.getsockname()[1]}"
-    stop.set()
-    thread.join()
-    for conn in held:
-        conn.close()
-    server.close()
+    with silent_server() as address:
+        yield f"http://{address}"
 
 
 def test_endpoint_never_answers(aws_env: Mapping[str, str], queue_url: str, silent_endpoint: str) -> None:

@@ -16,7 +16,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections import Counter
@@ -27,10 +26,9 @@ from typing import Any
 
 import pytest
 from cloudevents.core.bindings import kafka as ce_kafka
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from helpers import drain, queue_counts, send_messages
+from helpers import consume_topic, drain, queue_counts, send_messages, silent_server
 from poller_proc import PollerProcess, wait_until
 
 pytestmark = pytest.mark.integration
@@ -83,33 +81,6 @@ def split(items: Sequence[Any], n: int) -> list[Sequence[Any]]:
 
 def ce_id(record: Any) -> str:
     return dict(record.headers() or [])["ce_id"].decode()
-
-
-def consume_all(bootstrap: str, topic: str, until: Callable[[list[Any]], bool], timeout: float = 60,
-                settle: float = 2.0) -> list[Any]:
-    """Every record of the topic, reading each partition from offset 0 (no consumer group).
-
-    Reads until ``until(records)`` holds, then until ``settle`` seconds pass without a new record
-    (to catch records that should not be there: duplicates).
-    """
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"e2e-{uuid.uuid4().hex[:6]}",
-                         "enable.auto.commit": False, "logger": log})
-    try:
-        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
-        records: list[Any] = []
-        deadline = time.monotonic() + timeout
-        while not until(records) and time.monotonic() < deadline:
-            records += [r for r in consumer.consume(1000, timeout=0.5) if r.error() is None]
-        quiet_since = time.monotonic()
-        while time.monotonic() - quiet_since < settle:
-            more = [r for r in consumer.consume(1000, timeout=0.5) if r.error() is None]
-            if more:
-                records += more
-                quiet_since = time.monotonic()
-        return records
-    finally:
-        consumer.close()
 
 
 def has_ids(ids: set[str]) -> Callable[[list[Any]], bool]:
@@ -176,7 +147,7 @@ def test_10000_messages_reach_kafka_exactly_once(
         code = poller.stop()
     assert code == 0, poller.log_text()[-3000:]
 
-    records = consume_all(kafka_broker, topic, lambda rs: len(rs) >= n)
+    records = consume_topic(kafka_broker, topic, lambda rs: len(rs) >= n)
     counts = Counter(ce_id(r) for r in records)
     duplicates = {i: c for i, c in counts.items() if c > 1}
     print(f"\nSQS -> poller (2 processes) -> Kafka, {n} messages: "
@@ -241,7 +212,7 @@ def test_fifo_groups_stay_on_one_partition_in_order(
     assert code == 0, poller.log_text()[-3000:]
 
     total = groups * per_group
-    records = consume_all(kafka_broker, topic, lambda rs: len(rs) >= total)
+    records = consume_topic(kafka_broker, topic, lambda rs: len(rs) >= total)
     assert len(records) == total
     on_partitions: dict[str, set[int]] = {}
     order: dict[str, list[int]] = {}
@@ -308,7 +279,7 @@ def test_broker_down_10s_deletes_nothing_unacked(
     text = poller.log_text()
     assert code == 0, text[-3000:]
 
-    records = consume_all(bootstrap, topic, has_ids(set(ids)), timeout=60)
+    records = consume_topic(bootstrap, topic, has_ids(set(ids)), timeout=60)
     in_kafka = Counter(ce_id(r) for r in records)
     missing = set(ids) - set(in_kafka)
     assert not missing, f"{len(missing)} messages deleted from SQS without their record in Kafka"
@@ -334,29 +305,9 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def silent_broker() -> Iterator[str]:
-    """A TCP port that accepts connections and never answers a byte: a hung broker."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(64)
-    server.settimeout(0.2)
-    held: list[socket.socket] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        while not stop.is_set():
-            try:
-                held.append(server.accept()[0])
-            except OSError:
-                continue
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    yield f"127.0.0.1:{server.getsockname()[1]}"
-    stop.set()
-    thread.join()
-    for conn in held:
-        conn.close()
-    server.close()
+    """A hung broker: accepts connections and never answers a byte."""
+    with silent_server() as address:
+        yield address
 
 
 # Bad --kafka-config syntax, unknown keys and bad values are in test_cli_errors.py; these are the
@@ -475,7 +426,7 @@ def test_oversize_records_go_to_the_dlq_and_the_rest_flow(
     assert code == 0, text[-3000:]
 
     assert sorted(m["Body"] for m in dead) == sorted(big)
-    records = consume_all(kafka_broker, topic, lambda rs: len(rs) >= len(small))
+    records = consume_topic(kafka_broker, topic, lambda rs: len(rs) >= len(small))
     assert Counter(ce_id(r) for r in records) == Counter(small)
     assert "rejected message" in text and "too large" in text.lower()
 
@@ -510,7 +461,7 @@ def test_sigterm_under_load_exits_0_in_time_and_loses_nothing(
     id_of = dict(zip(bodies, ids))
     # Undelivered messages were nacked to visibility 0 or come back after the queue's 5 s.
     still_queued = [id_of[m["Body"]] for m in drain(sqs, queue.url, idle_receives=3, wait_seconds=3)]
-    in_kafka = Counter(ce_id(r) for r in consume_all(kafka_broker, topic, has_ids(set(ids) - set(still_queued))))
+    in_kafka = Counter(ce_id(r) for r in consume_topic(kafka_broker, topic, has_ids(set(ids) - set(still_queued))))
     assert set(in_kafka) | set(still_queued) == set(ids), "a message was lost"
     assert set(in_kafka) <= set(ids)
     assert len(still_queued) < n

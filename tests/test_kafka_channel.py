@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 from cloudevents.core.bindings import kafka as ce_kafka
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import Consumer
 
 from channels.base import ChannelError, Message, Outcome
+from helpers import consume_topic
 from channels.kafka import KafkaChannel, KafkaConfig
 
 pytestmark = pytest.mark.integration
@@ -77,23 +78,8 @@ class Reports:
 
 
 def consume(bootstrap: str, topic: str, expected: int, timeout: float = 30) -> list[Any]:
-    """Everything in the topic, read from offset 0 of each partition (no consumer group)."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"g-{uuid.uuid4().hex[:6]}",
-                         "enable.auto.commit": False, "logger": log})
-    try:
-        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
-        records: list[Any] = []
-        deadline = time.monotonic() + timeout
-        while len(records) < expected and time.monotonic() < deadline:
-            for record in consumer.consume(500, timeout=0.5):
-                if record.error() is None:
-                    records.append(record)
-        # a little longer, to catch records that should not be there
-        records += [r for r in consumer.consume(500, timeout=1.0) if r.error() is None]
-        return records
-    finally:
-        consumer.close()
+    """Everything in the topic (at least ``expected`` records, unless ``timeout`` passes first)."""
+    return consume_topic(bootstrap, topic, lambda records: len(records) >= expected, timeout, settle=1.0)
 
 
 def as_kafka_message(record: Any) -> ce_kafka.KafkaMessage:

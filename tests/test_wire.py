@@ -22,7 +22,7 @@ import pytest
 from channels.base import Message, Outcome
 from channels.dumper import DumperServer
 from channels.events import EventFormat
-from channels.http import HttpConfig, HttpChannel
+from channels.http import HttpConfig
 from channels import wire
 from channels.wire import HttpConnection, ProtocolError
 
