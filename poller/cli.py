@@ -99,7 +99,7 @@ def cli() -> None:
         help="HTTP channel: the sink URL (Knative's K_SINK works too).")
 @option("--http-mode", type=click.Choice(["binary", "structured"]), default="binary",
         help="HTTP channel: CloudEvents content mode.")
-@option("--http-concurrency", type=click.IntRange(1, 1024), default=16,
+@option("--http-concurrency", type=click.IntRange(1, 1024), default=4,
         help="HTTP channel: requests in flight per process.")
 @option("--http-timeout", type=click.FloatRange(0.001, 3600), default=30.0,
         help="HTTP channel: seconds per request.")
