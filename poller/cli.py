@@ -144,7 +144,6 @@ def run(**opts: Any) -> int:
             wait_time=opts["wait_time"],
             visibility_timeout=opts["visibility_timeout"],
             queue_visibility_timeout=int(attributes.get("VisibilityTimeout", 30)),
-            fifo=fifo,
             max_in_flight=opts["max_in_flight"],
             delete_linger=opts["delete_linger"],
             nack_backoff_base=opts["nack_backoff"],

@@ -29,7 +29,6 @@ class WorkerConfig:
     visibility_timeout: int | None = None
     # The queue's own default, read at start; used to know when to extend in-flight messages.
     queue_visibility_timeout: int = 30
-    fifo: bool = False
     max_in_flight: int = 100
     delete_linger: float = 0.05
     deleters: int = 2
