@@ -27,10 +27,10 @@ only for requests that are safe to repeat (the channel's POSTs and these SQS cal
 
 from __future__ import annotations
 
+import functools
 import re
 import socket
 import ssl
-import threading
 from collections.abc import Mapping, Sequence
 
 __all__ = ["Aborted", "HttpConnection", "ProtocolError"]
@@ -53,17 +53,10 @@ _STALE = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, ssl.SSL
 
 Headers = Mapping[str, str] | Sequence[tuple[str, str]]
 
-_default_context: ssl.SSLContext | None = None
-_context_lock = threading.Lock()
-
-
+@functools.cache
 def default_context() -> ssl.SSLContext:
     """One ``ssl.create_default_context()`` per process (loading the CA store costs milliseconds)."""
-    global _default_context
-    with _context_lock:
-        if _default_context is None:
-            _default_context = ssl.create_default_context()
-        return _default_context
+    return ssl.create_default_context()
 
 
 class ProtocolError(OSError):
