@@ -174,9 +174,7 @@ class EventFormat:
         body, content_type = self.data(message)
         headers = [("Content-Type", content_type)]
         for name, value in self.per_message_attributes(message).items():
-            if _HEADER_UNSAFE.search(value):
-                value = quote(value, safe=_HEADER_SAFE_CHARS)
-            headers.append(("ce-" + name, value))
+            headers.append(("ce-" + name, _header_value(value)))
         return headers, body
 
     def structured(self, message: Message) -> bytes:
