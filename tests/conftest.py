@@ -22,7 +22,7 @@ from botocore.config import Config
 from poller.services import Service, create_bucket, start_sqs, start_tansu, tansu_s3_env
 
 # Re-exported so tests can take them from either module.
-from helpers import drain, drain_count, queue_counts, send_messages  # noqa: F401
+from support import drain, drain_count, queue_counts, send_messages  # noqa: F401
 
 REGION = "us-east-1"
 TEST_CREDENTIALS = {

@@ -21,7 +21,7 @@ from pathlib import Path
 import click
 import pytest
 
-from helpers import silent_server
+from support import free_port, silent_server
 
 pytestmark = pytest.mark.integration
 
@@ -59,10 +59,6 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *expected: s
     return line
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -22,12 +22,10 @@ import pytest
 from cloudevents.core.bindings.http import HTTPMessage, from_http_event
 
 from channels.dumper import DumperServer
-from helpers import drain, queue_counts, send_messages
-from poller_proc import PollerProcess, wait_until
+from support import PollerProcess, drain, free_port, make_body, queue_counts, send_messages, wait_until
 
 pytestmark = pytest.mark.integration
 
-UNICODE = "héllo wörld, 漢字, emoji 🙂, \"quotes\" & <tags>\n"
 
 
 @contextmanager
@@ -47,12 +45,6 @@ def accepted_ids(server: DumperServer) -> list[str]:
     return [e["id"] for e in server.events]
 
 
-def make_body(size: int) -> str:
-    """A body of at most ``size`` UTF-8 bytes (at least one character), unicode included."""
-    body = (UNICODE * (size // len(UNICODE.encode()) + 1))[:size]
-    while len(body.encode()) > size and len(body) > 1:  # multi-byte characters: trim to the budget
-        body = body[:-1]
-    return body
 
 
 def test_5000_mixed_messages_arrive_once_and_queue_ends_empty(
@@ -264,7 +256,6 @@ def test_metrics_endpoint_counts_what_flowed(
 ) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
-    from poller.services import free_port
 
     queue = make_queue(visibility_timeout=30)
     port = free_port()

@@ -13,29 +13,28 @@ import logging
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cloudevents.core.bindings import kafka as ce_kafka
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient
 
-from helpers import consume_topic, drain, queue_counts, send_messages, silent_server
-from poller_proc import PollerProcess, wait_until
+from support import (
+    PollerProcess, consume_topic, drain, free_port, make_body, new_topic, poller_cpu, queue_counts,
+    send_messages, send_parallel, silent_server, split, wait_until,
+)
 
 pytestmark = pytest.mark.integration
 log = logging.getLogger(__name__)
 
-UNICODE = "héllo wörld, 漢字, emoji 🙂, \"quotes\" & <tags>\n"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -49,34 +48,12 @@ def poller_args(queue_url: str, bootstrap: str, topic: str, *extra: str) -> list
     ]
 
 
-def new_topic(bootstrap: str, partitions: int = 3) -> str:
-    topic = f"e2e-{uuid.uuid4().hex[:10]}"
-    admin = AdminClient({"bootstrap.servers": bootstrap, "logger": log})
-    admin.create_topics([NewTopic(topic, partitions, 1)], request_timeout=15)[topic].result(timeout=20)
-    return topic
 
 
-def make_body(size: int) -> str:
-    """A body of at most ``size`` UTF-8 bytes (at least one character), unicode included."""
-    body = (UNICODE * (size // len(UNICODE.encode()) + 1))[:size]
-    while len(body.encode()) > size and len(body) > 1:
-        body = body[:-1]
-    return body
 
 
-def send_parallel(sqs: Any, url: str, chunks: Sequence[Sequence[str | Mapping[str, Any]]],
-                  threads: int = 8) -> list[list[str]]:
-    """``send_messages`` for each chunk, chunks in parallel; MessageIds per chunk, in order.
-
-    On a FIFO queue, keep each message group within one chunk: order holds only within a chunk.
-    """
-    with ThreadPoolExecutor(threads) as pool:
-        return list(pool.map(lambda chunk: send_messages(sqs, url, chunk), chunks))
 
 
-def split(items: Sequence[Any], n: int) -> list[Sequence[Any]]:
-    size = -(-len(items) // n)
-    return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 def ce_id(record: Any) -> str:
@@ -95,15 +72,8 @@ def has_ids(ids: set[str]) -> Callable[[list[Any]], bool]:
     return check
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of one process (all its threads), from /proc/<pid>/stat."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat.rsplit(")", 1)[1].split()  # fields[0] is field 3 (state)
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def poller_cpu(poller: PollerProcess) -> float:
-    return cpu_seconds(poller.pid) + sum(cpu_seconds(pid) for pid in poller.worker_pids())
 
 
 def remaining(sqs: Any, url: str) -> int:
@@ -297,10 +267,6 @@ POLLER = str(Path(sys.executable).with_name("poller"))
 _SCRUBBED_PREFIXES = ("POLLER_", "K_SINK", "K_CE_OVERRIDES", "AWS_", "KAFKA_")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from cloudevents.core.bindings import kafka as ce_kafka
 from confluent_kafka import Consumer
 
 from channels.base import ChannelError, Message, Outcome
-from helpers import consume_topic
+from support import consume_topic
 from channels.kafka import KafkaChannel, KafkaConfig
 
 pytestmark = pytest.mark.integration

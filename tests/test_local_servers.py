@@ -11,7 +11,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -34,6 +33,7 @@ from cloudevents.core.v1.event import CloudEvent
 from channels.cehttp import Reply, ServerOptions
 from channels.dumper import DumperServer
 from channels.inmemory import FanoutOptions, InMemoryChannelServer
+from support import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,10 +54,6 @@ def sample_event(event_id: str = "m-1", data: object = None, **attrs: object) ->
     return CloudEvent(attributes, data)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from helpers import drain_count, queue_counts, send_messages
+from support import drain_count, queue_counts, send_messages
 from poller.services import (
     Service,
     ServiceError,

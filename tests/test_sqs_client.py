@@ -13,7 +13,7 @@ import pytest
 from botocore.credentials import Credentials
 
 from conftest import REGION, MakeQueue
-from helpers import queue_counts, send_messages
+from support import free_port, queue_counts, send_messages
 from poller.sqs import BatchFailure, SqsClient, SqsError, SqsTarget, resolve_target
 
 pytestmark = pytest.mark.integration
@@ -33,10 +33,6 @@ def client_for(sqs_endpoint: str) -> Iterator[Any]:
         client.close()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_round_trip(sqs: Any, make_queue: MakeQueue, client_for: Any) -> None:

@@ -1,21 +1,32 @@
-"""Plain helpers for tests that talk to a real SQS (LocalStack): sending in batches and counting."""
+"""Everything the tests share: the poller as a child process, sending to and draining SQS,
+reading a topic, free ports, bodies, CPU readings and a silent server. One module, no copies."""
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from poller.services import free_port
 
 __all__ = [
-    "BATCH_MAX_BYTES", "BATCH_MAX_ENTRIES", "consume_topic", "drain", "drain_count", "queue_counts",
-    "send_messages", "silent_server",
+    "BATCH_MAX_BYTES", "BATCH_MAX_ENTRIES", "CLK_TCK", "UNICODE", "PollerProcess", "consume_topic",
+    "cpu_seconds", "drain", "drain_count", "free_port", "make_body", "new_topic", "poller_cpu",
+    "queue_counts", "send_messages", "send_parallel", "silent_server", "split", "wait_until",
 ]
 
 BATCH_MAX_ENTRIES = 10
@@ -176,3 +187,127 @@ def silent_server() -> Iterator[str]:
         for conn in held:
             conn.close()
         server.close()
+
+
+# -- the poller as a child process -----------------------------------------------------------
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.2) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+class PollerProcess:
+    """``python -m poller run ARGS`` in its own process group, output to ``log_path``."""
+
+    def __init__(self, args: Sequence[str], env: Mapping[str, str], log_path: Path) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "poller", "run", *args],
+            env={**os.environ, **env},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def worker_pids(self) -> list[int]:
+        """The supervisor's worker processes (multiprocessing spawn children)."""
+        pids = []
+        try:
+            children = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()
+        except OSError:
+            return []
+        for child in children:
+            try:
+                cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"spawn_main" in cmdline:
+                pids.append(int(child))
+        return pids
+
+    def wait_for_workers(self, count: int, timeout: float = 30.0) -> list[int]:
+        wait_until(lambda: len(self.worker_pids()) >= count, timeout, f"{count} worker processes")
+        wait_until(lambda: self.log_text().count("worker started") >= count, timeout, "workers to boot")
+        return self.worker_pids()
+
+    def stop(self, timeout: float = 40.0) -> int:
+        """SIGTERM, wait; returns the exit code. Kills the group if it does not exit in time."""
+        try:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                raise AssertionError(f"poller did not exit within {timeout}s of SIGTERM") from None
+        finally:
+            self._log.close()
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+
+
+# -- bodies, topics, CPU --------------------------------------------------------------------
+
+UNICODE = "héllo wörld, 漢字, emoji 🙂, \"quotes\" & <tags>\n"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def make_body(size: int) -> str:
+    """A body of at most ``size`` UTF-8 bytes (at least one character), unicode included."""
+    body = (UNICODE * (size // len(UNICODE.encode()) + 1))[:size]
+    while len(body.encode()) > size and len(body) > 1:  # multi-byte characters: trim to the budget
+        body = body[:-1]
+    return body
+
+
+def new_topic(bootstrap: str, partitions: int = 3) -> str:
+    """A new topic of ``partitions`` partitions on the broker; returns its name."""
+    topic = f"t-{uuid.uuid4().hex[:10]}"
+    admin = AdminClient({"bootstrap.servers": bootstrap, "logger": logging.getLogger("admin")})
+    admin.create_topics([NewTopic(topic, partitions, 1)], request_timeout=15)[topic].result(timeout=20)
+    return topic
+
+
+def send_parallel(sqs: Any, url: str, chunks: Sequence[Sequence[str | Mapping[str, Any]]],
+                  threads: int = 8) -> list[list[str]]:
+    """``send_messages`` for each chunk, chunks in parallel; MessageIds per chunk, in order.
+
+    On a FIFO queue, keep each message group within one chunk: order holds only within a chunk.
+    """
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(lambda chunk: send_messages(sqs, url, chunk), chunks))
+
+
+def split(items: Sequence[Any], n: int) -> list[Sequence[Any]]:
+    size = -(-len(items) // n)
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of one process (all its threads), from /proc/<pid>/stat."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat.rsplit(")", 1)[1].split()  # fields[0] is field 3 (state)
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def poller_cpu(poller: PollerProcess) -> float:
+    """CPU seconds of the supervisor and its workers."""
+    return cpu_seconds(poller.pid) + sum(cpu_seconds(pid) for pid in poller.worker_pids())
