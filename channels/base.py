@@ -13,6 +13,10 @@ Reports may come from any thread, in any order, during ``publish`` or later; a c
 every message it was given at the latest in ``close``, where what is still undelivered is reported
 as ``RETRY``. ``publish`` may block for backpressure, but should return quickly otherwise.
 
+A channel makes one delivery attempt per ``publish`` (bounded by its own deadline) and does not
+retry: the worker owns retries, their backoff and the circuit that pauses receiving while the
+sink is down, so a message's whole history is in one place.
+
 A channel is built inside the worker process (after the fork/spawn) from its picklable config:
 ``ChannelConfig.create()``. Nothing here knows about SQS: a ``Message`` carries an opaque
 ``ack_id`` that the channel passes back untouched.
@@ -84,7 +88,15 @@ class Channel(abc.ABC):
         raise NotImplementedError("The 'publish' method must be implemented.")
 
     def close(self, timeout: float = 30.0) -> None:
-        """Deliver what is pending within ``timeout``; report the rest as RETRY."""
+        """Deliver what is pending within ``timeout``; report the rest as RETRY. Returns within
+        ``timeout`` (plus a fraction of a second), however stuck the sink is."""
+
+    def stalled(self) -> str | None:
+        """Why the channel cannot make progress (a thread stuck past its own deadline), or None.
+
+        Polled about once a second by the worker; a reason that persists makes the worker stop
+        sending heartbeats, and the supervisor replaces it."""
+        return None
 
     def __enter__(self) -> Channel:
         self.start()

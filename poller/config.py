@@ -34,6 +34,14 @@ class WorkerConfig:
     deleters: int = 2
     nack_backoff_base: float = 2.0
     nack_backoff_max: float = 300.0
+    # In-place retries of a message while the channel otherwise works, before it is returned.
+    retries: int = 3
+    retry_backoff_base: float = 0.5
+    retry_backoff_max: float = 10.0
+    # One delivery attempt holding a message longer than this gives it back to SQS.
+    max_processing_time: float = 300.0
+    # Failed deliveries in a row that open the circuit (receiving pauses, one probe at a time).
+    circuit_threshold: int = 5
     shutdown_timeout: float = 30.0
     log_level: str = "INFO"
 
@@ -46,6 +54,9 @@ class WorkerConfig:
         _check_range("--max-in-flight", self.max_in_flight, self.batch_size, 100_000)
         _check_range("--delete-linger", self.delete_linger, 0, 10)
         _check_range("--deleters", self.deleters, 1, 64)
+        _check_range("--retries", self.retries, 0, 100)
+        _check_range("--max-processing-time", self.max_processing_time, 1, 43200)
+        _check_range("circuit threshold", self.circuit_threshold, 1, 10_000)
         _check_range("--shutdown-timeout", self.shutdown_timeout, 0.5, 3600)
 
     @property
@@ -61,8 +72,11 @@ class RunConfig:
     processes: int = os.cpu_count() or 1
     shutdown_timeout: float = 30.0
     stats_interval: float = 10.0
+    # A worker that sent no heartbeat this long is killed and replaced.
+    worker_timeout: float = 60.0
 
     def __post_init__(self) -> None:
         _check_range("--processes", self.processes, 1, 256)
         _check_range("--shutdown-timeout", self.shutdown_timeout, 1, 3600)
         _check_range("--stats-interval", self.stats_interval, 0.1)
+        _check_range("--worker-timeout", self.worker_timeout, 5, 3600)

@@ -23,7 +23,8 @@ _COUNTERS = {
     "received": ("sqs_poller_messages_received", "Messages received from SQS."),
     "acked": ("sqs_poller_messages_acked", "Messages the channel acknowledged."),
     "deleted": ("sqs_poller_messages_deleted", "Messages deleted from SQS after their ack."),
-    "retried": ("sqs_poller_messages_retried", "Messages made visible again after a failed delivery."),
+    "retried": ("sqs_poller_delivery_retries", "Delivery attempts repeated in place after a failure."),
+    "returned": ("sqs_poller_messages_returned", "Messages given back to SQS undelivered (visibility changed)."),
     "rejected": ("sqs_poller_messages_rejected", "Messages the channel refused; left to the redrive policy."),
     "delete_failed": ("sqs_poller_delete_failures", "Deletes that failed after retries (redelivered)."),
     "expired": ("sqs_poller_receipts_expired", "Receipt handles that expired before the delete."),
@@ -46,6 +47,9 @@ class PollerCollector(Collector):
         yield GaugeMetricFamily("sqs_poller_messages_in_flight",
                                 "Messages received and not yet settled by the channel.",
                                 value=values["in_flight"])
+        yield GaugeMetricFamily("sqs_poller_circuit_open",
+                                "Workers whose channel is down (receiving paused, probing).",
+                                value=values["circuit_open"])
         yield GaugeMetricFamily("sqs_poller_workers", "Worker processes alive.", value=self._workers())
         yield CounterMetricFamily("sqs_poller_worker_restarts", "Worker processes restarted.",
                                   value=self._restarts())

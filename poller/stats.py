@@ -5,20 +5,23 @@ from __future__ import annotations
 import threading
 from collections.abc import MutableSequence, Sequence
 
-__all__ = ["FIELDS", "Counters", "format_line"]
+__all__ = ["FIELDS", "GAUGES", "Counters", "format_line"]
 
 FIELDS = (
     "received",        # messages received from SQS
     "acked",           # acknowledged by the channel
     "deleted",         # deleted from SQS
-    "retried",         # nacked: made visible again after a backoff
+    "retried",         # delivery attempts repeated in place after a failure
+    "returned",        # given back to SQS undelivered (retries used up, held too long, shutdown)
     "rejected",        # refused for good by the channel; left to the redrive policy / DLQ
     "delete_failed",   # deletes that failed after retries (will be redelivered)
     "expired",         # receipt handle expired before delete (will be redelivered)
     "receive_errors",  # failed ReceiveMessage calls
     "extended",        # visibility extensions of slow in-flight messages
-    "in_flight",       # gauge: received, not yet reported by the channel
+    "in_flight",       # gauge: held (delivering, waiting for a retry, or acked and not yet deleted)
+    "circuit_open",    # gauge: 1 while the channel is down and receiving is paused
 )
+GAUGES = frozenset({"in_flight", "circuit_open"})
 _INDEX = {name: i for i, name in enumerate(FIELDS)}
 
 
@@ -53,6 +56,6 @@ def format_line(totals: Sequence[int], previous: Sequence[int], seconds: float) 
     return (
         f"throughput {rate:,.0f} msg/s | received {get['received']:,} acked {get['acked']:,} "
         f"deleted {get['deleted']:,} in-flight {get['in_flight']:,} | retried {get['retried']:,} "
-        f"rejected {get['rejected']:,} delete-failed {get['delete_failed']:,} "
+        f"returned {get['returned']:,} rejected {get['rejected']:,} delete-failed {get['delete_failed']:,} "
         f"expired {get['expired']:,} receive-errors {get['receive_errors']:,}"
     )

@@ -1,10 +1,16 @@
 """The supervisor: runs N worker processes and keeps them alive. It only supervises.
 
 Like gunicorn's arbiter: signal handlers only queue the signal; the main loop reaps dead workers,
-respawns them with a backoff, logs the throughput line, and on SIGTERM/SIGINT stops the workers
-gracefully, then kills whatever is left after the shutdown timeout. A worker that exits with
-``EXIT_BOOT`` cannot start at all (bad channel config, say): respawning it would only loop, so
-the supervisor stops everything and exits with that code.
+respawns them with a backoff, kills workers whose heartbeat stopped (``worker_timeout``), logs
+the throughput line, and on SIGTERM/SIGINT stops the workers gracefully, then kills whatever is
+left after the shutdown timeout.
+
+A worker that exits with ``EXIT_BOOT`` could not start its channel. During the poller's own start
+(until every worker has sent a first heartbeat) that means the poller cannot work at all (the
+CLI checked the channel a moment before): respawning would only loop, so the supervisor stops
+everything and exits with that code, like gunicorn's ``HaltServer``. Later, it means an outage (a
+broker down while a worker is replaced): the worker is respawned with a backoff while the others
+keep going.
 
 Workers are started with multiprocessing's ``spawn`` method: a fresh interpreter per worker, so
 no threads, locks or sockets of the parent are inherited (fork after threads is unsafe).
@@ -18,12 +24,13 @@ import os
 import queue
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from multiprocessing.process import BaseProcess
 from typing import Any
 
 from poller.config import RunConfig
-from poller.stats import FIELDS, format_line
+from poller.stats import FIELDS, GAUGES, format_line
 from poller.worker import EXIT_BOOT, worker_main
 
 __all__ = ["Supervisor"]
@@ -38,8 +45,10 @@ _HEALTHY_AFTER = 30.0  # a worker that ran this long before dying resets its res
 class _Slot:
     index: int
     stats: Any  # multiprocessing.Array of FIELDS, written by the worker
+    heartbeat: Any  # multiprocessing.Value("d"): the worker's last healthy moment (time.monotonic)
     process: BaseProcess | None = None
     started_at: float = 0.0
+    booted: bool = False  # has sent a heartbeat since it was started
     failures: int = 0
     restarts: int = 0
     respawn_at: float = 0.0
@@ -47,17 +56,22 @@ class _Slot:
 
 
 class Supervisor:
-    def __init__(self, config: RunConfig) -> None:
+    def __init__(self, config: RunConfig, *, worker_target: Callable[..., None] = worker_main) -> None:
+        """``worker_target(slot, worker_config, stats, parent_pid, heartbeat)`` runs in each worker
+        process (a module-level function: spawn pickles it by name)."""
         self.config = config
+        self._worker_target = worker_target
         self._ctx = multiprocessing.get_context("spawn")
         self._signals: queue.SimpleQueue[int] = queue.SimpleQueue()
         # Workers must finish before the supervisor's own deadline, to exit cleanly within it.
         margin = min(2.0, config.shutdown_timeout * 0.2)
         self._worker_config = replace(config.worker, shutdown_timeout=config.shutdown_timeout - margin)
         self._slots = [
-            _Slot(index=i, stats=self._ctx.Array("q", len(FIELDS), lock=False))
+            _Slot(index=i, stats=self._ctx.Array("q", len(FIELDS), lock=False),
+                  heartbeat=self._ctx.Value("d", 0.0, lock=False))
             for i in range(config.processes)
         ]
+        self._starting = True  # until every worker has sent its first heartbeat
 
     def serve_metrics(self, host: str, port: int) -> None:
         """Prometheus ``/metrics`` from the workers' counters; OSError if the port is taken."""
@@ -96,6 +110,7 @@ class Supervisor:
             if self._reap():
                 self._stop()
                 return EXIT_BOOT
+            self._check_heartbeats()
             self._respawn_due()
             now = time.monotonic()
             if now - last_time >= self.config.stats_interval:
@@ -107,12 +122,13 @@ class Supervisor:
 
     def _spawn(self, slot: _Slot) -> None:
         process = self._ctx.Process(
-            target=worker_main,
-            args=(slot.index, self._worker_config, slot.stats, os.getpid()),
+            target=self._worker_target,
+            args=(slot.index, self._worker_config, slot.stats, os.getpid(), slot.heartbeat),
             name=f"worker-{slot.index}",
         )
+        slot.heartbeat.value = 0.0
         process.start()
-        slot.process, slot.started_at = process, time.monotonic()
+        slot.process, slot.started_at, slot.booted = process, time.monotonic(), False
         log.info("started worker-%d (pid %d)", slot.index, process.pid)
 
     def _reap(self) -> bool:
@@ -126,7 +142,7 @@ class Supervisor:
             code = process.exitcode
             slot.process = None
             self._retire_stats(slot)
-            if code == EXIT_BOOT:
+            if code == EXIT_BOOT and self._starting:
                 log.error("worker-%d could not start (exit %d); stopping all workers", slot.index, code)
                 return True
             lived = now - slot.started_at
@@ -134,9 +150,33 @@ class Supervisor:
             delay = min(_RESTART_BACKOFF_MAX, 0.5 * 2 ** (slot.failures - 1)) if slot.failures else 0.0
             slot.respawn_at = now + delay
             slot.restarts += 1
-            log.warning("worker-%d (pid %d) %s after %.1fs; restarting in %.1fs",
-                        slot.index, process.pid, _describe_exit(code), lived, delay)
+            if code == EXIT_BOOT:
+                log.warning("worker-%d (pid %d) could not start its channel (see its error above); "
+                            "retrying in %.1fs while the other workers keep going", slot.index, process.pid, delay)
+            else:
+                log.warning("worker-%d (pid %d) %s after %.1fs; restarting in %.1fs",
+                            slot.index, process.pid, _describe_exit(code), lived, delay)
         return False
+
+    def _check_heartbeats(self) -> None:
+        """Kill workers that sent no heartbeat for ``worker_timeout`` (they are respawned)."""
+        now = time.monotonic()
+        timeout = self.config.worker_timeout
+        for slot in self._slots:
+            process = slot.process
+            if process is None or not process.is_alive():
+                continue
+            beat = slot.heartbeat.value
+            if beat >= slot.started_at:
+                slot.booted = True
+            last = max(beat, slot.started_at)  # a booting worker gets worker_timeout to start
+            if now - last > timeout:
+                log.error("worker-%d (pid %d) sent no heartbeat for %.0fs (--worker-timeout); killing it",
+                          slot.index, process.pid, now - last)
+                _send(process, signal.SIGKILL)
+                slot.heartbeat.value = now  # one kill; the reaper respawns it
+        if self._starting and all(slot.booted for slot in self._slots):
+            self._starting = False
 
     def _respawn_due(self) -> None:
         now = time.monotonic()
@@ -172,7 +212,7 @@ class Supervisor:
     def _retire_stats(self, slot: _Slot) -> None:
         """Fold a dead worker's counters into the slot's history and zero the shared array."""
         for i, name in enumerate(FIELDS):
-            if name != "in_flight":
+            if name not in GAUGES:
                 slot.retired[i] += slot.stats[i]
             slot.stats[i] = 0
 

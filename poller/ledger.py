@@ -1,0 +1,115 @@
+"""What a worker holds: each message from its receipt until SQS no longer needs anything from us.
+
+A message stays in the ledger while the channel delivers it, while it waits for a retry or for
+the circuit to close, and after its ack until its ``DeleteMessageBatch`` has returned. All that
+time it counts against ``--max-in-flight`` (so slow deletes slow receiving instead of growing
+memory) and its visibility is extended. It leaves when it is deleted, returned to SQS, or
+rejected (left to the redrive policy).
+
+A ``Run`` is what is delivered and settled together, in order: one message on a standard queue,
+the messages of one FIFO group from one receive on a FIFO queue.
+
+Not thread-safe: the worker uses it under its own lock.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from channels.base import Message, Outcome
+
+__all__ = ["Held", "Ledger", "Run", "Stage"]
+
+
+class Stage(enum.Enum):
+    DELIVERING = "delivering"  # handed to the channel, verdict pending
+    WAITING = "waiting"  # failed: waiting for an in-place retry or for the circuit to close
+    DELETING = "deleting"  # acked: DeleteMessageBatch pending
+
+
+@dataclass(slots=True, eq=False)
+class Held:
+    message: Message
+    run: Run
+    visible_until: float  # monotonic: when SQS would hand the message out again
+    stage: Stage = Stage.DELIVERING
+    attempt_started: float = 0.0
+    outcome: Outcome | None = None
+    reason: str = ""
+
+
+@dataclass(slots=True, eq=False)
+class Run:
+    entries: list[Held] = field(default_factory=list)
+    attempt: int = 0  # bumped on each publish; a report for an older attempt is stale
+    unreported: int = 0
+    failures: int = 0  # failed attempts while the circuit was closed
+    probe: bool = False
+    live: bool = True  # False once settled for good or given back
+
+
+class Ledger:
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.reserved = 0  # held + room reserved for receives under way
+        self._held: dict[str, Held] = {}
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def __iter__(self) -> Iterator[Held]:
+        return iter(self._held.values())
+
+    def fits(self, n: int) -> bool:
+        return self.reserved + n <= self.limit
+
+    def reserve(self, n: int) -> None:
+        self.reserved += n
+
+    def unreserve(self, n: int) -> None:
+        self.reserved -= n
+
+    def add(self, held: Held) -> bool:
+        """Hold a received message (its room was reserved). False if its receipt handle is held
+        already (SQS never does that; the room is given back)."""
+        handle = held.message.ack_id
+        if handle in self._held:
+            self.reserved -= 1
+            return False
+        self._held[handle] = held
+        return True
+
+    def get(self, handle: str) -> Held | None:
+        return self._held.get(handle)
+
+    def release(self, handle: str) -> Held | None:
+        held = self._held.pop(handle, None)
+        if held is not None:
+            self.reserved -= 1
+        return held
+
+    def due_for_extension(self, now: float, margin: float, timeout: float) -> list[str]:
+        """Handles whose visibility ends within ``margin``; marked as extended to ``now + timeout``
+        (a failed extension calls ``extension_failed`` to be tried again)."""
+        due = []
+        for handle, held in self._held.items():
+            if held.visible_until - now < margin:
+                held.visible_until = now + timeout
+                due.append(handle)
+        return due
+
+    def extension_failed(self, handles: list[str], now: float) -> None:
+        for handle in handles:
+            held = self._held.get(handle)
+            if held is not None:
+                held.visible_until = min(held.visible_until, now)
+
+    def overdue_runs(self, now: float, limit: float) -> list[Run]:
+        """Runs one delivery attempt has held longer than ``limit`` seconds."""
+        runs: dict[int, Run] = {}
+        for held in self._held.values():
+            if held.stage is Stage.DELIVERING and now - held.attempt_started > limit:
+                runs[id(held.run)] = held.run
+        return list(runs.values())

@@ -1,0 +1,181 @@
+"""poller.supervisor.Supervisor with real worker processes whose behaviour the test picks.
+
+The supervisor runs in a child process of its own (it installs signal handlers), its workers are
+the module-level fakes below, spawned by multiprocessing exactly as the real ones are. The fakes
+read what to do from the environment and record each start in a file.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from channels.http import HttpConfig
+from poller.config import RunConfig, WorkerConfig
+from poller.sqs import SqsTarget
+from support import wait_until
+
+TESTS = str(Path(__file__).parent)
+REPO = str(Path(__file__).parent.parent)
+
+
+# -- fake workers (run in spawned processes) ----------------------------------------------------
+
+
+def _record_start(slot: int) -> int:
+    """Append this start to the slot's file; returns how many starts came before it."""
+    path = Path(os.environ["FAKE_WORKER_DIR"]) / f"slot-{slot}"
+    with open(path, "a") as f:
+        f.write(f"{time.monotonic()}\n")
+    return len(path.read_text().splitlines()) - 1
+
+
+def _beat_forever(heartbeat: Any, *, seconds: float = 3600.0) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        heartbeat.value = time.monotonic()
+        time.sleep(0.2)
+
+
+def fake_worker(slot: int, config: Any, stats: Any, parent_pid: int, heartbeat: Any) -> None:
+    mode = os.environ["FAKE_WORKER_MODE"]
+    previous_starts = _record_start(slot)
+    if mode == "boot-fail":
+        raise SystemExit(3)
+    if mode == "outage-later":
+        # Slot 0 runs, crashes, and its replacements cannot start twice (a broker outage).
+        if slot == 0 and previous_starts == 0:
+            _beat_forever(heartbeat, seconds=1.5)
+            raise SystemExit(1)
+        if slot == 0 and previous_starts <= 2:
+            raise SystemExit(3)
+        _beat_forever(heartbeat)
+    if mode == "silent":
+        if previous_starts == 0:
+            time.sleep(3600)  # alive, but no heartbeat: stuck
+        _beat_forever(heartbeat)
+    if mode == "crash":
+        heartbeat.value = time.monotonic()
+        raise SystemExit(1)
+    if mode == "stubborn":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        _beat_forever(heartbeat)
+    raise SystemExit(0)
+
+
+def serve(processes: int, worker_timeout: float, shutdown_timeout: float) -> int:
+    """The supervisor's process: run it with the fake workers."""
+    from poller.logs import setup_logging
+    from poller.supervisor import Supervisor
+
+    setup_logging("INFO")
+    worker = WorkerConfig(
+        target=SqsTarget(queue_url="http://127.0.0.1:9/000000000000/q", region="us-east-1",
+                         endpoint_url="http://127.0.0.1:9"),
+        channel=HttpConfig(sink="http://127.0.0.1:9/"),
+    )
+    config = RunConfig(worker=worker, processes=processes, worker_timeout=worker_timeout,
+                       shutdown_timeout=shutdown_timeout, stats_interval=3600)
+    return Supervisor(config, worker_target=fake_worker).run()
+
+
+# -- the tests ----------------------------------------------------------------------------------
+
+
+class Running:
+    def __init__(self, tmp_path: Path, mode: str, *, processes: int = 2, worker_timeout: float = 5.0,
+                 shutdown_timeout: float = 10.0) -> None:
+        self.dir = tmp_path
+        self.log_path = tmp_path / "supervisor.log"
+        code = (f"import sys; sys.path[:0] = [{TESTS!r}, {REPO!r}]; from test_supervisor import serve; "
+                f"sys.exit(serve({processes}, {worker_timeout}, {shutdown_timeout}))")
+        env = {**os.environ, "FAKE_WORKER_MODE": mode, "FAKE_WORKER_DIR": str(tmp_path)}
+        with open(self.log_path, "wb") as out:
+            self.proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=out,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def starts(self, slot: int) -> list[float]:
+        path = self.dir / f"slot-{slot}"
+        return [float(line) for line in path.read_text().split()] if path.exists() else []
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+@pytest.fixture
+def running(tmp_path: Path) -> Any:
+    started: list[Running] = []
+
+    def start(mode: str, **kwargs: Any) -> Running:
+        r = Running(tmp_path, mode, **kwargs)
+        started.append(r)
+        return r
+
+    yield start
+    for r in started:
+        r.kill()
+
+
+def test_a_boot_failure_during_start_halts_the_poller_with_exit_3(running: Any) -> None:
+    sup = running("boot-fail")
+    assert sup.proc.wait(30) == 3
+    assert "could not start (exit 3); stopping all workers" in sup.log()
+
+
+def test_a_boot_failure_of_a_replacement_later_is_retried_while_the_others_keep_going(running: Any) -> None:
+    sup = running("outage-later")
+    # Slot 0: runs, crashes, fails to start twice (the outage), then starts for good.
+    wait_until(lambda: len(sup.starts(0)) >= 4, 60, "slot 0 to be started four times")
+    assert sup.proc.poll() is None, "the supervisor halted on a boot failure after its start"
+    assert sup.log().count("could not start its channel") == 2
+    assert len(sup.starts(1)) == 1  # the other worker kept going, untouched
+    assert sup.stop() == 0
+
+
+def test_a_worker_without_heartbeat_is_killed_and_replaced(running: Any) -> None:
+    sup = running("silent", processes=1, worker_timeout=5.0)
+    wait_until(lambda: len(sup.starts(0)) >= 2, 60, "the stuck worker to be replaced")
+    log = sup.log()
+    assert "sent no heartbeat for" in log and "killing it" in log
+    assert "was killed by SIGKILL" in log
+    assert sup.stop() == 0
+
+
+def test_a_crashing_worker_is_restarted_with_a_growing_backoff(running: Any) -> None:
+    sup = running("crash", processes=1)
+    wait_until(lambda: len(sup.starts(0)) >= 5, 60, "five starts")
+    starts = sup.starts(0)
+    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    assert gaps[3] > gaps[0] * 2, f"restarts did not back off: {gaps}"
+    assert "restarting in" in sup.log()
+    assert sup.stop() == 0
+
+
+def test_a_second_sigterm_kills_the_workers_at_once(running: Any) -> None:
+    sup = running("stubborn", shutdown_timeout=600.0)
+    wait_until(lambda: len(sup.starts(0)) == 1 and len(sup.starts(1)) == 1, 30, "both workers")
+    sup.proc.send_signal(signal.SIGTERM)
+    wait_until(lambda: "received SIGTERM: stopping" in sup.log(), 10, "the first SIGTERM to be seen")
+    sup.proc.send_signal(signal.SIGTERM)
+    # The shutdown timeout is 600 s: only the second signal can end it within this wait.
+    assert sup.proc.wait(30) == 0
+    log = sup.log()
+    assert "second SIGTERM: killing the workers now" in log
+    assert "did not stop in time; killing it" in log
