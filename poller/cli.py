@@ -12,13 +12,12 @@ import os
 import sys
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import click
 
 from channels.base import ChannelConfig, ChannelError
 from channels.events import parse_overrides
-from channels.http import HttpConfig, check_url
+from channels.http import HttpConfig, check_url, redact
 from poller.config import RunConfig, WorkerConfig
 from poller.logs import LOG_LEVELS, setup_logging
 from poller.sqs import CREDENTIAL_CODES, SqsClient, SqsError, SqsTarget, resolve_target
@@ -79,10 +78,17 @@ def cli() -> None:
         help="Messages a process holds at most; receiving pauses above it.")
 @option("--shutdown-timeout", type=click.FloatRange(1, 3600), default=30.0,
         help="On SIGTERM/SIGINT, seconds to finish in-flight work before workers are killed.")
+@option("--retries", type=click.IntRange(0, 100), default=3,
+        help="Delivery retries of a message, in place and with backoff, before it is returned to "
+             "SQS (not counted while the circuit is open: an outage pauses receiving instead).")
+@option("--max-processing-time", type=click.FloatRange(1, 43200), default=300.0,
+        help="Seconds one delivery attempt may hold a message before it is returned to SQS.")
 @option("--nack-backoff", type=click.FloatRange(0, 3600), default=2.0,
-        help="Base visibility backoff for a failed delivery, seconds; doubles per receive.")
+        help="Base visibility backoff of a message returned undelivered, seconds; doubles per receive.")
 @option("--nack-backoff-max", type=click.FloatRange(0, 43200), default=300.0,
         help="Cap of the visibility backoff, seconds.")
+@option("--worker-timeout", type=click.FloatRange(5, 3600), default=60.0,
+        help="Seconds without a heartbeat after which the supervisor kills and replaces a worker.")
 @option("--delete-linger", type=click.FloatRange(0, 10), default=0.05,
         help="Seconds an acknowledged message may wait for a fuller DeleteMessageBatch.")
 @option("--stats-interval", type=click.FloatRange(0.1), default=10.0,
@@ -102,9 +108,7 @@ def cli() -> None:
 @option("--http-concurrency", type=click.IntRange(1, 1024), default=4,
         help="HTTP channel: requests in flight per process.")
 @option("--http-timeout", type=click.FloatRange(0.001, 3600), default=30.0,
-        help="HTTP channel: seconds per request.")
-@option("--http-retries", type=click.IntRange(0, 100), default=3,
-        help="HTTP channel: retries on 5xx/429/connection errors before the message is nacked.")
+        help="HTTP channel: seconds per request, all of it (connect, send, the full answer).")
 @option("--kafka-bootstrap-servers", default=None, show_default=False,
         help="Kafka channel: host:port[,host:port...].")
 @option("--kafka-topic", default=None, show_default=False, help="Kafka channel: the topic.")
@@ -148,12 +152,15 @@ def run(**opts: Any) -> int:
             delete_linger=opts["delete_linger"],
             nack_backoff_base=opts["nack_backoff"],
             nack_backoff_max=opts["nack_backoff_max"],
+            retries=opts["retries"],
+            max_processing_time=opts["max_processing_time"],
             shutdown_timeout=opts["shutdown_timeout"],
             log_level=opts["log_level"].upper(),
         )
         config = RunConfig(worker=worker, processes=opts["processes"],
                            shutdown_timeout=opts["shutdown_timeout"],
-                           stats_interval=opts["stats_interval"])
+                           stats_interval=opts["stats_interval"],
+                           worker_timeout=opts["worker_timeout"])
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     _check_channel(channel, target.queue_url)
@@ -185,7 +192,7 @@ def _channel_config(opts: dict[str, Any]) -> ChannelConfig:
             return HttpConfig(
                 sink=opts["sink"], mode=opts["http_mode"], data_mode=opts["data_mode"],
                 overrides=overrides, concurrency=opts["http_concurrency"],
-                timeout=opts["http_timeout"], retries=opts["http_retries"],
+                timeout=opts["http_timeout"],
             )
         from channels.kafka import KafkaConfig, parse_kafka_config
 
@@ -251,16 +258,6 @@ def _describe(config: ChannelConfig) -> str:
     if isinstance(config, HttpConfig):
         return f"sink {redact(config.sink)} ({config.mode}, data={config.data_mode})"
     return f"{getattr(config, 'bootstrap_servers', '')} topic {getattr(config, 'topic', '')}"
-
-
-def redact(url: str) -> str:
-    """The URL without any user:password part, for logs."""
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 # -- demo -------------------------------------------------------------------------------------
