@@ -52,7 +52,8 @@ CREDENTIAL_CODES = frozenset(
 
 class SqsError(Exception):
     """An SQS call failed. ``code`` is SQS's error code, or ``ConnectionError`` / ``Timeout`` /
-    ``InvalidResponse`` / ``InvalidRequest`` / ``Aborted``."""
+    ``InvalidResponse`` / ``InvalidRequest`` / ``Aborted`` / ``CredentialError`` (a refresh of
+    the credentials failed: retryable, the next call tries again)."""
 
     def __init__(self, code: str, message: str, *, retryable: bool) -> None:
         super().__init__(f"{code}: {message}" if message else code)
@@ -251,7 +252,11 @@ class SqsClient:
         if self._aborted:
             raise SqsError("Aborted", f"{action}: the client was shut down", retryable=False)
         body = orjson.dumps(params)
-        headers = self._signer.headers(action, body)
+        try:
+            headers = self._signer.headers(action, body)
+        except Exception as exc:  # a credential refresh failed (STS, instance metadata, a process)
+            raise SqsError("CredentialError", f"{action}: cannot get AWS credentials: "
+                           f"{type(exc).__name__}: {exc}", retryable=True) from None
         del headers["Host"]  # the connection sends it (the same value: self._conn.authority)
         # The connection resends once on a kept-alive connection the server closed while idle:
         # all these calls may be repeated safely.

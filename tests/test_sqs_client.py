@@ -157,6 +157,44 @@ def test_connection_refused() -> None:
         client.close()
 
 
+def test_a_failing_credential_refresh_is_a_retryable_error_then_recovers(
+    make_queue: MakeQueue, sqs_endpoint: str
+) -> None:
+    """botocore's own refreshable credentials, whose refresh fails for a while (an STS or
+    instance-metadata hiccup): each call fails with CredentialError, the next good one works."""
+    from datetime import UTC, datetime, timedelta
+
+    from botocore.credentials import RefreshableCredentials
+
+    failing = [True]
+
+    def refresh() -> dict[str, str]:
+        if failing[0]:
+            raise RuntimeError("instance metadata service timed out")
+        # Always inside botocore's mandatory refresh window: every use refreshes.
+        expiry = (datetime.now(UTC) + timedelta(minutes=5)).isoformat()
+        return {"access_key": "test", "secret_key": "test", "token": "", "expiry_time": expiry}
+
+    expired = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
+    credentials = RefreshableCredentials.create_from_metadata(
+        {"access_key": "test", "secret_key": "test", "token": "", "expiry_time": expired},
+        refresh_using=refresh, method="test",
+    )
+    queue = make_queue()
+    client = SqsClient(SqsTarget(queue_url=queue.url, region=REGION, endpoint_url=sqs_endpoint),
+                       credentials=credentials)
+    try:
+        for _ in range(2):
+            with pytest.raises(SqsError) as info:
+                client.queue_attributes()
+            assert info.value.code == "CredentialError" and info.value.retryable
+            assert "instance metadata service timed out" in str(info.value)
+        failing[0] = False
+        assert "VisibilityTimeout" in client.queue_attributes()
+    finally:
+        client.close()
+
+
 def test_unresolvable_host() -> None:
     endpoint = "http://no-such-host.invalid:4566"
     client = SqsClient(SqsTarget(queue_url=f"{endpoint}/000000000000/q", region=REGION, endpoint_url=endpoint))
