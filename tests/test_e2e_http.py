@@ -287,3 +287,44 @@ def test_metrics_endpoint_counts_what_flowed(
     assert metrics["sqs_poller_messages_in_flight"] == 0
     assert metrics["sqs_poller_workers"] == 2
     assert metrics["sqs_poller_worker_restarts_total"] == 0
+
+
+def test_secrets_never_reach_logs_or_command_lines(
+    sqs: Any, make_queue: Any, aws_env: dict[str, str], tmp_path: Path
+) -> None:
+    """AWS keys, a session token, a SASL password and sink credentials, at DEBUG, through
+    failures that log the sink: none of them in the output or any process's command line."""
+    secrets = {
+        "AWS_SECRET_ACCESS_KEY": f"aws-secret-{os.urandom(6).hex()}",
+        "AWS_SESSION_TOKEN": f"aws-token-{os.urandom(6).hex()}",
+        "KAFKA_SASL_PASSWORD": f"sasl-pw-{os.urandom(6).hex()}",
+    }
+    sink_password, sink_token = f"sink-pw-{os.urandom(6).hex()}", f"sink-tok-{os.urandom(6).hex()}"
+    queue = make_queue(visibility_timeout=30)
+    failures = [0]
+
+    def fail_first(event: dict[str, Any], headers: Any) -> int | None:
+        failures[0] += 1
+        return 503 if failures[0] <= 30 else None  # warnings that show the sink, then delivery
+
+    with sink(respond=fail_first) as server:
+        ids = send_messages(sqs, queue.url, [f"s{i}" for i in range(50)])
+        sink_url = server.url.replace("http://", f"http://poller:{sink_password}@") + f"?token={sink_token}"
+        args = [a for a in poller_args(queue.url, sink_url, "--log-level", "DEBUG")]
+        args[args.index("--sink"):args.index("--sink") + 2] = []  # the sink comes from K_SINK
+        env = {**aws_env, **secrets, "K_SINK": sink_url}
+        poller = PollerProcess(args, env, tmp_path / "poller.log")
+        try:
+            pids = poller.wait_for_workers(2)
+            cmdlines = [Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+                        for pid in [poller.pid, *pids]]
+            wait_until(lambda: set(accepted_ids(server)) >= set(ids), 120, "every message")
+        finally:
+            assert poller.stop() == 0
+        assert server.received[0].headers["authorization"].startswith("Basic ")
+    log = poller.log_text()
+    assert "503" in log and "sink http://127.0.0.1" in log  # the sink was shown, redacted
+    for secret in (*secrets.values(), sink_password, sink_token):
+        assert secret not in log, f"a secret ({secret[:8]}...) is in the log"
+        for cmdline in cmdlines:
+            assert secret not in cmdline, f"a secret ({secret[:8]}...) is in a command line"
