@@ -20,12 +20,28 @@ event format. Structured events are returned as their JSON document.
 connection) with ``start()`` / ``serve_forever()`` / ``stop()`` and a context manager;
 subclasses implement ``handle(headers, body) -> Reply``. Neither server keeps anything across
 restarts: everything lives in memory.
+
+Limits (``ServerOptions``), so that no client can hold the server's threads or memory:
+
+- ``max_body``: a larger body is answered 413. Chunked bodies are counted as they come; chunk
+  sizes must be plain hex (``int(x, 16)`` alone would take ``-1``, and reading -1 bytes is
+  reading to EOF, past the limit).
+- ``request_timeout``: from its first byte, a whole request (line, headers, body) must arrive
+  within this; a socket timeout alone restarts with every byte, so a client trickling a request
+  would hold a thread forever. Late: ``408`` and the connection is closed.
+- ``idle_timeout``: a keep-alive connection waiting for its next request is closed after this.
+- ``max_connections``: at most this many connections (threads) at once. One more is refused
+  at once rather than made to wait: the accepting thread answers ``503`` with ``Retry-After``
+  and ``Connection: close`` without reading the request, and closes it (a client that had already
+  sent its request may see a reset instead). Both are retried by the poller. Waiting instead
+  would block the accepting thread, or queue connections without bound.
 """
 
 from __future__ import annotations
 
 import abc
 import base64
+import io
 import logging
 import re
 import signal
@@ -63,6 +79,9 @@ REQUIRED_ATTRIBUTES = ("specversion", "id", "source", "type")
 # Spec 1.0: attribute names are lower-case ASCII letters and digits (headers arrive lower-cased).
 _ATTRIBUTE_NAME = re.compile(r"[a-z0-9]+")
 _HEADER_ORDER = {name: i for i, name in enumerate((*REQUIRED_ATTRIBUTES, "time", "subject"))}
+# A chunk size is hex digits and nothing else: no sign, no "0x", no "_" (all of which int() takes).
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+MAX_TRAILERS = 100  # trailer lines of a chunked request
 
 
 class NotACloudEvent(ValueError):
@@ -196,6 +215,12 @@ class ServerOptions:
 
     max_body: int = 16 * 1024 * 1024  # SQS messages are <= 1 MiB; this is generous
     idle_timeout: float | None = 300.0  # close keep-alive connections idle this long (None: never)
+    # From a request's first byte, how long the whole of it (line, headers, body) may take to
+    # arrive (None: no limit); late: 408, and the connection is closed.
+    request_timeout: float | None = 60.0
+    # Connections (each a thread) at once; one more is answered 503 and closed at once. Above
+    # what a poller fleet keeps open (processes x --http-concurrency, kept alive).
+    max_connections: int = 1024
     stop_grace: float = 5.0  # on stop, how long requests in progress may finish
 
     def __post_init__(self) -> None:
@@ -203,6 +228,10 @@ class ServerOptions:
             raise ValueError("max_body must be positive")
         if self.idle_timeout is not None and self.idle_timeout <= 0:
             raise ValueError("idle_timeout must be positive or None")
+        if self.request_timeout is not None and self.request_timeout <= 0:
+            raise ValueError("request_timeout must be positive or None")
+        if self.max_connections < 1:
+            raise ValueError("max_connections must be >= 1")
         if self.stop_grace < 0:
             raise ValueError("stop_grace must be >= 0")
 
@@ -214,6 +243,46 @@ class _BodyError(Exception):
         self.reason = reason
 
 
+class _RequestInput(io.RawIOBase):
+    """A handler's socket input, with a deadline per request.
+
+    A socket timeout bounds one recv and restarts with every byte: a client sending a byte now
+    and then would hold the handler's thread forever. While a deadline runs, each recv gets only
+    the time left; without one (between requests) the idle timeout applies.
+    """
+
+    def __init__(self, sock: socket.socket, idle_timeout: float | None) -> None:
+        super().__init__()
+        self._sock = sock
+        self._idle_timeout = idle_timeout
+        self._deadline: float | None = None
+        self.expired = False  # the deadline passed: the request did not arrive in time
+
+    def readable(self) -> bool:
+        return True
+
+    def start_deadline(self, seconds: float | None) -> None:
+        self._deadline = None if seconds is None else time.monotonic() + seconds
+
+    def stop_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline = None
+            self._sock.settimeout(self._idle_timeout)  # writes use the socket's timeout too
+
+    def readinto(self, buffer: Any) -> int:
+        if self._deadline is not None:
+            remaining = self._deadline - time.monotonic()
+            if remaining <= 0:
+                self.expired = True
+                raise TimeoutError("the request did not arrive in time")
+            self._sock.settimeout(remaining)
+        try:
+            return self._sock.recv_into(buffer)
+        except TimeoutError:
+            self.expired = self._deadline is not None
+            raise
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: the poller keeps pooled connections open
     server_version = "sqs-poller-local"
@@ -223,6 +292,39 @@ class _Handler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         self.timeout = self.server.options.idle_timeout  # applied by StreamRequestHandler.setup
         super().setup()
+        self.rfile.close()  # the stdlib's socket file: replaced by one that keeps a deadline
+        self._input = _RequestInput(self.connection, self.timeout)
+        self.rfile = io.BufferedReader(self._input)
+
+    def handle_one_request(self) -> None:
+        # An idle keep-alive connection waits up to idle_timeout for a request; from the
+        # request's first byte on, all of it must arrive within request_timeout.
+        try:
+            if not self.rfile.peek(1):
+                self.close_connection = True  # the client closed it
+                return
+        except TimeoutError:
+            self.close_connection = True  # idle too long
+            return
+        self._input.start_deadline(self.server.options.request_timeout)
+        try:
+            super().handle_one_request()  # a TimeoutError closes the connection in there
+        finally:
+            self._input.stop_deadline()
+        if self._input.expired:
+            self._request_timed_out()
+
+    def _request_timed_out(self) -> None:
+        """408 (nothing was answered yet: the deadline only runs while reading), then close."""
+        self.close_connection = True
+        body = b"the request did not arrive in time\n"
+        try:
+            self.connection.settimeout(1.0)  # a client that does not read is not waited for
+            self.connection.sendall(
+                b"HTTP/1.1 408 Request Timeout\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+        except OSError:
+            pass
 
     def do_POST(self) -> None:
         server = self.server
@@ -238,6 +340,8 @@ class _Handler(BaseHTTPRequestHandler):
                 # The rest of the body was not read: the connection cannot be reused.
                 self._answer(Reply(exc.status, exc.reason), close=True)
                 return
+            finally:
+                self._input.stop_deadline()  # the request is in: the app's time is not the client's
             headers = {name.lower(): value for name, value in self.headers.items()}
             try:
                 reply = server.app.handle(headers, body)
@@ -285,19 +389,30 @@ class _Handler(BaseHTTPRequestHandler):
         size = 0
         while True:
             line = self.rfile.readline(1024)
-            try:
-                chunk = int(line.split(b";", 1)[0].strip(), 16)
-            except ValueError:
-                raise _BodyError(400, "malformed chunked body") from None
+            size_text = line.split(b";", 1)[0].strip()
+            if not line.endswith(b"\n") or not _CHUNK_SIZE.fullmatch(size_text):
+                raise _BodyError(400, f"malformed chunked body: bad chunk size line {line[:40]!r}")
+            chunk = int(size_text, 16)
             if chunk == 0:
-                while self.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
-                    pass  # trailers, ignored
+                self._skip_trailers()
                 return b"".join(parts)
             size += chunk
             if size > limit:
                 raise _BodyError(413, f"body exceeds the limit of {limit} bytes")
-            parts.append(self.rfile.read(chunk))
-            self.rfile.readline(3)  # CRLF after the chunk
+            data = self.rfile.read(chunk)
+            if len(data) != chunk or self.rfile.readline(3) not in (b"\r\n", b"\n"):
+                raise _BodyError(400, "malformed chunked body: a chunk shorter than its size, "
+                                      "or not followed by CRLF")
+            parts.append(data)
+
+    def _skip_trailers(self) -> None:
+        for _ in range(MAX_TRAILERS + 1):
+            line = self.rfile.readline(65537)
+            if line in (b"\r\n", b"\n"):
+                return
+            if not line.endswith(b"\n"):
+                raise _BodyError(400, "malformed chunked body: trailer line too long, or cut off")
+        raise _BodyError(400, f"more than {MAX_TRAILERS} trailer lines")
 
     def _answer(self, reply: Reply, *, close: bool = False, extra: Mapping[str, str] | None = None) -> None:
         body = (reply.reason + "\n").encode() if reply.reason else b""
@@ -319,6 +434,11 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("%s %s", self.address_string(), format % args)
 
 
+_BUSY = b"too many connections\n"
+_TOO_MANY_CONNECTIONS = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                         b"Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n%s" % (len(_BUSY), _BUSY))
+
+
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True  # a stuck connection never keeps the process alive
     allow_reuse_address = True
@@ -329,8 +449,9 @@ class _HTTPServer(ThreadingHTTPServer):
         self.stopping = False
         self.busy = 0
         self.busy_lock = threading.Lock()
-        self.connections: set[socket.socket] = set()
+        self.connections: set[socket.socket] = set()  # admitted, each with its thread
         self.connections_lock = threading.Lock()
+        self.refused = 0  # connections refused for max_connections
         super().__init__(address, _Handler)
 
     def server_bind(self) -> None:
@@ -349,8 +470,28 @@ class _HTTPServer(ThreadingHTTPServer):
 
     def process_request(self, request: Any, client_address: Any) -> None:
         with self.connections_lock:
-            self.connections.add(request)  # so that stop() can close idle keep-alive connections
-        super().process_request(request, client_address)
+            admitted = len(self.connections) < self.options.max_connections
+            if admitted:
+                self.connections.add(request)  # so that stop() can close idle keep-alive connections
+        if admitted:
+            super().process_request(request, client_address)  # a thread for it
+        else:
+            self._refuse(request, client_address)
+
+    def _refuse(self, request: socket.socket, client_address: Any) -> None:
+        """Beyond max_connections: 503 at once, from this (the accepting) thread, without reading
+        the request or starting a thread; the client retries later."""
+        self.refused += 1
+        if self.refused == 1 or self.refused % 1000 == 0:
+            log.warning("%d connection(s) refused so far: %d open, the limit (max_connections)",
+                        self.refused, self.options.max_connections)
+        log.debug("refused a connection from %s: at max_connections", client_address)
+        try:
+            request.setblocking(False)  # never wait on a client here: accepting would stop
+            request.send(_TOO_MANY_CONNECTIONS)
+        except OSError:
+            pass
+        self.shutdown_request(request)
 
     def shutdown_request(self, request: Any) -> None:
         with self.connections_lock:

@@ -7,31 +7,42 @@ response headers), against ~25 us for this. Here a request is one bytes object s
 and of the response only the status and its framing are parsed: ``Content-Length``,
 ``Transfer-Encoding: chunked`` (trailers included) or until-close, and ``Connection``. ``post``
 reads the body and throws it away (the status is all a sender needs); ``request`` returns it
-(SQS's JSON answers). Both take a per-call ``timeout`` (an SQS long poll waits longer).
+(SQS's JSON answers). Both take a per-call ``timeout`` (an SQS long poll waits longer): one
+deadline for the whole call, connect, send and the full answer, so a server that trickles its
+answer cannot hold the caller longer than that. Each blocking socket operation gets only the time
+left (within ``_SLACK``: the socket's timeout is re-set, a syscall, only when it is off by more).
 
 One request at a time (no pipelining). Errors:
 
 - ``ValueError``: the request cannot be sent as given (CR, LF or NUL in a header, a bad header
   name, a non-latin-1 value); raised before anything is sent, the connection is untouched.
-- ``TimeoutError``: no progress for ``timeout`` seconds (connect, send, or between reads).
-- ``ProtocolError`` (an ``OSError``): the answer is not HTTP/1.x we can frame.
+- ``TimeoutError``: the call (connect, send, the whole answer) took more than ``timeout`` seconds.
+- ``ProtocolError`` (an ``OSError``): the answer is not HTTP/1.x we can frame (this includes
+  both ``Content-Length`` and ``Transfer-Encoding``, RFC 9112 6.3: a sign of response smuggling).
 - ``Aborted`` (an ``OSError``): ``abort()`` was called, from any thread; it breaks off a call
   in progress (a blocked ``recv`` returns) and every later call raises it at once.
 - other ``OSError`` (``ConnectionError``, ``ssl.SSLError``): the transport failed.
 
 After any error but ``ValueError`` the connection is closed; the next call opens a new one.
-A reused keep-alive connection that fails before any byte of the answer arrived (the server
-closed it while idle: EOF, reset, broken pipe) is reopened and the request sent again, once:
-only for requests that are safe to repeat (the channel's POSTs and these SQS calls are).
+A kept-alive connection is reused only if it is idle and clean: nothing readable on it (checked
+with a zero-timeout poll, as httpcore does). A readable idle socket is the server's close, or
+bytes it sent unasked (a stray response must never be read as the next request's answer): it is
+closed and a new one opened; on TLS, unless all it holds is TLS records (session tickets), which
+a read that does not block consumes. A reused connection that still fails before any byte of the
+answer arrived (the server closed it just after that check: EOF, reset, broken pipe) is reopened
+and the request sent again, once, within the same deadline: only for requests that are safe to
+repeat (the channel's POSTs and these SQS calls are).
 """
 
 from __future__ import annotations
 
 import functools
 import re
+import select
 import socket
 import ssl
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from time import monotonic
 
 __all__ = ["Aborted", "HttpConnection", "ProtocolError"]
 
@@ -39,6 +50,9 @@ MAX_HEAD = 65536  # bytes of one response's status line and headers (as http.cli
 MAX_HEADERS = 100  # header (or trailer) lines of one response
 MAX_INTERIM = 32  # 1xx responses before the final one
 _RECV = 65536
+# How far a blocking operation's socket timeout may be from the time left to the call's deadline
+# before it is re-set: settimeout is a syscall, and the common POST needs none.
+_SLACK = 0.005
 
 # A header block is "name: value\r\n"*: names are RFC 9110 tokens; values have no CR, LF or NUL.
 # One fullmatch over the whole block, plus one count of its LFs (a value "a\r\nX: b" would match
@@ -90,7 +104,8 @@ class HttpConnection:
 
     ``headers`` are sent with every request (encoded once); ``Host`` (``authority``) and
     ``Content-Length`` are added here, so neither argument may carry ``Content-Length``,
-    ``Transfer-Encoding`` or ``Host``. ``timeout``: the default of every call, and the connect's.
+    ``Transfer-Encoding`` or ``Host``. ``timeout``: the default of every call; a connect (and TLS
+    handshake) is bounded by it too, besides the call's own deadline.
     """
 
     def __init__(self, host: str, port: int, *, tls: bool, timeout: float,
@@ -106,7 +121,9 @@ class HttpConnection:
         self._constant = encode_headers({"Host": name, "Accept-Encoding": "identity"}) + encode_headers(headers)
         self._prefixes: dict[str, bytes] = {}
         self._sock: socket.socket | None = None
-        self._sock_timeout = timeout  # what the open socket is set to: settimeout is a syscall
+        self._sock_timeout = float(timeout)  # what the open socket is set to: settimeout is a syscall
+        self._readable: Callable[[], object] = _never  # anything to read on the idle socket?
+        self._deadline = 0.0  # of the call in progress (time.monotonic())
         self._aborted = False
 
     def post(self, target: str, headers: Headers, body: bytes, *, timeout: float | None = None) -> int:
@@ -148,19 +165,21 @@ class HttpConnection:
         # One bytes object, one sendall: "%s" formatting is the cheapest way to build it here.
         request = b"%s%sContent-Length: %d\r\n\r\n%s" % (
             prefix, encode_headers(headers) if headers else b"", len(body), body)
-        if timeout is None:
-            timeout = self.timeout
+        self._deadline = monotonic() + (self.timeout if timeout is None else timeout)
         for attempt in (1, 2):
+            # A readable idle connection was closed by the server, or holds bytes nobody asked
+            # for: taking those for this request's answer could turn a 500 into a 200.
+            if self._sock is not None and self._readable() and not self._only_tls_records(self._sock):
+                self.close()
             reused = self._sock is not None
             try:
                 sock = self._sock if self._sock is not None else self._connect()
                 if self._aborted:  # abort() came while connecting, or broke off the first try
                     raise Aborted("the connection was aborted")
-                if timeout != self._sock_timeout:
-                    sock.settimeout(timeout)
-                    self._sock_timeout = timeout
+                self._arm(sock, self._deadline)
                 try:
                     sock.sendall(request)
+                    self._arm(sock, self._deadline)
                     first = sock.recv(_RECV)
                 except _STALE:
                     first = b""
@@ -187,6 +206,7 @@ class HttpConnection:
 
     def close(self) -> None:
         sock, self._sock = self._sock, None
+        self._readable = _never
         if sock is not None:
             sock.close()
 
@@ -207,8 +227,12 @@ class HttpConnection:
         return prefix
 
     def _connect(self) -> socket.socket:
-        sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
-        self._sock, self._sock_timeout = sock, self.timeout  # stored at once: abort() can reach it
+        # A connect need not wait as long as a long poll's answer: the connection's timeout
+        # bounds it too.
+        deadline = min(self._deadline, monotonic() + self.timeout)
+        sock = _open_socket(self.host, self.port, deadline)
+        # Stored at once: abort() can reach it.
+        self._sock, self._sock_timeout = sock, sock.gettimeout() or 0.0
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.tls:
@@ -219,17 +243,58 @@ class HttpConnection:
                 self._sock = sock
                 if self._aborted:
                     raise Aborted("the connection was aborted")
-                sock.do_handshake()
+                self._arm(sock, deadline)
+                sock.do_handshake()  # bounded as a whole by the timeout (ssl keeps a deadline)
+            self._readable = _readable_check(sock)
         except BaseException:
             self.close()
             raise
         return sock
 
+    def _arm(self, sock: socket.socket, deadline: float) -> None:
+        """Give the next blocking operation on ``sock`` only the time left before ``deadline``.
+
+        A socket timeout bounds one operation, and restarts with each: without this, a server
+        sending a byte now and then would hold the call forever.
+        """
+        remaining = deadline - monotonic()
+        if remaining <= 0:
+            raise TimeoutError("timed out")
+        if not -_SLACK <= self._sock_timeout - remaining <= _SLACK:
+            sock.settimeout(remaining)
+            self._sock_timeout = remaining
+
+    def _only_tls_records(self, sock: socket.socket) -> bool:
+        """Whether a readable idle socket carries only TLS records that some servers send after
+        an answer (TLS 1.3 session tickets, key updates), which leave it reusable: a read that
+        does not block tells. Anything else (data, EOF, an error, plain TCP) does not."""
+        if not isinstance(sock, ssl.SSLSocket):
+            return False
+        sock.settimeout(0.0)
+        self._sock_timeout = 0.0  # the next _arm sets it back
+        try:
+            sock.recv(1)  # application data (unasked) or b"" (closed): not reusable
+        except ssl.SSLWantReadError:
+            return True  # only TLS records: consumed, nothing for us
+        except OSError:
+            pass
+        return False
+
+    def _recv(self, sock: socket.socket, size: int = _RECV) -> bytes:
+        self._arm(sock, self._deadline)
+        return sock.recv(size)
+
+    def _recv_more(self, sock: socket.socket, size: int = _RECV) -> bytes:
+        data = self._recv(sock, size)
+        if not data:
+            raise ProtocolError("the server closed the connection in the middle of a response")
+        return data
+
     def _read_response(self, sock: socket.socket, buf: bytes, parts: list[bytes] | None) -> tuple[int, bool]:
         """(status, keep-alive) of the final response; its body is read into ``parts``, or
         dropped if None."""
         for _ in range(MAX_INTERIM + 1):
-            head, buf = _read_head(sock, buf)
+            head, buf = self._read_head(sock, buf)
             lines = head.split(b"\n")
             version, _, rest = lines[0].partition(b" ")
             code = rest[:3]
@@ -245,32 +310,12 @@ class HttpConnection:
                 continue  # 100 Continue, 103 Early Hints...: the final response follows
             if status < 100:
                 raise ProtocolError(f"invalid status {status}")
-            length: int | None = None
-            chunked = until_close = close = keep_alive = False
-            for line in lines[1:]:
-                name, colon, value = line.partition(b":")
-                if not colon:
-                    continue  # obs-fold continuation or junk, of no header we use
-                name = name.lower()
-                if name == b"content-length":
-                    value = value.strip()
-                    if not value.isdigit() or len(value) > 18 or (length is not None and int(value) != length):
-                        raise ProtocolError(f"invalid Content-Length {value[:40]!r}")
-                    length = int(value)
-                elif name == b"transfer-encoding":
-                    # the last coding decides; anything but chunked is read until close (RFC 9112 6.3)
-                    chunked = value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
-                    until_close = not chunked
-                elif name == b"connection":
-                    tokens = [t.strip() for t in value.lower().split(b",")]
-                    close = close or b"close" in tokens
-                    keep_alive = keep_alive or b"keep-alive" in tokens
-            keep = not close and (keep_alive or version != b"HTTP/1.0")
+            length, chunked, until_close, keep = _framing(version, lines)
             if status in (204, 304):
                 return status, keep and not buf
             if chunked:
-                buf = _read_chunked(sock, buf, parts)
-            elif length is not None and not until_close:
+                buf = self._read_chunked(sock, buf, parts)
+            elif not until_close:  # a Content-Length (_framing makes it 0 if there is none)
                 if len(buf) >= length:
                     if parts is not None:
                         parts.append(buf[:length])
@@ -278,86 +323,142 @@ class HttpConnection:
                 else:
                     if parts is not None:
                         parts.append(buf)
-                    _read_exact(sock, length - len(buf), parts)
+                    self._read_exact(sock, length - len(buf), parts)
                     buf = b""
             else:
                 if parts is not None:  # no length: the body ends when the server closes
                     parts.append(buf)
-                    while data := sock.recv(_RECV):
+                while data := self._recv(sock):
+                    if parts is not None:
                         parts.append(data)
-                else:
-                    while sock.recv(_RECV):
-                        pass
                 return status, False
             # Bytes beyond the response mean the server and we disagree on framing: do not reuse.
             return status, keep and not buf
         raise ProtocolError(f"more than {MAX_INTERIM} interim (1xx) responses")
 
+    def _read_head(self, sock: socket.socket, buf: bytes) -> tuple[bytes, bytes]:
+        """(status line and headers, what follows the blank line); CRLF or bare LF line ends."""
+        while True:
+            crlf = buf.find(b"\n\r\n")
+            lf = buf.find(b"\n\n")
+            end = crlf if crlf >= 0 and (lf < 0 or crlf < lf) else lf
+            if end > MAX_HEAD or (end < 0 and len(buf) > MAX_HEAD):
+                raise ProtocolError(f"response head longer than {MAX_HEAD} bytes")
+            if end >= 0:
+                return buf[:end], buf[end + (3 if end == crlf else 2):]
+            buf += self._recv_more(sock)
 
-def _recv_more(sock: socket.socket, size: int = _RECV) -> bytes:
-    data = sock.recv(size)
-    if not data:
-        raise ProtocolError("the server closed the connection in the middle of a response")
-    return data
+    def _read_exact(self, sock: socket.socket, remaining: int, parts: list[bytes] | None) -> None:
+        """Read exactly ``remaining`` bytes (never more: they would be the next response), into
+        ``parts``, or dropped if None."""
+        while remaining > 0:
+            data = self._recv_more(sock, min(remaining, _RECV))
+            remaining -= len(data)
+            if parts is not None:
+                parts.append(data)
+
+    def _read_line(self, sock: socket.socket, buf: bytes) -> tuple[bytes, bytes]:
+        while (end := buf.find(b"\n")) < 0 and len(buf) <= MAX_HEAD:
+            buf += self._recv_more(sock)
+        if not 0 <= end <= MAX_HEAD:
+            raise ProtocolError("chunked body: line too long")
+        return buf[:end].rstrip(b"\r"), buf[end + 1:]
+
+    def _read_chunked(self, sock: socket.socket, buf: bytes, parts: list[bytes] | None) -> bytes:
+        """Read a chunked body (into ``parts``, or dropped if None) and its trailers; returns the
+        bytes after it."""
+        while True:
+            line, buf = self._read_line(sock, buf)
+            size_text = line.split(b";", 1)[0].strip()
+            if not _CHUNK_SIZE.fullmatch(size_text):
+                raise ProtocolError(f"invalid chunk size line {line[:40]!r}")
+            size = int(size_text, 16)
+            if size == 0:
+                break
+            if len(buf) >= size:
+                if parts is not None:
+                    parts.append(buf[:size])
+                buf = buf[size:]
+            else:
+                if parts is not None:
+                    parts.append(buf)
+                self._read_exact(sock, size - len(buf), parts)
+                buf = b""
+            line, buf = self._read_line(sock, buf)  # the CRLF that ends the chunk's data
+            if line:
+                raise ProtocolError(f"chunk data longer than its size line said: {line[:40]!r}")
+        for _ in range(MAX_HEADERS + 1):  # trailer fields, up to a blank line
+            line, buf = self._read_line(sock, buf)
+            if not line:
+                return buf
+        raise ProtocolError(f"more than {MAX_HEADERS} trailer lines")
 
 
-def _read_head(sock: socket.socket, buf: bytes) -> tuple[bytes, bytes]:
-    """(status line and headers, what follows the blank line); CRLF or bare LF line ends."""
-    while True:
-        crlf = buf.find(b"\n\r\n")
-        lf = buf.find(b"\n\n")
-        end = crlf if crlf >= 0 and (lf < 0 or crlf < lf) else lf
-        if end > MAX_HEAD or (end < 0 and len(buf) > MAX_HEAD):
-            raise ProtocolError(f"response head longer than {MAX_HEAD} bytes")
-        if end >= 0:
-            return buf[:end], buf[end + (3 if end == crlf else 2):]
-        buf += _recv_more(sock)
+def _framing(version: bytes, lines: list[bytes]) -> tuple[int, bool, bool, bool]:
+    """(Content-Length or 0, chunked, until close, keep-alive) from a final response's headers."""
+    length: int | None = None
+    chunked = until_close = close = keep_alive = False
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon:
+            continue  # obs-fold continuation or junk, of no header we use
+        name = name.lower()
+        if name == b"content-length":
+            value = value.strip()
+            if not value.isdigit() or len(value) > 18 or (length is not None and int(value) != length):
+                raise ProtocolError(f"invalid Content-Length {value[:40]!r}")
+            length = int(value)
+        elif name == b"transfer-encoding":
+            # the last coding decides; anything but chunked is read until close (RFC 9112 6.3)
+            chunked = value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
+            until_close = not chunked
+        elif name == b"connection":
+            tokens = [t.strip() for t in value.lower().split(b",")]
+            close = close or b"close" in tokens
+            keep_alive = keep_alive or b"keep-alive" in tokens
+    if length is not None and (chunked or until_close):
+        # RFC 9112 6.3: both framings at once is a smuggling attempt or a broken server.
+        raise ProtocolError("response has both Content-Length and Transfer-Encoding")
+    if length is None and not chunked:
+        until_close = True  # no framing at all: the body ends when the server closes
+    return length or 0, chunked, until_close, not close and (keep_alive or version != b"HTTP/1.0")
 
 
-def _read_exact(sock: socket.socket, remaining: int, parts: list[bytes] | None) -> None:
-    """Read exactly ``remaining`` bytes (never more: they would be the next response), into
-    ``parts``, or dropped if None."""
-    while remaining > 0:
-        data = _recv_more(sock, min(remaining, _RECV))
-        remaining -= len(data)
-        if parts is not None:
-            parts.append(data)
-
-
-def _read_line(sock: socket.socket, buf: bytes) -> tuple[bytes, bytes]:
-    while (end := buf.find(b"\n")) < 0 and len(buf) <= MAX_HEAD:
-        buf += _recv_more(sock)
-    if not 0 <= end <= MAX_HEAD:
-        raise ProtocolError("chunked body: line too long")
-    return buf[:end].rstrip(b"\r"), buf[end + 1:]
-
-
-def _read_chunked(sock: socket.socket, buf: bytes, parts: list[bytes] | None) -> bytes:
-    """Read a chunked body (into ``parts``, or dropped if None) and its trailers; returns the
-    bytes after it."""
-    while True:
-        line, buf = _read_line(sock, buf)
-        size_text = line.split(b";", 1)[0].strip()
-        if not _CHUNK_SIZE.fullmatch(size_text):
-            raise ProtocolError(f"invalid chunk size line {line[:40]!r}")
-        size = int(size_text, 16)
-        if size == 0:
+def _open_socket(host: str, port: int, deadline: float) -> socket.socket:
+    """``socket.create_connection``, but every address tried shares one deadline (it gives each
+    the whole timeout). Name resolution itself is not bounded (getaddrinfo has no timeout)."""
+    error: OSError | None = None
+    for family, kind, proto, _, address in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
+        remaining = deadline - monotonic()
+        if remaining <= 0:
             break
-        if len(buf) >= size + 2:  # the chunk's data and its CRLF
-            if parts is not None:
-                parts.append(buf[:size])
-            buf = buf[size + 2:]
-        else:
-            if parts is not None:
-                parts.append(buf[:size])
-            data: list[bytes] | None = [] if parts is not None else None
-            _read_exact(sock, size + 2 - len(buf), data)
-            if data is not None and parts is not None:
-                tail = b"".join(data)  # the rest of the data, then its CRLF (dropped)
-                parts.append(tail[:max(0, size - len(buf))])
-            buf = b""
-    for _ in range(MAX_HEADERS + 1):  # trailer fields, up to a blank line
-        line, buf = _read_line(sock, buf)
-        if not line:
-            return buf
-    raise ProtocolError(f"more than {MAX_HEADERS} trailer lines")
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(remaining)
+            sock.connect(address)
+            return sock
+        except OSError as exc:
+            sock.close()
+            error = exc
+    raise error if error is not None else TimeoutError("timed out")
+
+
+def _never() -> bool:
+    return False
+
+
+def _readable_check(sock: socket.socket) -> Callable[[], object]:
+    """A zero-timeout test that ``sock`` has something to read (data, EOF, an error): one poll
+    syscall, its poll object made once per connection. For TLS, decrypted bytes not yet read
+    count too (``pending()``: no syscall)."""
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN)  # POLLHUP, POLLERR, POLLNVAL come anyway
+        poll = functools.partial(poller.poll, 0)
+    else:
+        fd = sock.fileno()
+        poll = lambda: select.select([fd], [], [], 0)[0]
+    if isinstance(sock, ssl.SSLSocket):
+        pending = sock.pending
+        return lambda: pending() or poll()
+    return poll

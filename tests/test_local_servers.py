@@ -11,6 +11,7 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -381,6 +382,171 @@ def test_channel_rejects_bad_subscriber_urls() -> None:
         InMemoryChannelServer("127.0.0.1", 0, ["ftp://x/"])
     with pytest.raises(ValueError, match="at least one"):
         InMemoryChannelServer("127.0.0.1", 0, [])
+
+
+# --- HTTP-level limits (raw sockets: the clients a library would not be) ---------------------
+
+RAW_HEAD = (b"POST / HTTP/1.1\r\nHost: x\r\nce-specversion: 1.0\r\nce-id: raw-1\r\nce-source: /s\r\n"
+            b"ce-type: t\r\nContent-Type: text/plain\r\n")
+
+
+def raw_request(body: bytes = b"hello", *, chunked: bool = False) -> tuple[bytes, bytes]:
+    """(head, body) of a valid binary-mode CloudEvent request, sized or chunked."""
+    if chunked:
+        return RAW_HEAD + b"Transfer-Encoding: chunked\r\n\r\n", b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    return RAW_HEAD + b"Content-Length: %d\r\n\r\n" % len(body), body
+
+
+def raw_connect(server: DumperServer) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", server.port), timeout=10)
+
+
+def read_response(sock: socket.socket, buf: bytes = b"") -> tuple[int, bytes, bytes]:
+    """(status, body, bytes after it) of one Content-Length response on a kept-alive connection."""
+    while b"\r\n\r\n" not in buf:
+        data = sock.recv(65536)
+        assert data, f"closed without a whole answer: {buf!r}"
+        buf += data
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:"))
+    while len(rest) < length:
+        rest += sock.recv(65536)
+    return int(head.split(b" ", 2)[1]), rest[:length], rest[length:]
+
+
+def read_until_closed(sock: socket.socket) -> tuple[int, bytes]:
+    """(status, everything) of an answer after which the server closes the connection."""
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except ConnectionResetError:
+        assert data, "reset without an answer"  # closed with our bytes unread: the answer came first
+    return int(data.split(b" ", 2)[1]), data
+
+
+@pytest.mark.parametrize(("size_line", "data"), [
+    (b"-1", b""),  # int("-1", 16) is -1, and reading -1 bytes was reading to EOF: no limit
+    (b"+3", b"abc"), (b"0x3", b"abc"), (b"0_3", b"abc"),  # int(x, 16) takes these too
+    (b"zz", b"abc"), (b"", b"abc"),
+    (b"3", b"abcdef"),  # more data than the size: not followed by CRLF
+])
+def test_chunk_sizes_must_be_plain_hex(stack: ExitStack, size_line: bytes, data: bytes) -> None:
+    d = dumper(stack, server_options=ServerOptions(max_body=1024))
+    head, _ = raw_request(chunked=True)
+    # The rest of a valid body follows, so that a size taken as valid makes a 200.
+    rest = b"\r\n" + data + b"\r\n0\r\n\r\n" if data else b"\r\n"
+    with raw_connect(d) as sock:
+        sock.sendall(head + size_line + rest)  # and not closed: "-1" must not wait for EOF
+        status, answer = read_until_closed(sock)
+    assert status == 400 and b"malformed chunked body" in answer
+    assert d.received == []
+
+
+def test_chunked_body_with_extensions_and_trailers_is_accepted(stack: ExitStack) -> None:
+    d = dumper(stack)
+    head, _ = raw_request(chunked=True)
+    with raw_connect(d) as sock:
+        sock.sendall(head + b"3;ext=1\r\nhel\r\nA\r\nlo world!!\r\n0\r\nX-Trailer: 1\r\n\r\n")
+        assert read_response(sock)[:2] == (200, b"")
+        sock.sendall(b"".join(raw_request(b"again")))  # and the connection is kept
+        assert read_response(sock)[:2] == (200, b"")
+    assert [r.body for r in d.received] == [b"hello world!!", b"again"]
+
+
+def trickle(sock: socket.socket, data: bytes, stop: threading.Event, every: float = 0.05) -> threading.Thread:
+    """Sends ``data`` one byte every ``every`` seconds from a thread, until done, stopped or the
+    server closes."""
+    def run() -> None:
+        try:
+            for i in range(len(data)):
+                if stop.wait(every):
+                    return
+                sock.sendall(data[i:i + 1])
+        except OSError:
+            pass
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("part", ["head", "body", "chunked"])
+def test_a_trickled_request_gets_408_and_is_closed(stack: ExitStack, part: str) -> None:
+    # Each byte comes well within any socket timeout, the whole request in no less than 7 s: a
+    # per-recv timeout never fires, the request's deadline does.
+    d = dumper(stack, server_options=ServerOptions(request_timeout=0.5))
+    head, body = raw_request(b"x" * 150, chunked=part == "chunked")
+    stop = threading.Event()
+    with raw_connect(d) as sock:
+        began = time.monotonic()
+        if part == "head":
+            sender = trickle(sock, head + body, stop)
+        else:
+            sock.sendall(head)
+            sender = trickle(sock, body, stop)
+        try:
+            status, answer = read_until_closed(sock)
+        finally:
+            stop.set()
+            sender.join(5)
+        assert time.monotonic() - began < 5  # generous: the trickle needs > 7 s
+    assert status == 408 and b"Connection: close" in answer
+    assert d.received == [] and d.counts.received == 0
+
+
+def test_the_request_deadline_starts_with_the_request_not_the_idle_wait(stack: ExitStack) -> None:
+    d = dumper(stack, server_options=ServerOptions(request_timeout=0.5))
+    with raw_connect(d) as sock:
+        sock.sendall(b"".join(raw_request(b"1")))
+        status, _, rest = read_response(sock)
+        assert status == 200
+        time.sleep(0.8)  # idle on the kept-alive connection for longer than request_timeout
+        sock.sendall(b"".join(raw_request(b"2")))
+        assert read_response(sock, rest)[0] == 200
+    assert [r.body for r in d.received] == [b"1", b"2"]
+
+
+def handler_threads() -> int:
+    return sum("process_request_thread" in t.name for t in threading.enumerate())
+
+
+def test_connections_beyond_the_cap_are_refused_at_once_without_a_thread(stack: ExitStack) -> None:
+    d = dumper(stack, server_options=ServerOptions(max_connections=3))
+    threads_before = handler_threads()
+    held = [stack.enter_context(raw_connect(d)) for _ in range(3)]
+    for sock in held:  # each admitted (answered), then idle and kept alive
+        sock.sendall(b"".join(raw_request()))
+        assert read_response(sock)[0] == 200
+    for _ in range(5):
+        with raw_connect(d) as extra:
+            status, answer = read_until_closed(extra)  # answered and closed, not left waiting
+        assert status == 503 and b"Retry-After: 1" in answer and b"too many connections" in answer
+    assert handler_threads() - threads_before <= 3
+    held[0].close()  # a slot frees once the server has seen the close
+    deadline = time.monotonic() + 10
+    while True:
+        with raw_connect(d) as sock:
+            try:
+                sock.sendall(b"".join(raw_request(b"after")))
+                status = read_response(sock)[0]
+            except (AssertionError, ConnectionError):
+                status = 503  # refused (503 and closed) before the slot was free
+        if status == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert status == 200
+    for sock in held[1:]:  # the others were kept all along
+        sock.sendall(b"".join(raw_request()))
+        assert read_response(sock)[0] == 200
+
+
+@pytest.mark.parametrize("options", [
+    {"request_timeout": 0}, {"request_timeout": -1.0}, {"max_connections": 0},
+])
+def test_server_options_are_checked(options: dict[str, float]) -> None:
+    with pytest.raises(ValueError):
+        ServerOptions(**options)  # type: ignore[arg-type]
 
 
 # --- the CLI entry points --------------------------------------------------------------------

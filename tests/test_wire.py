@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import io
 import ipaddress
+import select
 import socket
 import ssl
 import struct
@@ -237,15 +238,14 @@ def test_channel_outcomes_and_headers_on_the_wire(mode: str) -> None:
     overrides = {"tenant": "acme co", "region": "eu"}  # "region" also comes from the message
     with DumperServer(out=io.StringIO(), keep=True,
                       respond=lambda event, headers: answers.get(event["id"])) as dumper:
-        config = HttpConfig(sink=dumper.url + "events?x=1", mode=mode, overrides=overrides,
-                            concurrency=2, retries=1, backoff_base=0.01, backoff_max=0.02)
+        config = HttpConfig(sink=dumper.url + "events?x=1", mode=mode, overrides=overrides, concurrency=2)
         messages = [make_message(i, region={"DataType": "String", "StringValue": "us"}) for i in range(5)]
         outcomes = run_channel(config, messages)
         assert {k: v[0] for k, v in outcomes.items()} == {
             "m-0": Outcome.ACK, "m-1": Outcome.REJECT, "m-2": Outcome.RETRY, "m-3": Outcome.RETRY,
             "m-4": Outcome.ACK,
         }
-        assert outcomes["m-2"][1] == "sink answered HTTP 503"
+        assert outcomes["m-2"][1].endswith("answered HTTP 503")
         got = {r.event["id"]: r for r in dumper.received}
         fmt = EventFormat(SOURCE, overrides=overrides)
         assert got["m-0"].event["region"] == "eu" and got["m-0"].event["tenant"] == "acme co"
@@ -271,7 +271,7 @@ class _CrlfFormat(EventFormat):
 
 def test_channel_rejects_a_header_it_cannot_send_and_the_thread_lives_on() -> None:
     with DumperServer(out=io.StringIO(), keep=True) as dumper:
-        config = HttpConfig(sink=dumper.url, concurrency=1, retries=0)
+        config = HttpConfig(sink=dumper.url, concurrency=1)
         outcomes = run_channel(config, [make_message(0), make_message(1)], _CrlfFormat(SOURCE))
         assert outcomes["m-0"][0] is Outcome.REJECT and "invalid HTTP header" in outcomes["m-0"][1]
         assert outcomes["m-1"] == (Outcome.ACK, "")
@@ -280,14 +280,14 @@ def test_channel_rejects_a_header_it_cannot_send_and_the_thread_lives_on() -> No
 
 def test_channel_retries_garbage_and_silence(serve: Callable[..., RawServer]) -> None:
     garbage = serve(answering(b"SPAM SPAM SPAM\r\n\r\n"))
-    config = HttpConfig(sink=f"http://127.0.0.1:{garbage.port}/", concurrency=1, retries=1,
-                        backoff_base=0.01, backoff_max=0.02)
-    outcome, reason = run_channel(config, [make_message()])["m-0"]
-    assert outcome is Outcome.RETRY and "ProtocolError" in reason
-    assert garbage.connections == 2  # one per attempt: closed after the garbage
+    config = HttpConfig(sink=f"http://127.0.0.1:{garbage.port}/", concurrency=1)
+    outcomes = run_channel(config, [make_message(0), make_message(1)])
+    for outcome, reason in outcomes.values():  # one attempt each: the worker retries
+        assert outcome is Outcome.RETRY and "ProtocolError" in reason
+    assert garbage.connections == 2  # closed after the garbage: a new one for the next message
 
     silent = serve(lambda server, conn, reader: reader.request() and server.stopped.wait(5))
-    config = HttpConfig(sink=f"http://127.0.0.1:{silent.port}/", concurrency=1, retries=0, timeout=0.3)
+    config = HttpConfig(sink=f"http://127.0.0.1:{silent.port}/", concurrency=1, timeout=0.3)
     outcome, reason = run_channel(config, [make_message()])["m-0"]
     assert outcome is Outcome.RETRY and "TimeoutError" in reason
 
@@ -459,6 +459,13 @@ def test_reused_connection_is_resent_only_once(serve: Callable[..., RawServer]) 
     b"HTTP/1.1 200 OK\r\n" + b"X-Long: " + b"a" * 70_000 + b"\r\n\r\n",
     b"HTTP/1.1 200 OK\r\n" + b"X: 1\r\n" * 101 + b"\r\n",
     b"HTTP/1.1 100 Continue\r\n\r\n" * 40,
+    # Both framings (RFC 9112 6.3): a smuggling sign, whichever the server meant.
+    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 0\r\n\r\n0\r\n\r\n",
+    b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\nTransfer-Encoding: chunked\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: gzip\r\n\r\nok",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcdef\r\n0\r\n\r\n",  # data > size
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-1\r\n",
 ])
 def test_garbage_is_a_protocol_error_and_the_next_post_uses_a_fresh_connection(
     serve: Callable[..., RawServer], garbage: bytes
@@ -495,6 +502,157 @@ def test_a_server_that_never_answers_times_out(serve: Callable[..., RawServer]) 
             conn.post("/", (), b"x")
         assert time.monotonic() - began < 2
         assert conn._sock is None
+
+
+def trickling(response: bytes, every: float = 0.06, closed: threading.Event | None = None) -> Handler:
+    """Answers each request with ``response``, one byte every ``every`` seconds; sets ``closed``
+    when a send fails (the client closed the connection)."""
+    def handler(server: RawServer, conn: socket.socket, reader: Reader) -> None:
+        while (request := reader.request()) is not None:
+            server.record(request)
+            try:
+                for i in range(len(response)):
+                    conn.sendall(response[i:i + 1])
+                    if server.stopped.wait(every):
+                        return
+            except OSError:
+                if closed is not None:
+                    closed.set()
+                return
+    return handler
+
+
+TRICKLED = {  # each takes several seconds at one byte every 60 ms
+    "head": b"HTTP/1.1 200 OK\r\nX-Slow: " + b"s" * 80 + b"\r\nContent-Length: 0\r\n\r\n",
+    "body": b"HTTP/1.1 200 OK\r\nContent-Length: 80\r\n\r\n" + b"b" * 80,
+    "chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"1\r\nc\r\n" * 20 + b"0\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("part", sorted(TRICKLED))
+@pytest.mark.parametrize("call", ["post", "request"])
+def test_the_timeout_bounds_the_whole_answer_not_each_read(
+    serve: Callable[..., RawServer], part: str, call: str
+) -> None:
+    # Every byte comes well within the timeout, but the whole answer would take seconds: a
+    # per-read timeout never fires, a deadline for the call does.
+    closed = threading.Event()
+    server = serve(trickling(TRICKLED[part], closed=closed))
+    with connect(server, timeout=0.5) as conn:
+        began = time.monotonic()
+        with pytest.raises(TimeoutError):
+            getattr(conn, call)("/", (), b"x")
+        assert time.monotonic() - began < 3  # the trickle takes > 4 s; generous for a busy machine
+        assert conn._sock is None
+    assert closed.wait(5)  # the server saw the connection go
+    assert len(server.requests) == 1  # not resent
+
+
+def test_a_slow_answer_leaves_the_next_call_its_whole_timeout(serve: Callable[..., RawServer]) -> None:
+    # The first answer comes in three reads: the socket's timeout is cut to what was left of
+    # that call. The next call's deadline is a new one: the socket must get it back.
+    def handler(server: RawServer, conn: socket.socket, reader: Reader) -> None:
+        for pauses in ((0.6, 0.6), (1.4,)):
+            if (request := reader.request()) is None:
+                return
+            server.record(request)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(pauses))
+            for pause in pauses:
+                if server.stopped.wait(pause):
+                    return
+                conn.sendall(b"x")
+
+    server = serve(handler)
+    with connect(server, timeout=2.0) as conn:
+        assert conn.request("/", (), b"") == (200, b"xx")
+        assert conn.request("/", (), b"") == (200, b"x")
+    assert server.connections == 1
+
+
+def wait_readable(sock: socket.socket | None) -> None:
+    assert sock is not None
+    readable, _, _ = select.select([sock], [], [], 5)
+    assert readable, "nothing arrived on the idle connection"
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_a_stray_response_on_an_idle_connection_is_never_taken_for_the_next_answer(
+    serve: Callable[..., RawServer], certificate: tuple[Path, Path], tls: bool
+) -> None:
+    # A server answers, then sends a second response nobody asked for. Read as the answer to the
+    # next request, its 500 would stand for a request the server never answered (or a 200 for
+    # one it refused): the idle connection is readable, so it is dropped and a new one opened.
+    answered, stray_sent = threading.Event(), threading.Event()
+
+    def handler(server: RawServer, conn: socket.socket, reader: Reader) -> None:
+        first = server.connections == 1
+        while (request := reader.request()) is not None:
+            server.record(request)
+            conn.sendall(OK)
+            if first:
+                first = False
+                answered.wait(5)  # not in the same read as the answer
+                conn.sendall(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 5\r\n\r\nstray")
+                stray_sent.set()
+
+    if tls:
+        server = tls_server(serve, certificate, handler)
+        conn = HttpConnection("127.0.0.1", server.port, tls=True, timeout=5,
+                              context=ssl.create_default_context(cafile=str(certificate[0])))
+    else:
+        server = serve(handler)
+        conn = connect(server)
+    with conn:
+        assert conn.request("/", (), b"1") == (200, b"")
+        answered.set()
+        assert stray_sent.wait(5)
+        wait_readable(conn._sock)
+        assert conn.request("/", (), b"2") == (200, b"")
+        assert conn.request("/", (), b"3") == (200, b"")
+    assert server.connections == 2
+    assert [r[-1:] for r in server.requests] == [b"1", b"2", b"3"]  # each sent once
+
+
+@pytest.mark.parametrize("how", ["together", "after"])
+def test_bytes_after_an_answer_close_the_connection(serve: Callable[..., RawServer], how: str) -> None:
+    # Bytes beyond the answer: read with it ("together") or arriving before the next request.
+    def handler(server: RawServer, conn: socket.socket, reader: Reader) -> None:
+        first = server.connections == 1
+        while (request := reader.request()) is not None:
+            server.record(request)
+            if first and how == "together":
+                conn.sendall(OK + b"HTTP/1.1 200 OK\r\n")
+            else:
+                conn.sendall(OK)
+                if first:
+                    conn.sendall(b"\r\n")  # junk, e.g. a stray line end
+            first = False
+
+    server = serve(handler)
+    with connect(server) as conn:
+        assert conn.post("/", (), b"1") == 200
+        if conn._sock is not None:
+            wait_readable(conn._sock)
+        assert conn.post("/", (), b"2") == 200
+    assert server.connections == 2 and len(server.requests) == 2
+
+
+def test_tls_records_on_an_idle_connection_keep_it(
+    serve: Callable[..., RawServer], certificate: tuple[Path, Path]
+) -> None:
+    # TLS 1.3 servers send session tickets after the handshake; some send such records (tickets,
+    # key updates) after an answer. The socket is readable, but holds nothing for us: kept.
+    server = tls_server(serve, certificate, answering(OK))
+    conn = HttpConnection("127.0.0.1", server.port, tls=True, timeout=5,
+                          context=ssl.create_default_context(cafile=str(certificate[0])))
+    with conn:
+        conn._deadline = time.monotonic() + 5
+        sock = conn._connect()  # handshake only: the tickets arrive after it, unread
+        assert isinstance(sock, ssl.SSLSocket) and sock.version() == "TLSv1.3"
+        wait_readable(sock)
+        assert conn.post("/", (), b"x") == 200
+        assert conn._sock is sock
+    assert server.connections == 1
 
 
 def test_refused_connection_is_an_oserror() -> None:
