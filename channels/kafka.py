@@ -14,8 +14,13 @@ Records (CloudEvents Kafka protocol binding 1.0)
 ``raw``
     value: the Body bytes; no CloudEvents headers.
 
-In every format the record timestamp is ``SentTimestamp`` (milliseconds) and the SQS message
-attributes are also copied to headers:
+Record timestamp (``timestamp``): ``now`` (default) = the produce time (CreateTime set by the
+producer); ``sent`` = ``SentTimestamp``. The broker's retention and segment rolling go by record
+timestamps, so with ``sent`` a backlog older than the topic's ``retention.ms`` may be deleted by
+the broker minutes after it was acked and deleted from SQS. The send time is always in the event's
+``time`` attribute (``ce_time``) in ``binary`` and ``structured``.
+
+In every format the SQS message attributes are also copied to headers:
 
 =====================  ====================================================================
 header name            the attribute name, unchanged
@@ -42,6 +47,19 @@ confluentinc/confluent-kafka-python#1804.) Reports of the messages of one FIFO g
 are held until all of them are settled and are then given in batch order; after the first that
 failed, the rest of the group is reported RETRY even if delivered (at-least-once allows the
 duplicate; acking them would let them overtake the failed one).
+
+Size errors: the broker checks a topic's ``max.message.bytes`` against a whole record batch, and
+librdkafka fails every record of a rejected batch with the same ``MSG_SIZE_TOO_LARGE`` /
+``RECORD_LIST_TOO_LARGE``. So such a record is sent once more on its own, by a second producer
+made on first need (one record per request, one request in flight, not idempotent: a duplicate is
+possible, a reorder is not), and only a record that fails alone is rejected. A record sent alone
+is sent only once the earlier records of its FIFO group have landed, and it may land behind later
+ones that the main producer delivered: those are reported RETRY (sent again after it), never ACK.
+
+Delivery bound: ``message.timeout.ms`` defaults to 60 s (librdkafka's: 300 s): the worker retries
+a message in place and keeps its visibility extended, so a shorter attempt lets it see an outage
+sooner. ``close(timeout)`` returns within ``timeout`` however stuck the broker is; what is still
+undelivered is reported RETRY.
 """
 
 from __future__ import annotations
@@ -53,7 +71,9 @@ import os
 import re
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import CancelledError
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -66,17 +86,20 @@ from channels.events import DATA_MODES, EventError, EventFormat
 __all__ = [
     "AUTH_MODES",
     "FORMATS",
+    "TIMESTAMPS",
     "KafkaChannel",
     "KafkaConfig",
     "Record",
     "RecordBuilder",
     "parse_kafka_config",
+    "parse_kafka_config_env",
 ]
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("binary", "structured", "raw")
 AUTH_MODES = ("none", "tls", "scram-sha-512", "iam")
+TIMESTAMPS = ("now", "sent")
 STRUCTURED_CONTENT_TYPE = b"application/cloudevents+json"
 
 # Throughput defaults; anything in ``extra`` wins.
@@ -86,6 +109,9 @@ DEFAULTS: Mapping[str, Any] = {
     "linger.ms": 5,
     "batch.size": 1_000_000,
     "compression.type": "lz4",
+    # One delivery attempt: the worker retries in place with visibility extended, so a shorter
+    # bound than librdkafka's 300 s lets it notice an outage (and open its circuit) sooner.
+    "message.timeout.ms": 60_000,
 }
 # Python-side callbacks we own; a string from --kafka-config cannot be one.
 _RESERVED_KEYS = frozenset(
@@ -98,26 +124,60 @@ _REJECT_CODES = frozenset(
      KafkaError.INVALID_MSG_SIZE, KafkaError.RECORD_LIST_TOO_LARGE, KafkaError.INVALID_TIMESTAMP,
      KafkaError._BAD_MSG, KafkaError._INVALID_ARG}
 )
+# Size errors the broker gives a whole record batch: the record may be fine on its own.
+_BATCH_SIZE_CODES = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE})
+# The producer that sends such records again, one per request and in order. Not idempotent: a
+# permanent error of an idempotent producer bumps its epoch, which tansu (unlike Kafka) answers
+# with PRODUCER_FENCED for good; one request in flight keeps the order without it.
+_ALONE_SETTINGS: Mapping[str, Any] = {
+    "linger.ms": 0,
+    "batch.num.messages": 1,
+    "enable.idempotence": False,
+    "max.in.flight.requests.per.connection": 1,
+}
+_ALONE_DROPPED = ("transactional.id", "enable.gapless.guarantee")  # need idempotence / fence the main one
 # The broker fenced this producer: none of its records will be accepted again. librdkafka reports
 # this per record, not as a fatal error, for an idempotent non-transactional producer. Seen with
-# tansu: records timed out while the broker was down, librdkafka bumped the producer epoch, and
-# after the restart every record of that producer failed with PRODUCER_FENCED for good, while a new
-# producer worked. Retrying with the same producer would loop forever, so the channel fails
-# instead and the worker is restarted with a new producer.
+# tansu: records timed out while the broker was down (or a batch failed for good, e.g. too large),
+# librdkafka bumped the producer epoch, and from then on every record of that producer failed with
+# PRODUCER_FENCED, while a new producer worked (Kafka accepts such a bump). Retrying with the same
+# producer would loop forever, so the channel fails instead and the worker is restarted with a new
+# producer.
 _FENCED_CODES = frozenset({KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH})
 _TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
 _GROUP_FAILED = "an earlier message of its FIFO group in this batch was not delivered"
+_GROUP_OVERTAKEN = ("an earlier message of its FIFO group was sent again alone after a batch-wide "
+                    "size error and may be behind this one in Kafka")
+_CLOSED = "Kafka channel closed before delivery"
+_ENV_NAME = "POLLER_KAFKA_CONFIG"
 
 
 def parse_kafka_config(items: Iterable[str]) -> tuple[tuple[str, str], ...]:
-    """Parse repeated ``--kafka-config KEY=VALUE`` options (values are passed to librdkafka as is)."""
+    """Parse repeated ``--kafka-config KEY=VALUE`` options (values are passed to librdkafka as is).
+
+    Errors name the entry by number, never its text: it may be (part of) a secret."""
+    return tuple(_config_pair(item, f"--kafka-config entry {n}") for n, item in enumerate(items, 1))
+
+
+def parse_kafka_config_env(text: str) -> tuple[tuple[str, str], ...]:
+    """Parse ``POLLER_KAFKA_CONFIG``: one ``KEY=VALUE`` per line, so values may hold spaces.
+
+    Blank lines and lines starting with ``#`` are skipped; a trailing ``\\r`` is dropped (CRLF).
+    Errors name the line by number, never its text."""
     pairs = []
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or not name.strip():
-            raise ValueError(f"--kafka-config {item!r} must look like KEY=VALUE")
-        pairs.append((name.strip(), value))
+    for n, line in enumerate(text.split("\n"), 1):
+        line = line.removesuffix("\r")
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        pairs.append(_config_pair(line, f"{_ENV_NAME} line {n}"))
     return tuple(pairs)
+
+
+def _config_pair(item: str, where: str) -> tuple[str, str]:
+    name, sep, value = item.partition("=")
+    if not sep or not name.strip():
+        raise ValueError(f"{where} must look like KEY=VALUE (its text is not shown: it may be a secret)")
+    return name.strip(), value
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -136,6 +196,7 @@ class KafkaConfig:
     format: str = "binary"
     data_mode: str = "message"
     key: str = "group"
+    timestamp: str = "now"
     auth: str = "none"
     extra: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # may hold secrets
     overrides: tuple[tuple[str, str], ...] = ()
@@ -158,6 +219,8 @@ class KafkaConfig:
             self.key.startswith("attribute:") and len(self.key) > len("attribute:")
         ):
             raise ValueError(f"Kafka key must be group, none or attribute:NAME, not {self.key!r}")
+        if self.timestamp not in TIMESTAMPS:
+            raise ValueError(f"Kafka timestamp must be one of {', '.join(TIMESTAMPS)}, not {self.timestamp!r}")
         if self.auth not in AUTH_MODES:
             raise ValueError(f"Kafka auth must be one of {', '.join(AUTH_MODES)}, not {self.auth!r}")
         if self.partitions < 1:
@@ -185,9 +248,17 @@ class KafkaConfig:
         try:
             Producer(conf)
         except KafkaException as exc:
-            raise ValueError(f"bad --kafka-config: {_error_text(exc)}") from None
+            raise ValueError(f"bad --kafka-config: {self._redact(_error_text(exc))}") from None
         except (TypeError, ValueError) as exc:
-            raise ValueError(f"bad --kafka-config: {exc}") from None
+            raise ValueError(f"bad --kafka-config: {self._redact(str(exc))}") from None
+
+    def _redact(self, text: str) -> str:
+        # librdkafka quotes a bad value ('Invalid value "x" for configuration property "y"'):
+        # a usage error must not print what may be a secret.
+        for _, value in self.extra:
+            if value:
+                text = text.replace(f'"{value}"', '"***"')
+        return text
 
     def producer_config(self) -> dict[str, Any]:
         """The librdkafka configuration without secrets or callbacks: defaults < auth < extra."""
@@ -218,6 +289,15 @@ def _error_text(exc: KafkaException) -> str:
     return err.str() if isinstance(err, KafkaError) else str(exc)
 
 
+def _message_timeout(conf: Mapping[str, Any]) -> float:
+    """``message.timeout.ms`` in seconds: the longest a record may wait in the local queue."""
+    try:
+        ms = int(conf.get("message.timeout.ms", 300_000))
+    except (TypeError, ValueError):
+        ms = 300_000
+    return ms / 1000 if ms > 0 else 300.0  # 0 = no limit in librdkafka; do not wait forever here
+
+
 @dataclass(frozen=True, slots=True)
 class Record:
     """What ``Producer.produce`` gets for one message. ``timestamp`` 0 = the producer's clock."""
@@ -231,12 +311,13 @@ class Record:
 class RecordBuilder:
     """Builds records for one queue; pure, no broker needed."""
 
-    __slots__ = ("_event", "_format", "_key_attribute", "_key_mode")
+    __slots__ = ("_event", "_format", "_key_attribute", "_key_mode", "_sent_time")
 
     def __init__(self, config: KafkaConfig, source: str) -> None:
         self._event = EventFormat(source, config.data_mode, dict(config.overrides))
         self._format = config.format
         self._key_mode, _, self._key_attribute = config.key.partition(":")
+        self._sent_time = config.timestamp == "sent"
 
     def build(self, message: Message) -> Record:
         """Raises ``EventError`` when the message cannot be made a record of this format."""
@@ -252,7 +333,8 @@ class RecordBuilder:
         else:
             value = message.body.encode()
             headers = attribute_headers(message, cloudevents=False)
-        return Record(value, self.key(message), headers, sent_timestamp(message))
+        timestamp = sent_timestamp(message) if self._sent_time else 0  # 0: librdkafka stamps "now"
+        return Record(value, self.key(message), headers, timestamp)
 
     def key(self, message: Message) -> bytes | None:
         if self._key_mode == "group":
@@ -297,13 +379,15 @@ def sent_timestamp(message: Message) -> int:
 class _Entry:
     """One message of a publish batch, until it is reported."""
 
-    __slots__ = ("message", "outcome", "reason", "run")
+    __slots__ = ("alone", "alone_seq", "message", "outcome", "reason", "run")
 
     def __init__(self, message: Message, run: _Run) -> None:
         self.message = message
         self.run = run
         self.outcome: Outcome | None = None
         self.reason = ""
+        self.alone = False  # queued to be sent again on its own after a batch-wide size error
+        self.alone_seq: int | None = None  # its place in the single-record producer's order
 
 
 class _Run:
@@ -338,19 +422,30 @@ class _LibrdkafkaLog:
 class KafkaChannel(Channel):
     """One idempotent producer per worker process; build it with ``KafkaConfig.create(source)``."""
 
+    # The poll thread comes round every 0.1 s; silent this long, it is stuck in a callback.
+    STALL_AFTER: ClassVar[float] = 30.0
+
     def __init__(self, config: KafkaConfig, source: str) -> None:
         self.config = config
         self.source = source
         self._builder = RecordBuilder(config, source)
         self._producer: Producer | None = None
+        self._conf: dict[str, Any] = {}  # the main producer's, for the single-record one
+        self._token: _MskToken | None = None
+        self._alone: Producer | None = None  # sends records alone; made on the first need
+        self._alone_queue: deque[_Entry] = deque()  # for the poll thread to send alone, in order
+        self._alone_count = 0
         self._lock = threading.Lock()
         self._runs: set[_Run] = set()  # runs with at least one unsettled entry
         self._last_error: KafkaError | None = None
         self._last_logged = ""
         self._librdkafka_log = _LibrdkafkaLog()
         self._fatal: KafkaError | None = None
-        self._stop = threading.Event()
+        self._closing = threading.Event()  # close() started: nothing more is produced
+        self._stop = threading.Event()  # the poll thread ends
         self._poller: threading.Thread | None = None
+        self._last_poll = time.monotonic()
+        self._queue_wait = _message_timeout(config.producer_config())
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -367,20 +462,30 @@ class KafkaChannel(Channel):
     def _start(self) -> None:
         conf = self._client_config()
         try:
-            producer = Producer(conf)
+            producer = self._new_producer(conf)
         except (KafkaException, TypeError, ValueError) as exc:
-            raise ChannelError(f"cannot create the Kafka producer: {_describe(exc)}") from None
+            raise ChannelError(f"cannot create the Kafka producer: {_describe(exc)}{self._token_cause()}") from None
         self._producer = producer
         try:
             self._check_topic(conf)
         except BaseException:
             self._producer = None
             raise
+        self._conf = conf
+        self._start_polling()
+
+    def _start_polling(self) -> None:
         # Delivery reports are served by poll(); a thread keeps serving them while publish is idle
         # (the last batch before a quiet spell would otherwise never be acked).
         self._stop.clear()
-        self._poller = threading.Thread(target=self._poll_loop, name="kafka-poll", daemon=True)
+        self._last_poll = time.monotonic()
+        self._poller = threading.Thread(target=self._poll_loop, args=(self._producer,), name="kafka-poll",
+                                        daemon=True)
         self._poller.start()
+
+    @staticmethod
+    def _new_producer(conf: dict[str, Any]) -> Producer:
+        return Producer(conf)  # a seam: the unit tests put fakes here
 
     def _client_config(self) -> dict[str, Any]:
         conf = self.config.producer_config()
@@ -393,8 +498,11 @@ class KafkaChannel(Channel):
                 raise ChannelError("--kafka-auth scram-sha-512 needs KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD in the environment")
             conf.setdefault("sasl.username", username)
             conf.setdefault("sasl.password", password)
-        elif self.config.auth == "iam":
-            conf["oauth_cb"] = msk_oauth_callback(self._region())
+        elif self.config.auth == "iam" and _uses_oauthbearer(conf):
+            # Only with SASL/OAUTHBEARER: confluent-kafka's constructors wait (10 s) for a token
+            # from oauth_cb, which librdkafka never asks for on a connection without SASL.
+            self._token = msk_oauth_callback(self._region())
+            conf["oauth_cb"] = self._token
         return conf
 
     def _region(self) -> str:
@@ -403,9 +511,13 @@ class KafkaChannel(Channel):
             raise ChannelError("--kafka-auth iam needs a region (--region, AWS_REGION or AWS_DEFAULT_REGION)")
         return region
 
+    def _token_cause(self) -> str:
+        # confluent-kafka says only "OAuth token not set"; the callback kept the real cause.
+        cause = self._token.last_error if self._token is not None else None
+        return f" (MSK IAM token: {cause})" if cause else ""
+
     def _check_topic(self, conf: dict[str, Any]) -> None:
         assert self._producer is not None
-        self._producer.poll(0)  # serves oauth_cb (iam) before the first connection needs a token
         timeout = self.config.metadata_timeout
         deadline = time.monotonic() + timeout
         while True:
@@ -421,6 +533,7 @@ class KafkaChannel(Channel):
                 cause = self._last_error.str() if self._last_error is not None else _error_text(exc)
                 raise ChannelError(
                     f"cannot reach Kafka at {self.config.bootstrap_servers} within {timeout:g} s: {cause}"
+                    f"{self._token_cause()}"
                 ) from None
         topic = metadata.topics.get(self.config.topic)
         if topic is not None and topic.error is not None:
@@ -433,49 +546,108 @@ class KafkaChannel(Channel):
             self._create_topic(conf)
 
     def _create_topic(self, conf: dict[str, Any]) -> None:
-        admin = AdminClient(conf)
-        new = NewTopic(self.config.topic, self.config.partitions, self.config.replication)
-        future = admin.create_topics([new], request_timeout=self.config.metadata_timeout)[self.config.topic]
+        name = self.config.topic
+        try:
+            # The producer's conf, oauth_cb included: since confluent-kafka 2.13 every client
+            # fetches its own token (on a background thread) and its constructor waits for it.
+            admin = AdminClient(conf)
+        except (KafkaException, TypeError, ValueError) as exc:
+            raise ChannelError(f"cannot create Kafka topic {name!r}: {_describe(exc)}{self._token_cause()}") from None
+        new = NewTopic(name, self.config.partitions, self.config.replication)
+        future = admin.create_topics([new], request_timeout=self.config.metadata_timeout)[name]
         try:
             future.result(timeout=self.config.metadata_timeout + 5)
         except KafkaException as exc:
             if exc.args and isinstance(exc.args[0], KafkaError) and exc.args[0].code() == KafkaError.TOPIC_ALREADY_EXISTS:
                 return  # another worker won the race
-            raise ChannelError(f"cannot create Kafka topic {self.config.topic!r}: {_error_text(exc)}") from None
-        except Exception as exc:  # e.g. concurrent.futures.TimeoutError
-            raise ChannelError(f"cannot create Kafka topic {self.config.topic!r}: {_describe(exc)}") from None
+            raise ChannelError(f"cannot create Kafka topic {name!r}: {_error_text(exc)}{self._token_cause()}") from None
+        except (TimeoutError, CancelledError) as exc:  # no answer within the bound
+            raise ChannelError(f"cannot create Kafka topic {name!r}: {_describe(exc)}{self._token_cause()}") from None
+        finally:
+            admin.poll(0)  # serves its error_cb and log lines
         log.info("created Kafka topic %s (%d partitions, replication %d)",
-                 self.config.topic, self.config.partitions, self.config.replication)
+                 name, self.config.partitions, self.config.replication)
 
     def close(self, timeout: float = 30.0) -> None:
-        """Flush within ``timeout``; report what is still undelivered as RETRY, exactly once."""
+        """Deliver what is pending within ``timeout``; report the rest RETRY, exactly once.
+
+        Returns within ``timeout`` plus a fraction of a second, however stuck the broker is."""
         producer = self._producer
-        if producer is None:
+        if producer is None or self._closing.is_set():
             return
-        left = producer.flush(max(timeout, 0.0))
+        deadline = time.monotonic() + max(timeout, 0.0)
+        self._closing.set()  # publish (and its queue-full wait) stops producing
+        self._drain(producer, deadline)
         self._stop.set()
-        if self._poller is not None:
-            self._poller.join()
-            self._poller = None
+        poller, self._poller = self._poller, None
+        if poller is not None:  # it comes round every 0.1 s; one stuck in a callback is left behind
+            poller.join(max(deadline - time.monotonic(), 0.0) + 0.3)
+        for client in (producer, self._alone):
+            if client is not None:
+                client.purge(blocking=False)  # nothing is sent after close; no one serves the reports
+        runs, left = self._sweep()
         if left:
-            log.warning("%d Kafka records not delivered within %g s; their messages will be retried", left, timeout)
-            producer.purge()  # their reports (_PURGE_*) arrive as RETRY below or are ignored
-            producer.poll(0)
+            log.warning("%d Kafka record(s) not delivered within %g s; their messages will be retried", left, timeout)
+        for run in runs:
+            self._report_run(run)
+        self._producer = self._alone = None
+
+    def _drain(self, producer: Producer, deadline: float) -> None:
+        """Until ``deadline``, let what is in flight be delivered (the poll thread keeps serving
+        reports and sending records alone)."""
+        while self.pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            # flush() sends at once what waits for linger.ms; in slices, so the deadline holds.
+            if producer.flush(min(left, 0.1)) == 0:
+                alone = self._alone
+                if alone is None or alone.flush(min(left, 0.1)) == 0:
+                    time.sleep(min(left, 0.01))  # only records still to be sent alone are left
+
+    def _sweep(self) -> tuple[list[_Run], int]:
+        """Settle every unsettled entry RETRY: (the runs, now the caller's to report; how many)."""
+        swept = 0
         with self._lock:
-            runs, self._runs = self._runs, set()
+            runs, self._runs = list(self._runs), set()
             for run in runs:
                 for entry in run.entries:
                     if entry.outcome is None:
-                        entry.outcome, entry.reason = Outcome.RETRY, "Kafka channel closed before delivery"
-        for run in runs:
-            self._report_run(run)
-        self._producer = None
+                        entry.outcome, entry.reason = Outcome.RETRY, _CLOSED
+                        run.unsettled -= 1
+                        swept += 1
+        self._alone_queue.clear()
+        return runs, swept
 
-    def _poll_loop(self) -> None:
-        producer = self._producer
-        assert producer is not None
+    def stalled(self) -> str | None:
+        """A reason when the poll thread (delivery reports, records sent alone) stopped coming round."""
+        poller = self._poller
+        if poller is None or self._closing.is_set():
+            return None
+        if not poller.is_alive():
+            return "the Kafka poll thread has ended: delivery reports are no longer served"
+        silent = time.monotonic() - self._last_poll
+        if silent > self.STALL_AFTER:
+            return (f"the Kafka poll thread has not come round for {silent:.0f} s "
+                    f"(limit {self.STALL_AFTER:g} s): stuck in a callback")
+        return None
+
+    def _poll_loop(self, producer: Producer) -> None:
         while not self._stop.is_set():
-            producer.poll(0.1)
+            self._last_poll = time.monotonic()
+            try:
+                self._poll_once(producer, 0.1)
+            except Exception:  # a dead poll thread would stop all reports: log, go on
+                log.exception("Kafka poll loop error")
+                self._stop.wait(0.1)
+
+    def _poll_once(self, producer: Producer, timeout: float) -> None:
+        producer.poll(timeout)
+        if self._alone_queue:
+            self._send_alone()
+        alone = self._alone
+        if alone is not None:
+            alone.poll(0)
 
     def _on_error(self, err: KafkaError) -> None:
         # Client-level errors (broker down, auth failed); per-record errors arrive as delivery reports.
@@ -497,7 +669,34 @@ class KafkaChannel(Channel):
     def publish(self, batch: Sequence[Message], report: Report) -> None:
         producer = self._producer
         if producer is None:
+            if self._closing.is_set():  # a late caller: not sent, returned to the queue
+                _report_each(batch, report, Outcome.RETRY, _CLOSED)
+                return
             raise ChannelError("the Kafka channel is not started")
+        entries = self._register(batch, report)
+        if self._fatal is not None:
+            self._settle_all(entries, Outcome.RETRY, "Kafka producer failed")
+            raise ChannelError(f"Kafka producer fatal error: {self._fatal.str()}")
+        for i, entry in enumerate(entries):
+            if self._closing.is_set():
+                self._settle_all(entries[i:], Outcome.RETRY, _CLOSED)
+                break
+            if entry.run.failed:
+                self._settle(entry, Outcome.RETRY, _GROUP_FAILED)
+                continue
+            try:
+                record = self._builder.build(entry.message)
+            except EventError as exc:
+                entry.run.failed = True
+                self._settle(entry, Outcome.REJECT, str(exc))
+                continue
+            reason = self._produce(producer, entry, record)
+            if reason:  # the local queue stayed full, or close() began: the rest is not sent
+                self._settle_all(entries[i:], Outcome.RETRY, reason)
+                break
+        producer.poll(0)
+
+    def _register(self, batch: Sequence[Message], report: Report) -> list[_Entry]:
         # Group the batch into runs before producing anything, so that no run can complete (and
         # be reported) while later entries of it are still to be produced.
         entries = []
@@ -515,47 +714,99 @@ class KafkaChannel(Channel):
             entries.append(entry)
         with self._lock:
             self._runs.update(entry.run for entry in entries)
+        return entries
 
-        if self._fatal is not None:
-            for entry in entries:
-                self._settle(entry, Outcome.RETRY, "Kafka producer failed")
-            raise ChannelError(f"Kafka producer fatal error: {self._fatal.str()}")
-
-        topic = self.config.topic
-        for entry in entries:
-            if entry.run.failed:
-                self._settle(entry, Outcome.RETRY, _GROUP_FAILED)
-                continue
+    def _produce(self, producer: Producer, entry: _Entry, record: Record) -> str:
+        """Queue one record: "" when queued (or settled by a produce error), else why not."""
+        give_up: float | None = None
+        while True:
             try:
-                record = self._builder.build(entry.message)
-            except EventError as exc:
+                producer.produce(self.config.topic, record.value, record.key, headers=record.headers,
+                                 timestamp=record.timestamp, on_delivery=_callback(self, entry))
+                return ""
+            except BufferError:
+                # The local queue is full (broker slow or down): wait for deliveries to make room,
+                # but not past close(), nor longer than a queued record may wait for the broker.
+                now = time.monotonic()
+                give_up = now + self._queue_wait if give_up is None else give_up
+                if self._closing.is_set():
+                    return _CLOSED
+                if self._fatal is not None:  # nothing will drain the queue
+                    return "Kafka producer failed"
+                if now >= give_up:
+                    return f"Kafka producer queue still full after {self._queue_wait:g} s"
+                producer.poll(0.1)
+            except KafkaException as exc:
                 entry.run.failed = True
-                self._settle(entry, Outcome.REJECT, str(exc))
-                continue
-            callback = _callback(self, entry)
-            while True:
-                try:
-                    producer.produce(topic, record.value, record.key, headers=record.headers,
-                                     timestamp=record.timestamp, on_delivery=callback)
-                    break
-                except BufferError:
-                    producer.poll(0.1)  # local queue full: wait for deliveries (backpressure)
-                except KafkaException as exc:
-                    entry.run.failed = True
-                    err = exc.args[0] if exc.args else None
-                    outcome = _outcome(err) if isinstance(err, KafkaError) else Outcome.RETRY
-                    self._settle(entry, outcome, _error_text(exc))
-                    break
-        producer.poll(0)
+                err = exc.args[0] if exc.args else None
+                outcome = _outcome(err) if isinstance(err, KafkaError) else Outcome.RETRY
+                self._settle(entry, outcome, _error_text(exc))
+                return ""
 
     def _delivered(self, entry: _Entry, err: KafkaError | None) -> None:
         if err is None:
             self._settle(entry, Outcome.ACK, "")
             return
+        if err.code() in _BATCH_SIZE_CODES and not entry.alone:
+            # Maybe the batch's size, not this record's: send it once more on its own.
+            entry.alone = True
+            self._alone_queue.append(entry)
+            return
         if err.code() in _FENCED_CODES and self._fatal is None:
             self._fatal = err  # the next publish raises: the worker restarts with a new producer
             log.error("Kafka producer fenced by the broker: %s", err.str())
         self._settle(entry, _outcome(err), err.str())
+
+    def _send_alone(self) -> None:
+        """Produce the queued records one per request (poll thread only: it alone takes from the
+        queue). A record waits while an earlier one of its FIFO run is still on its way."""
+        producer = self._alone or self._make_alone()
+        if producer is None:  # tried once per round, not once per record (IAM: 10 s each)
+            while self._alone_queue:
+                self._settle(self._alone_queue.popleft(), Outcome.RETRY, "no Kafka producer for single records")
+            return
+        held: list[_Entry] = []
+        while self._alone_queue:
+            entry = self._alone_queue.popleft()
+            if entry.outcome is not None:  # settled meanwhile by close()
+                continue
+            earlier = _earlier_in_run(entry)
+            if earlier == "failed":  # it would be reported RETRY anyway: do not send a duplicate
+                self._settle(entry, Outcome.RETRY, _GROUP_FAILED)
+            elif earlier == "pending" or not self._produce_alone(producer, entry):
+                held.append(entry)
+        self._alone_queue.extendleft(reversed(held))  # ahead of any queued meanwhile, in order
+
+    def _produce_alone(self, producer: Producer, entry: _Entry) -> bool:
+        """False when it must wait (local queue full)."""
+        try:
+            record = self._builder.build(entry.message)
+            producer.produce(self.config.topic, record.value, record.key, headers=record.headers,
+                             timestamp=record.timestamp, on_delivery=_callback(self, entry))
+        except BufferError:
+            return False
+        except EventError as exc:  # built once already; cannot happen, but never loop on it
+            self._settle(entry, Outcome.REJECT, str(exc))
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args else None
+            self._settle(entry, _outcome(err) if isinstance(err, KafkaError) else Outcome.RETRY, _error_text(exc))
+        else:
+            entry.alone_seq = self._alone_count
+            self._alone_count += 1
+        return True
+
+    def _make_alone(self) -> Producer | None:
+        conf = {**self._conf, **_ALONE_SETTINGS}
+        for key in _ALONE_DROPPED:
+            conf.pop(key, None)
+        try:
+            self._alone = self._new_producer(conf)
+        except (KafkaException, TypeError, ValueError) as exc:
+            log.error("cannot create the Kafka producer for single records: %s%s", _describe(exc), self._token_cause())
+            return None
+        log.warning("Kafka refused a record batch as too large (topic max.message.bytes below the "
+                    "producer's batch.size?); its records are sent again one by one")
+        return self._alone
 
     def _settle(self, entry: _Entry, outcome: Outcome, reason: str) -> None:
         run = entry.run
@@ -569,17 +820,14 @@ class KafkaChannel(Channel):
             self._runs.discard(run)
         self._report_run(run)
 
+    def _settle_all(self, entries: Iterable[_Entry], outcome: Outcome, reason: str) -> None:
+        for entry in entries:
+            self._settle(entry, outcome, reason)
+
     @staticmethod
     def _report_run(run: _Run) -> None:
         # Called by exactly one thread per run (the one that removed it from _runs).
-        failed = False
-        for entry in run.entries:
-            outcome, reason = entry.outcome, entry.reason
-            assert outcome is not None
-            if failed:
-                outcome, reason = Outcome.RETRY, _GROUP_FAILED
-            elif outcome is not Outcome.ACK:
-                failed = True
+        for entry, outcome, reason in _run_outcomes(run):
             if outcome is Outcome.REJECT:
                 log.warning("Kafka rejected message %s: %s", entry.message.id, reason)
             try:
@@ -594,6 +842,49 @@ class KafkaChannel(Channel):
             return sum(run.unsettled for run in self._runs)
 
 
+def _run_outcomes(run: _Run) -> list[tuple[_Entry, Outcome, str]]:
+    """The run's outcomes in batch order, under the FIFO rule: nothing is acked ahead of a
+    message of its group that failed, or that was sent again alone (it may be behind it in Kafka)."""
+    outcomes = []
+    failed = False
+    last_alone = -1  # the single-record producer's order of the latest earlier entry it sent
+    for entry in run.entries:
+        outcome, reason = entry.outcome, entry.reason
+        assert outcome is not None
+        seq = -1 if entry.alone_seq is None else entry.alone_seq
+        if failed:
+            outcome, reason = Outcome.RETRY, _GROUP_FAILED
+        elif outcome is Outcome.ACK and seq < last_alone:
+            outcome, reason = Outcome.RETRY, _GROUP_OVERTAKEN
+        if outcome is not Outcome.ACK:
+            failed = True
+        last_alone = max(last_alone, seq)
+        outcomes.append((entry, outcome, reason))
+    return outcomes
+
+
+def _earlier_in_run(entry: _Entry) -> str:
+    """"failed" if an earlier entry of its run failed, "pending" if one may still land in Kafka
+    on the main producer (or waits to be sent alone), else "" (sending it alone keeps the order)."""
+    for earlier in entry.run.entries:
+        if earlier is entry:
+            return ""
+        outcome = earlier.outcome
+        if outcome is None and earlier.alone_seq is None:
+            return "pending"
+        if outcome is not None and outcome is not Outcome.ACK:
+            return "failed"
+    return ""
+
+
+def _report_each(batch: Sequence[Message], report: Report, outcome: Outcome, reason: str) -> None:
+    for message in batch:
+        try:
+            report(message, outcome, reason)
+        except Exception:
+            log.exception("report callback failed for message %s", message.id)
+
+
 def _callback(channel: KafkaChannel, entry: _Entry) -> Any:
     def on_delivery(err: KafkaError | None, _msg: object) -> None:
         channel._delivered(entry, err)
@@ -605,13 +896,52 @@ def _outcome(err: KafkaError) -> Outcome:
     return Outcome.REJECT if err.code() in _REJECT_CODES else Outcome.RETRY
 
 
+def _uses_oauthbearer(conf: Mapping[str, Any]) -> bool:
+    return (str(conf.get("sasl.mechanism", "")).upper() == "OAUTHBEARER"
+            and str(conf.get("security.protocol", "")).upper().startswith("SASL"))
+
+
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, KafkaException):
         return _error_text(exc)
     return str(exc) or type(exc).__name__
 
 
-def msk_oauth_callback(region: str) -> Any:
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split())
+    text = text if len(text) <= limit else text[:limit] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class _MskToken:
+    """confluent-kafka ``oauth_cb``: an MSK IAM token signed with the default AWS credentials.
+
+    librdkafka swallows an exception raised here (it learns only that the refresh failed, and a
+    client's constructor then says "OAuth token not set"), so the cause is logged here in one line
+    (the traceback at DEBUG; the message of a credentials error holds no secret) and kept in
+    ``last_error`` for start()'s error; then it is raised again, so librdkafka fails the refresh.
+    """
+
+    def __init__(self, region: str, provider: Any) -> None:
+        self.region = region
+        self._provider = provider
+        self.last_error: str | None = None
+
+    def __call__(self, _config: str) -> tuple[str, float]:
+        try:
+            token, expiry_ms = self._provider.generate_auth_token(self.region)
+        except Exception as exc:
+            cause = _one_line(exc)
+            repeated = cause == self.last_error  # librdkafka retries the refresh every few seconds
+            self.last_error = cause
+            log.log(logging.DEBUG if repeated else logging.ERROR, "MSK IAM token for %s failed: %s", self.region, cause)
+            log.debug("MSK IAM token failure", exc_info=True)
+            raise
+        self.last_error = None
+        return token, expiry_ms / 1000.0  # librdkafka wants seconds since the epoch
+
+
+def msk_oauth_callback(region: str) -> _MskToken:
     """confluent-kafka ``oauth_cb`` that signs an MSK IAM token with the default AWS credentials."""
     try:
         from aws_msk_iam_sasl_signer import MSKAuthTokenProvider
@@ -619,10 +949,4 @@ def msk_oauth_callback(region: str) -> Any:
         raise ChannelError(
             "--kafka-auth iam needs the aws-msk-iam-sasl-signer-python package: pip install 'sqs-poller[msk]'"
         ) from None
-
-    def oauth_cb(_config: str) -> tuple[str, float]:
-        token, expiry_ms = MSKAuthTokenProvider.generate_auth_token(region)
-        return token, expiry_ms / 1000.0  # librdkafka wants seconds since the epoch
-
-    return oauth_cb
-
+    return _MskToken(region, MSKAuthTokenProvider)

@@ -112,10 +112,16 @@ def cli() -> None:
 @option("--kafka-bootstrap-servers", default=None, show_default=False,
         help="Kafka channel: host:port[,host:port...].")
 @option("--kafka-topic", default=None, show_default=False, help="Kafka channel: the topic.")
-@option("--kafka-config", multiple=True, metavar="KEY=VALUE", show_default=False,
-        help="Kafka channel: librdkafka setting, repeatable (env: space separated).")
+# Not click's envvar: it splits on whitespace and could cut a password in two. The variable is
+# read in _channel_config, one KEY=VALUE per line.
+@click.option("--kafka-config", multiple=True, metavar="KEY=VALUE",
+              help="Kafka channel: librdkafka setting, repeatable; wins over POLLER_KAFKA_CONFIG "
+                   "(env, one KEY=VALUE per line).")
 @option("--kafka-format", type=click.Choice(["binary", "structured", "raw"]), default="binary",
         help="Kafka channel: CloudEvents binary or structured mode, or the raw body.")
+@option("--kafka-timestamp", type=click.Choice(["now", "sent"]), default="now",
+        help="Kafka channel: record timestamp: the produce time, or the message's SentTimestamp "
+             "(older than the topic's retention.ms, such records can be deleted at once).")
 @option("--kafka-key", default="group",
         help="Kafka channel: record key: group (FIFO MessageGroupId), attribute:NAME, or none.")
 @option("--kafka-auth", type=click.Choice(["none", "tls", "scram-sha-512", "iam"]), default="none",
@@ -194,7 +200,7 @@ def _channel_config(opts: dict[str, Any]) -> ChannelConfig:
                 overrides=overrides, concurrency=opts["http_concurrency"],
                 timeout=opts["http_timeout"],
             )
-        from channels.kafka import KafkaConfig, parse_kafka_config
+        from channels.kafka import KafkaConfig, parse_kafka_config, parse_kafka_config_env
 
         for flag in ("kafka_bootstrap_servers", "kafka_topic"):
             if not opts[flag]:
@@ -202,7 +208,9 @@ def _channel_config(opts: dict[str, Any]) -> ChannelConfig:
         return KafkaConfig(
             bootstrap_servers=opts["kafka_bootstrap_servers"], topic=opts["kafka_topic"],
             format=opts["kafka_format"], data_mode=opts["data_mode"], key=opts["kafka_key"],
-            auth=opts["kafka_auth"], extra=parse_kafka_config(opts["kafka_config"]),
+            auth=opts["kafka_auth"], timestamp=opts["kafka_timestamp"],
+            extra=(parse_kafka_config_env(os.environ.get("POLLER_KAFKA_CONFIG", ""))
+                   + parse_kafka_config(opts["kafka_config"])),
             overrides=tuple(overrides.items()), create_topic=opts["kafka_create_topic"],
             partitions=opts["kafka_partitions"], replication=opts["kafka_replication"],
             region=opts["region"],

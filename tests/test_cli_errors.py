@@ -133,7 +133,7 @@ KAFKA = ["--channel", "kafka", "--kafka-bootstrap-servers", "127.0.0.1:9", "--ka
 
 
 @pytest.mark.parametrize(("config", "expected"), [
-    ("nokey", ["--kafka-config", "nokey"]),
+    ("nokey", ["--kafka-config", "entry 1"]),
     ("=value", ["--kafka-config"]),
     ("no.such.property=1", ["kafka-config", "no.such.property"]),
     ("message.max.bytes=notanumber", ["kafka-config", "message.max.bytes"]),
@@ -142,6 +142,21 @@ def test_bad_kafka_config(aws_env: Mapping[str, str], queue_url: str, config: st
                           expected: list[str]) -> None:
     result = run_poller(["run", "--queue-url", queue_url, *KAFKA, "--kafka-config", config], _env(aws_env))
     assert_one_line_error(result, *expected)
+
+
+def test_kafka_config_env_bad_line_is_named_not_echoed(aws_env: Mapping[str, str], queue_url: str) -> None:
+    env = {**_env(aws_env), "POLLER_KAFKA_CONFIG": "linger.ms=5\nhunter2 secret tail"}
+    result = run_poller(["run", "--queue-url", queue_url, *KAFKA], env)
+    line = assert_one_line_error(result, "POLLER_KAFKA_CONFIG line 2")
+    assert "hunter2" not in result.stderr and "tail" not in result.stderr, line
+
+
+def test_kafka_config_env_keeps_a_value_with_spaces_whole(aws_env: Mapping[str, str], queue_url: str) -> None:
+    """Split per line, not per space: the config is valid, so the poller gets as far as the broker."""
+    env = {**_env(aws_env), "POLLER_KAFKA_CONFIG": "sasl.password=abc def\n\n# a comment\nlinger.ms=5\n"}
+    result = run_poller(["run", "--queue-url", queue_url, *KAFKA], env)
+    line = assert_one_line_error(result, "cannot reach Kafka")
+    assert "abc" not in result.stderr and "def" not in line.split("Kafka", 1)[1], line
 
 
 def test_kafka_channel_without_topic(aws_env: Mapping[str, str], queue_url: str) -> None:

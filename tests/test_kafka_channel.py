@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import base64
 import logging
+import os
+import socket
+import struct
 import threading
 import time
 import uuid
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from cloudevents.core.bindings import kafka as ce_kafka
-from confluent_kafka import Consumer
+from confluent_kafka import TIMESTAMP_CREATE_TIME, Consumer
+from confluent_kafka.admin import AdminClient, NewTopic
+from support import consume_topic
 
 from channels.base import ChannelError, Message, Outcome
-from support import consume_topic
 from channels.kafka import KafkaChannel, KafkaConfig
 
 pytestmark = pytest.mark.integration
@@ -86,6 +93,259 @@ def as_kafka_message(record: Any) -> ce_kafka.KafkaMessage:
     return ce_kafka.KafkaMessage(headers=dict(record.headers() or []), key=record.key(), value=record.value())
 
 
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def random_body(size: int) -> str:
+    """Base64 of random bytes: lz4 (the default compression) cannot shrink it much."""
+    return base64.b64encode(os.urandom(size * 3 // 4)).decode()
+
+
+# -- a broker that enforces max.message.bytes (tansu stores the setting but ignores it) -------
+
+PRODUCE, METADATA, API_VERSIONS = 0, 3, 18
+MESSAGE_TOO_LARGE = 10
+PRODUCE_MAX_VERSION = 7  # the last one without tagged fields: simple to read and answer
+
+
+def _read_exact(sock: socket.socket, n: int) -> bytes | None:
+    buf = bytearray()
+    while len(buf) < n:
+        try:
+            chunk = sock.recv(n - len(buf))
+        except OSError:
+            return None
+        if not chunk:
+            return None
+        buf += chunk
+    return bytes(buf)
+
+
+def _read_frame(sock: socket.socket) -> bytes | None:
+    head = _read_exact(sock, 4)
+    return None if head is None else _read_exact(sock, struct.unpack(">i", head)[0])
+
+
+class _Reader:
+    """Just enough of the Kafka wire format to find fields in a frame."""
+
+    def __init__(self, buf: bytes | bytearray, pos: int) -> None:
+        self.buf, self.pos = buf, pos
+
+    def int(self, fmt: str) -> int:
+        (value,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += struct.calcsize(fmt)
+        return int(value)
+
+    def string(self) -> bytes:
+        n = max(self.int(">h"), 0)
+        self.pos += n
+        return bytes(self.buf[self.pos - n:self.pos])
+
+    def uvarint(self) -> int:
+        value = shift = 0
+        while True:
+            byte = self.buf[self.pos]
+            self.pos += 1
+            value |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                return value
+            shift += 7
+
+    def skip_compact_string(self) -> None:
+        n = self.uvarint() - 1  # first: "self.pos += self.uvarint()" would read pos before it moves
+        self.pos += max(n, 0)
+
+    def skip_tags(self) -> None:
+        for _ in range(self.uvarint()):
+            self.uvarint()
+            n = self.uvarint()
+            self.pos += n
+
+
+class SizeLimitProxy:
+    """A Kafka-protocol proxy in front of tansu that answers MESSAGE_TOO_LARGE for a produce
+    request whose record batch is over ``limit`` bytes, as Kafka does for a topic's
+    ``max.message.bytes``; ``frozen`` stops all traffic (a broker that is up but stuck).
+
+    It caps Produce at v7 (ApiVersions) to parse it simply, and points the brokers of Metadata
+    responses at itself. librdkafka sends one partition's batch per produce request.
+    """
+
+    def __init__(self, upstream: str, limit: int) -> None:
+        host, port = upstream.rsplit(":", 1)
+        self.upstream = (host, int(port))
+        self.limit = limit
+        self.refused = 0
+        self.frozen = threading.Event()
+        self.closed = threading.Event()
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = self._server.getsockname()[1]
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.closed.set()
+        self._server.close()
+        for sock in self._sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+    def wait_if_frozen(self) -> None:
+        while self.frozen.is_set() and not self.closed.is_set():
+            time.sleep(0.05)
+
+    def _accept(self) -> None:
+        while not self.closed.is_set():
+            try:
+                client, _ = self._server.accept()
+                broker = socket.create_connection(self.upstream)
+            except OSError:
+                continue
+            self._sockets += [client, broker]
+            _ProxyConnection(self, client, broker)
+
+
+class _ProxyConnection:
+    def __init__(self, proxy: SizeLimitProxy, client: socket.socket, broker: socket.socket) -> None:
+        self.proxy, self.client, self.broker = proxy, client, broker
+        self.lock = threading.Lock()
+        # Requests in order: (correlation id, api key, version, our own answer or None).
+        self.queue: deque[tuple[int, int, int, bytes | None]] = deque()
+        threading.Thread(target=self._pump, args=(self._requests,), daemon=True).start()
+        threading.Thread(target=self._pump, args=(self._responses,), daemon=True).start()
+
+    def _pump(self, loop: Callable[[], None]) -> None:
+        try:
+            loop()
+        except OSError:
+            pass  # a side hung up, or the proxy was closed
+        finally:
+            for sock in (self.client, self.broker):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)  # the other direction ends too
+                except OSError:
+                    pass
+
+    def _requests(self) -> None:
+        while (frame := _read_frame(self.client)) is not None:
+            self.proxy.wait_if_frozen()
+            key, version, corr = struct.unpack_from(">hhi", frame)
+            answer = self._refuse_if_too_large(frame, corr) if key == PRODUCE else None
+            with self.lock:  # answers go back in request order, ours among the broker's
+                self.queue.append((corr, key, version, answer))
+                if answer is None:
+                    self.broker.sendall(struct.pack(">i", len(frame)) + frame)
+                self._send_own_answers()
+
+    def _responses(self) -> None:
+        while (frame := _read_frame(self.broker)) is not None:
+            self.proxy.wait_if_frozen()
+            with self.lock:
+                corr, key, version, _ = self.queue.popleft()
+                assert struct.unpack_from(">i", frame)[0] == corr
+                if key == API_VERSIONS:
+                    frame = self._cap_produce_version(frame, version)
+                elif key == METADATA:
+                    frame = self._point_brokers_here(frame, version)
+                self.client.sendall(struct.pack(">i", len(frame)) + frame)
+                self._send_own_answers()
+
+    def _send_own_answers(self) -> None:
+        while self.queue and self.queue[0][3] is not None:
+            answer = self.queue.popleft()[3]
+            assert answer is not None
+            self.client.sendall(struct.pack(">i", len(answer)) + answer)
+
+    def _refuse_if_too_large(self, frame: bytes, corr: int) -> bytes | None:
+        r = _Reader(frame, 8)
+        r.string()  # client id
+        r.string()  # transactional id
+        r.int(">h"), r.int(">i")  # acks, timeout
+        topics, too_large = [], False
+        for _ in range(r.int(">i")):
+            name, partitions = r.string(), []
+            for _ in range(r.int(">i")):
+                partitions.append(r.int(">i"))
+                size = r.int(">i")
+                r.pos += max(size, 0)
+                too_large |= size > self.proxy.limit
+            topics.append((name, partitions))
+        if not too_large:
+            return None
+        self.proxy.refused += 1
+        out = [struct.pack(">ii", corr, len(topics))]
+        for name, partitions in topics:
+            out.append(struct.pack(">h", len(name)) + name + struct.pack(">i", len(partitions)))
+            out += [struct.pack(">ihqqq", p, MESSAGE_TOO_LARGE, -1, -1, -1) for p in partitions]
+        out.append(struct.pack(">i", 0))  # throttle time
+        return b"".join(out)
+
+    @staticmethod
+    def _cap_produce_version(frame: bytes, version: int) -> bytes:
+        buf = bytearray(frame)
+        r = _Reader(buf, 4)
+        if r.int(">h") != 0:
+            return frame
+        flexible = version >= 3
+        for _ in range(r.uvarint() - 1 if flexible else r.int(">i")):
+            api = r.int(">h")
+            r.int(">h")
+            if api == PRODUCE:
+                struct.pack_into(">h", buf, r.pos, min(PRODUCE_MAX_VERSION, struct.unpack_from(">h", buf, r.pos)[0]))
+            r.int(">h")
+            if flexible:
+                r.skip_tags()
+        return bytes(buf)
+
+    def _point_brokers_here(self, frame: bytes, version: int) -> bytes:
+        buf = bytearray(frame)
+        flexible = version >= 9
+        r = _Reader(buf, 4)
+        if flexible:
+            r.skip_tags()  # response header v1
+        if version >= 3:
+            r.int(">i")  # throttle time
+        for _ in range(r.uvarint() - 1 if flexible else r.int(">i")):
+            r.int(">i")  # node id
+            r.skip_compact_string() if flexible else r.string()  # host: the same 127.0.0.1
+            struct.pack_into(">i", buf, r.pos, self.proxy.port)
+            r.int(">i")
+            if version >= 1:
+                r.skip_compact_string() if flexible else r.string()  # rack
+            if flexible:
+                r.skip_tags()
+        return bytes(buf)
+
+
+@pytest.fixture
+def size_proxy(bootstrap: str) -> Iterator[Any]:
+    proxies: list[SizeLimitProxy] = []
+
+    def make(limit: int = 1 << 30) -> SizeLimitProxy:
+        proxies.append(SizeLimitProxy(bootstrap, limit))
+        return proxies[-1]
+
+    yield make
+    for proxy in proxies:
+        proxy.close()
+
+
+def create_topic(bootstrap: str, partitions: int) -> str:
+    topic = topic_name()
+    admin = AdminClient({"bootstrap.servers": bootstrap, "logger": log})
+    admin.create_topics([NewTopic(topic, partitions, 1)])[topic].result(15)
+    return topic
+
+
 # -- tests ------------------------------------------------------------------------------------
 
 
@@ -94,9 +354,11 @@ def test_binary_events_round_trip(bootstrap: str) -> None:
     channel = make_channel(bootstrap, topic, partitions=3)
     reports = Reports()
     messages = [msg(i, tenant={"DataType": "String", "StringValue": f"t{i % 3}"}) for i in range(n)]
+    produced_from = now_ms()
     for start in range(0, n, 10):
         channel.publish(messages[start:start + 10], reports)
     reports.wait(n)
+    produced_to = now_ms()
     channel.close(5)
     assert set(reports.outcomes().values()) == {Outcome.ACK} and not reports.duplicates
 
@@ -113,7 +375,9 @@ def test_binary_events_round_trip(bootstrap: str) -> None:
         assert event.get_time() == datetime.fromtimestamp((SENT + i) / 1000, UTC)
         assert event.get_data()["Body"] == f'{{"seq": {i}}}'
         assert event.get_extension("tenant") == f"t{i % 3}"
-        assert record.timestamp()[1] == SENT + i and record.key() is None
+        # the produce time (retention goes by it); SentTimestamp stays in ce_time
+        assert record.timestamp()[0] == TIMESTAMP_CREATE_TIME
+        assert produced_from - 1000 <= record.timestamp()[1] <= produced_to + 1000 and record.key() is None
         assert dict(record.headers())["tenant"] == f"t{i % 3}".encode()
 
 
@@ -133,7 +397,7 @@ def test_structured_events_round_trip(bootstrap: str) -> None:
 
 def test_raw_records(bootstrap: str) -> None:
     topic = topic_name()
-    channel = make_channel(bootstrap, topic, format="raw", key="attribute:tenant")
+    channel = make_channel(bootstrap, topic, format="raw", key="attribute:tenant", timestamp="sent")
     reports = Reports()
     channel.publish([msg(1, body="hello", tenant={"DataType": "String", "StringValue": "acme"})], reports)
     reports.wait(1)
@@ -213,7 +477,7 @@ def test_failure_in_a_fifo_group_retries_the_rest_of_that_group(bootstrap: str) 
 
 def test_close_reports_undelivered_as_retry_once(tansu_factory: Any) -> None:
     broker = tansu_factory()  # a broker of this test's own: it gets stopped
-    channel = make_channel(broker.endpoint, topic_name(), extra=(("message.timeout.ms", "60000"),))
+    channel = make_channel(broker.endpoint, topic_name())
     reports = Reports()
     channel.publish([msg(0)], reports)
     reports.wait(1)
@@ -286,3 +550,52 @@ def test_throughput(bootstrap: str) -> None:
     log.info("KafkaChannel -> tansu: %d binary records in %.2f s = %.0f msg/s", n, elapsed, n / elapsed)
     assert set(reports.outcomes().values()) == {Outcome.ACK}
     assert n / elapsed > 1000
+
+
+def test_batch_refused_as_too_large_is_sent_again_record_by_record(bootstrap: str, size_proxy: Any) -> None:
+    """A topic's max.message.bytes below the producer's batch size: the broker refuses the whole
+    batch and librdkafka fails each of its records with MSG_SIZE_TOO_LARGE."""
+    proxy = size_proxy(limit=4000)  # one ~1 KB record fits, ten do not
+    topic = create_topic(bootstrap, partitions=1)  # one partition: every record in one batch
+    channel = make_channel(proxy.endpoint, topic, extra=(("linger.ms", "200"),))
+    reports = Reports()
+    standard = [msg(i, body=random_body(600)) for i in range(6)]
+    fifo = [msg(10, group="a", body="a0"), msg(11, group="a", body=random_body(8000)),
+            msg(12, group="a", body="a2"), msg(13, group="b", body="b0"), msg(14, group="b", body="b1")]
+    channel.publish(standard + fifo, reports)
+    reports.wait(11)
+    channel.close(5)
+    assert proxy.refused >= 2  # the batch, then m-11 on its own
+    outcomes = reports.outcomes()
+    assert outcomes.pop("m-11") is Outcome.REJECT and "too large" in reports.seen["m-11"][1].lower()
+    assert outcomes.pop("m-12") is Outcome.RETRY  # after its group's failure
+    assert set(outcomes.values()) == {Outcome.ACK} and not reports.duplicates
+    assert [i for i in reports.order if i in ("m-10", "m-11", "m-12")] == ["m-10", "m-11", "m-12"]
+
+    records = consume(bootstrap, topic, 9)
+    ids = Counter(ce_kafka.from_binary_event(as_kafka_message(r)).get_id() for r in records)
+    assert ids.pop("m-12", 0) <= 1  # there if sent alone before m-11 failed: a duplicate, allowed
+    assert sorted(ids.elements()) == sorted([m.id for m in standard] + ["m-10", "m-13", "m-14"])
+
+
+def test_close_ends_a_full_queue_wait_on_a_stuck_broker(bootstrap: str, size_proxy: Any) -> None:
+    proxy = size_proxy()
+    channel = make_channel(proxy.endpoint, topic_name(), extra=(("queue.buffering.max.messages", "5"),))
+    reports = Reports()
+    channel.publish([msg(0)], reports)
+    reports.wait(1)
+    proxy.frozen.set()  # up, connected, and never answering
+    batch = [msg(i) for i in range(1, 21)]
+    publisher = threading.Thread(target=channel.publish, args=(batch, reports), daemon=True)
+    publisher.start()
+    time.sleep(0.5)  # the queue fills; publish waits for room
+    started = time.monotonic()
+    channel.close(timeout=2)
+    assert time.monotonic() - started < 5  # 2 s plus a fraction; loose for a busy machine
+    publisher.join(5)
+    assert not publisher.is_alive()
+    assert len(reports.seen) == 21 and not reports.duplicates
+    outcomes = reports.outcomes()
+    assert outcomes.pop("m-0") is Outcome.ACK and set(outcomes.values()) == {Outcome.RETRY}
+    time.sleep(0.5)
+    assert len(reports.order) == 21  # nothing reported after close

@@ -7,10 +7,14 @@ runs against a fake producer whose delivery reports the test fires in any order.
 from __future__ import annotations
 
 import base64
+import logging
 import pickle
 import sys
+import threading
+import time
 import types
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,6 +31,7 @@ from channels.kafka import (
     RecordBuilder,
     msk_oauth_callback,
     parse_kafka_config,
+    parse_kafka_config_env,
 )
 
 SOURCE = "https://sqs.us-east-1.amazonaws.com/000000000000/orders"
@@ -55,6 +60,7 @@ def test_defaults_and_user_overrides() -> None:
     conf = config().producer_config()
     assert conf["enable.idempotence"] is True and conf["acks"] == "all"
     assert conf["compression.type"] == "lz4" and conf["linger.ms"] == 5
+    assert conf["message.timeout.ms"] == 60_000  # one attempt; the worker retries in place
     assert config(extra=(("linger.ms", "50"), ("compression.type", "zstd"))).producer_config()["linger.ms"] == "50"
     assert set(DEFAULTS) <= set(conf)
 
@@ -89,6 +95,7 @@ def test_config_is_picklable_and_hides_extra_in_repr() -> None:
         ({"data_mode": "all"}, "data mode"),
         ({"key": "attribute:"}, "Kafka key"),
         ({"key": "random"}, "Kafka key"),
+        ({"timestamp": "log"}, "Kafka timestamp"),
         ({"auth": "kerberos"}, "Kafka auth"),
         ({"topic": "bad topic"}, "topic name"),
         ({"bootstrap_servers": " "}, "bootstrap"),
@@ -118,6 +125,35 @@ def test_parse_kafka_config() -> None:
             parse_kafka_config([bad])
 
 
+def test_parse_kafka_config_errors_never_echo_the_entry() -> None:
+    # "sasl.password=abc def" split on spaces leaves "def": the tail of a password
+    with pytest.raises(ValueError) as info:
+        parse_kafka_config(["sasl.password=abc", "def"])
+    assert "def" not in str(info.value) and "entry 2" in str(info.value)
+
+
+def test_parse_kafka_config_env_is_one_entry_per_line() -> None:
+    text = "# MSK\nsasl.password=abc def \n\n  \nlinger.ms=20\r\n  # indented comment\nclient.id=a=b"
+    assert parse_kafka_config_env(text) == (
+        ("sasl.password", "abc def "), ("linger.ms", "20"), ("client.id", "a=b"))
+    assert parse_kafka_config_env("") == ()
+
+
+@pytest.mark.parametrize("text", ["linger.ms=5\nhunter2 xyzzy", "linger.ms=5\n=hunter2 xyzzy"])
+def test_parse_kafka_config_env_errors_name_the_line_not_the_value(text: str) -> None:
+    with pytest.raises(ValueError) as info:
+        parse_kafka_config_env(text)
+    message = str(info.value)
+    assert "POLLER_KAFKA_CONFIG line 2" in message and "KEY=VALUE" in message
+    assert "hunter2" not in message and "xyzzy" not in message
+
+
+def test_bad_config_value_is_not_echoed() -> None:
+    with pytest.raises(ValueError) as info:  # librdkafka says 'Invalid value "s3cret-value" for ...'
+        config(extra=(("security.protocol", "s3cret-value"),))
+    assert "s3cret-value" not in str(info.value) and "security.protocol" in str(info.value)
+
+
 # -- records ----------------------------------------------------------------------------------
 
 
@@ -135,7 +171,15 @@ def test_binary_record_parses_with_the_sdk() -> None:
     assert event.get_data()["Body"] == '{"n": 1}' and event.get_data()["MessageId"] == "id-1"
     headers = dict(record.headers)
     assert headers["tenant"] == b"acme" and headers["blob"] == b"\x00\x01"
-    assert record.key == b"g1" and record.timestamp == 1700000000123
+    assert record.key == b"g1"
+    assert record.timestamp == 0  # the produce time: retention goes by it, not by SentTimestamp
+
+
+def test_timestamp_sent_keeps_the_sqs_send_time() -> None:
+    for fmt in ("binary", "structured", "raw"):
+        record = RecordBuilder(config(format=fmt, timestamp="sent"), SOURCE).build(message())
+        assert record.timestamp == 1700000000123
+    assert config().timestamp == "now"
 
 
 def test_body_mode_uses_the_content_type_attribute() -> None:
@@ -166,7 +210,7 @@ def test_raw_record_is_the_body_with_attributes_as_headers() -> None:
     record = RecordBuilder(config(format="raw"), SOURCE).build(msg)
     assert record.value == b"plain text" and record.key is None  # standard queue: no group
     assert record.headers == [("content-type", b"text/csv"), ("sig", b"\xff")]
-    assert record.timestamp == 1700000000123
+    assert record.timestamp == 0
 
 
 def test_key_from_attribute() -> None:
@@ -210,12 +254,16 @@ def test_scram_needs_credentials_from_env(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 class FakeProducer:
-    """Records produce() calls; the test fires their delivery reports."""
+    """Records produce() calls; the test fires their delivery reports. Never delivers by itself:
+    poll and flush wait (up to their timeout) like a producer whose broker does not answer."""
 
     def __init__(self, fail_sync: Callable[[bytes], KafkaError | None] = lambda v: None) -> None:
         self.callbacks: list[tuple[bytes, Callable[[KafkaError | None, Any], None]]] = []
         self.fail_sync = fail_sync
         self.buffer_full = 0
+        self.stuck = threading.Event()  # set: poll() hangs (a callback that does not return)
+        self.unstuck = threading.Event()
+        self.purged = False
 
     def produce(self, topic: str, value: bytes, key: bytes | None, *, headers: Any, timestamp: int,
                 on_delivery: Callable[[KafkaError | None, Any], None]) -> None:
@@ -228,13 +276,17 @@ class FakeProducer:
         self.callbacks.append((value, on_delivery))
 
     def poll(self, timeout: float = 0) -> int:
+        if self.stuck.is_set():
+            self.unstuck.wait(30)
+        time.sleep(min(timeout, 0.02))
         return 0
 
     def flush(self, timeout: float = 0) -> int:
+        time.sleep(min(timeout, 0.02))
         return len(self.callbacks)
 
-    def purge(self) -> None:
-        pass
+    def purge(self, in_queue: bool = True, in_flight: bool = True, blocking: bool = True) -> None:
+        self.purged = True
 
     def deliver(self, index: int, err: KafkaError | None = None) -> None:
         self.callbacks[index][1](err, None)
@@ -253,7 +305,7 @@ def test_standard_messages_are_reported_as_their_reports_arrive() -> None:
     channel.publish([message(i, body=str(i)) for i in range(3)], lambda m, o, r: reports.append((m.id, o)))
     producer.deliver(2)
     producer.deliver(0, KafkaError(KafkaError._MSG_TIMED_OUT))
-    producer.deliver(1, KafkaError(KafkaError.MSG_SIZE_TOO_LARGE))
+    producer.deliver(1, KafkaError(KafkaError.INVALID_RECORD))
     assert reports == [("id-2", Outcome.ACK), ("id-0", Outcome.RETRY), ("id-1", Outcome.REJECT)]
     assert channel.pending == 0
 
@@ -330,3 +382,248 @@ def test_structured_value_is_json() -> None:
     record = RecordBuilder(config(format="structured", data_mode="body"), SOURCE).build(message(body="hi"))
     doc = orjson.loads(record.value)
     assert doc["data"] == "hi" and doc["datacontenttype"] == "text/plain"
+
+
+# -- batch-wide size errors: each record once more on its own -------------------------------
+
+TOO_LARGE = KafkaError(KafkaError.MSG_SIZE_TOO_LARGE)
+
+
+def with_alone_producer(channel: KafkaChannel, alone: FakeProducer) -> list[dict[str, Any]]:
+    """Make ``alone`` the channel's single-record producer; returns the configs it was made with."""
+    confs: list[dict[str, Any]] = []
+    channel._conf = {"bootstrap.servers": "b:9092", "linger.ms": 5, "enable.idempotence": True,
+                     "transactional.id": "t", "enable.gapless.guarantee": True}
+    channel._new_producer = lambda conf: confs.append(conf) or alone  # type: ignore[method-assign]
+    return confs
+
+
+@pytest.mark.parametrize("code", [KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE])
+def test_batch_wide_size_error_sends_each_record_alone_before_rejecting(code: int) -> None:
+    producer, alone = FakeProducer(), FakeProducer()
+    channel, reports = channel_with(producer)
+    confs = with_alone_producer(channel, alone)
+    channel.publish([message(i, body=str(i)) for i in range(3)], lambda m, o, r: reports.append((m.id, o)))
+    for i in range(3):  # the broker refused the batch: every record gets the error
+        producer.deliver(i, KafkaError(code))
+    assert reports == []  # maybe the batch's fault, not theirs
+    channel._poll_once(producer, 0)  # the poll thread sends them alone
+    assert [value for value, _ in alone.callbacks] == [b"0", b"1", b"2"]
+    (conf,) = confs
+    assert conf["batch.num.messages"] == 1 and conf["linger.ms"] == 0
+    assert conf["enable.idempotence"] is False and conf["max.in.flight.requests.per.connection"] == 1
+    assert "transactional.id" not in conf and "enable.gapless.guarantee" not in conf
+    alone.deliver(0)
+    alone.deliver(1, KafkaError(code))  # too large on its own: now it is the record's fault
+    alone.deliver(2)
+    assert reports == [("id-0", Outcome.ACK), ("id-1", Outcome.REJECT), ("id-2", Outcome.ACK)]
+    assert channel.pending == 0
+
+
+def test_record_sent_alone_is_not_overtaken_by_later_records_of_its_group() -> None:
+    producer, alone = FakeProducer(), FakeProducer()
+    channel, reports = channel_with(producer)
+    with_alone_producer(channel, alone)
+    reasons: dict[str, str] = {}
+
+    def report(m: Message, o: Outcome, r: str) -> None:
+        reports.append((m.id, o))
+        reasons[m.id] = r
+
+    batch = [message(0, group="a"), message(1, group="a"), message(2, group="a"),
+             message(3, group="b"), message(4, group="b")]
+    channel.publish(batch, report)
+    producer.deliver(0, TOO_LARGE)  # a0's batch refused ...
+    producer.deliver(1)  # ... a1 went in the next batch: it is in Kafka ahead of a0's resend
+    for i in (2, 3, 4):
+        producer.deliver(i, TOO_LARGE)
+    channel._poll_once(producer, 0)
+    assert len(alone.callbacks) == 4  # a0, a2, b0, b1, in that order
+    for i in range(4):
+        alone.deliver(i)
+    assert reports == [("id-0", Outcome.ACK), ("id-1", Outcome.RETRY), ("id-2", Outcome.RETRY),
+                       ("id-3", Outcome.ACK), ("id-4", Outcome.ACK)]  # b0, b1 went alone in order
+    assert "alone" in reasons["id-1"]
+
+
+@pytest.mark.parametrize("earlier", ["acked", "failed"])
+def test_record_waits_to_be_sent_alone_until_earlier_ones_of_its_group_landed(earlier: str) -> None:
+    producer, alone = FakeProducer(), FakeProducer()
+    channel, reports = channel_with(producer)
+    with_alone_producer(channel, alone)
+    channel.publish([message(0, group="a"), message(1, group="a")], lambda m, o, r: reports.append((m.id, o)))
+    producer.deliver(1, TOO_LARGE)  # a1's batch refused while a0 is still being retried
+    channel._poll_once(producer, 0)
+    assert alone.callbacks == []  # sent now, it could land ahead of a0
+    if earlier == "acked":
+        producer.deliver(0)
+        channel._poll_once(producer, 0)
+        assert len(alone.callbacks) == 1
+        alone.deliver(0)
+        assert reports == [("id-0", Outcome.ACK), ("id-1", Outcome.ACK)]
+    else:
+        producer.deliver(0, KafkaError(KafkaError._MSG_TIMED_OUT))
+        channel._poll_once(producer, 0)
+        assert alone.callbacks == []  # it would be reported RETRY anyway: no duplicate
+        assert reports == [("id-0", Outcome.RETRY), ("id-1", Outcome.RETRY)]
+
+
+def test_single_record_producer_that_cannot_be_made_retries() -> None:
+    producer = FakeProducer()
+    channel, reports = channel_with(producer)
+
+    def fail(conf: dict[str, Any]) -> Any:
+        raise KafkaException(KafkaError(KafkaError._INVALID_ARG, "nope"))
+
+    channel._new_producer = fail  # type: ignore[method-assign]
+    channel.publish([message(0)], lambda m, o, r: reports.append((m.id, o)))
+    producer.deliver(0, TOO_LARGE)
+    channel._poll_once(producer, 0)
+    assert reports == [("id-0", Outcome.RETRY)]
+
+
+# -- shutdown, full queue, stalls -------------------------------------------------------------
+
+
+def start_polling(channel: KafkaChannel) -> None:
+    channel._start_polling()  # the poll thread, as start() runs it, over the fake producer
+
+
+def test_full_queue_wait_ends_when_close_starts() -> None:
+    producer = FakeProducer()
+    producer.buffer_full = 10**9  # broker down: the local queue never drains
+    channel, reports = channel_with(producer)
+    start_polling(channel)
+    lock = threading.Lock()
+
+    def report(m: Message, o: Outcome, r: str) -> None:
+        with lock:
+            reports.append((m.id, o))
+
+    batch = [message(i) for i in range(5)]
+    publisher = threading.Thread(target=channel.publish, args=(batch, report), daemon=True)
+    publisher.start()
+    time.sleep(0.3)  # let it reach the wait; correctness does not depend on the length
+    channel.close(timeout=0.5)
+    publisher.join(10)
+    assert not publisher.is_alive()
+    assert sorted(reports) == [(f"id-{i}", Outcome.RETRY) for i in range(5)]  # each once
+
+
+def test_full_queue_wait_is_bounded_by_the_message_timeout() -> None:
+    producer = FakeProducer()
+    producer.buffer_full = 10**9
+    channel, reports = channel_with(producer)
+    channel._queue_wait = 0.3  # message.timeout.ms: no queued record waits longer than this
+    reasons: list[str] = []
+    channel.publish([message(0), message(1, group="g"), message(2, group="g")],
+                    lambda m, o, r: (reports.append((m.id, o)), reasons.append(r)))
+    assert sorted(reports) == [("id-0", Outcome.RETRY), ("id-1", Outcome.RETRY), ("id-2", Outcome.RETRY)]
+    assert "queue" in reasons[0]
+
+
+def test_close_returns_in_time_when_the_poll_thread_is_stuck() -> None:
+    producer = FakeProducer()
+    channel, reports = channel_with(producer)
+    start_polling(channel)
+    channel.publish([message(0), message(1)], lambda m, o, r: reports.append((m.id, o)))
+    producer.stuck.set()  # e.g. a report callback that never returns
+    started = time.monotonic()
+    channel.close(timeout=0.5)
+    assert time.monotonic() - started < 5  # 0.5 s plus a fraction; loose for a busy machine
+    assert sorted(reports) == [("id-0", Outcome.RETRY), ("id-1", Outcome.RETRY)]
+    assert producer.purged
+    producer.unstuck.set()
+    producer.deliver(0)  # late: ignored
+    assert len(reports) == 2
+
+
+def test_publish_after_close_returns_the_messages() -> None:
+    producer = FakeProducer()
+    channel, reports = channel_with(producer)
+    channel.close(timeout=0)
+    channel.publish([message(0)], lambda m, o, r: reports.append((m.id, o)))
+    assert reports == [("id-0", Outcome.RETRY)] and producer.callbacks == []
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+def test_stalled_when_the_poll_thread_does_not_come_round() -> None:
+    producer = FakeProducer()
+    channel, _ = channel_with(producer)
+    channel.STALL_AFTER = 0.3  # type: ignore[misc]
+    assert channel.stalled() is None  # not started
+    start_polling(channel)
+    assert channel.stalled() is None
+    producer.stuck.set()
+    wait_for(channel.stalled)
+    assert "poll thread" in (channel.stalled() or "")
+    producer.stuck.clear()
+    producer.unstuck.set()
+    wait_for(lambda: channel.stalled() is None)
+    channel.close(timeout=0)
+    assert channel.stalled() is None
+
+
+# -- MSK IAM ----------------------------------------------------------------------------------
+
+
+def fake_signer(monkeypatch: pytest.MonkeyPatch, generate: Callable[[str], tuple[str, int]]) -> None:
+    signer = types.ModuleType("aws_msk_iam_sasl_signer")
+    signer.MSKAuthTokenProvider = types.SimpleNamespace(generate_auth_token=generate)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "aws_msk_iam_sasl_signer", signer)
+
+
+def no_credentials(region: str) -> tuple[str, int]:
+    raise RuntimeError("Unable to locate credentials.\nYou can configure credentials by running aws configure.")
+
+
+def test_msk_token_failure_is_logged_in_one_line_and_raised(monkeypatch: pytest.MonkeyPatch,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    fake_signer(monkeypatch, no_credentials)
+    callback = msk_oauth_callback("eu-west-1")
+    caplog.set_level(logging.INFO, logger="channels.kafka")
+    for _ in range(2):  # librdkafka asks again every few seconds: one line, not one per ask
+        with pytest.raises(RuntimeError):
+            callback("")
+    (record,) = [r for r in caplog.records if r.levelno >= logging.INFO]
+    assert record.levelno == logging.ERROR and record.exc_info is None
+    assert "Unable to locate credentials" in record.getMessage() and "\n" not in record.getMessage()
+
+
+def test_iam_needs_sasl_for_the_token_callback(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_signer(monkeypatch, lambda region: ("tok", 1_800_000_000_000))
+    cfg = config(auth="iam", region="eu-west-1")
+    assert cfg.create(SOURCE)._client_config()["oauth_cb"]("")[0] == "tok"
+    # without SASL librdkafka never asks for a token, and each constructor would wait 10 s for one
+    plain = config(auth="iam", region="eu-west-1", extra=(("security.protocol", "PLAINTEXT"),))
+    assert "oauth_cb" not in plain.create(SOURCE)._client_config()
+
+
+def test_iam_token_failure_names_its_cause_for_producer_and_admin(monkeypatch: pytest.MonkeyPatch) -> None:
+    """confluent-kafka's constructors wait 10 s for a token and then say only "OAuth token not set"."""
+    fake_signer(monkeypatch, no_credentials)
+    cfg = config(auth="iam", region="eu-west-1", bootstrap_servers="127.0.0.1:1", metadata_timeout=1)
+
+    def start() -> str:
+        with pytest.raises(ChannelError) as info:
+            cfg.create(SOURCE).start()
+        return str(info.value)
+
+    def create_topic() -> str:
+        channel = cfg.create(SOURCE)
+        with pytest.raises(ChannelError) as info:
+            channel._create_topic(channel._client_config())  # --kafka-create-topic's admin client
+        return str(info.value)
+
+    with ThreadPoolExecutor(2) as pool:  # both wait the same 10 s: side by side
+        errors = [f.result() for f in [pool.submit(start), pool.submit(create_topic)]]
+    for error in errors:
+        assert "Unable to locate credentials" in error and "\n" not in error
+    assert errors[0].startswith("cannot create the Kafka producer")
+    assert errors[1].startswith("cannot create Kafka topic 'orders'")
