@@ -406,17 +406,32 @@ class _LibrdkafkaLog:
     """librdkafka's log lines (served by ``poll``) for the ``logger`` setting.
 
     While ``quiet`` (``start()`` waiting for the broker) they go at DEBUG: a refused connection is
-    logged on every reconnect, and ``start()``'s one-line error already gives the cause.
+    logged on every reconnect, and ``start()``'s one-line error already gives the cause. Otherwise
+    a line already logged in the last ``REPEAT_EVERY`` seconds goes at DEBUG: during an outage
+    librdkafka says the same twice a second per broker.
     """
 
-    __slots__ = ("logger", "quiet")
+    REPEAT_EVERY = 60.0
+    __slots__ = ("_last", "logger", "quiet")
 
     def __init__(self) -> None:
         self.logger = logging.getLogger(__name__ + ".librdkafka")
         self.quiet = False
+        self._last: dict[str, float] = {}
 
     def log(self, level: int, msg: str, *args: Any) -> None:
-        self.logger.log(logging.DEBUG if self.quiet else level, msg, *args)
+        if self.quiet:
+            level = logging.DEBUG
+        elif level >= logging.WARNING:
+            line = msg % args if args else msg
+            now = time.monotonic()
+            if now - self._last.get(line, -self.REPEAT_EVERY) < self.REPEAT_EVERY:
+                level = logging.DEBUG
+            else:
+                if len(self._last) > 256:  # bounded: lines carry addresses and states
+                    self._last.clear()
+                self._last[line] = now
+        self.logger.log(level, msg, *args)
 
 
 class KafkaChannel(Channel):

@@ -6,11 +6,10 @@ the throughput line, and on SIGTERM/SIGINT stops the workers gracefully, then ki
 left after the shutdown timeout.
 
 A worker that exits with ``EXIT_BOOT`` could not start its channel. During the poller's own start
-(until every worker has sent a first heartbeat) that means the poller cannot work at all (the
-CLI checked the channel a moment before): respawning would only loop, so the supervisor stops
-everything and exits with that code, like gunicorn's ``HaltServer``. Later, it means an outage (a
-broker down while a worker is replaced): the worker is respawned with a backoff while the others
-keep going.
+(until a first worker has sent a heartbeat: the channel works with this configuration) that means
+the poller cannot work at all: respawning would only loop, so the supervisor stops everything and
+exits with that code, like gunicorn's ``HaltServer``. Later, it means an outage (a broker down
+while a worker is replaced): the worker is respawned with a backoff while the others keep going.
 
 Workers are started with multiprocessing's ``spawn`` method: a fresh interpreter per worker, so
 no threads, locks or sockets of the parent are inherited (fork after threads is unsafe).
@@ -49,6 +48,7 @@ class _Slot:
     process: BaseProcess | None = None
     started_at: float = 0.0
     booted: bool = False  # has sent a heartbeat since it was started
+    killed: bool = False  # SIGKILLed for want of a heartbeat; the reaper respawns it
     failures: int = 0
     restarts: int = 0
     respawn_at: float = 0.0
@@ -71,7 +71,7 @@ class Supervisor:
                   heartbeat=self._ctx.Value("d", 0.0, lock=False))
             for i in range(config.processes)
         ]
-        self._starting = True  # until every worker has sent its first heartbeat
+        self._starting = True  # until a worker has sent its first heartbeat
 
     def serve_metrics(self, host: str, port: int) -> None:
         """Prometheus ``/metrics`` from the workers' counters; OSError if the port is taken."""
@@ -128,7 +128,7 @@ class Supervisor:
         )
         slot.heartbeat.value = 0.0
         process.start()
-        slot.process, slot.started_at, slot.booted = process, time.monotonic(), False
+        slot.process, slot.started_at, slot.booted, slot.killed = process, time.monotonic(), False, False
         log.info("started worker-%d (pid %d)", slot.index, process.pid)
 
     def _reap(self) -> bool:
@@ -142,6 +142,7 @@ class Supervisor:
             code = process.exitcode
             slot.process = None
             self._retire_stats(slot)
+            self._note_boot(slot)  # it may have sent a heartbeat we had not seen yet
             if code == EXIT_BOOT and self._starting:
                 log.error("worker-%d could not start (exit %d); stopping all workers", slot.index, code)
                 return True
@@ -164,18 +165,19 @@ class Supervisor:
         timeout = self.config.worker_timeout
         for slot in self._slots:
             process = slot.process
-            if process is None or not process.is_alive():
+            if process is None or slot.killed or not process.is_alive():
                 continue
-            beat = slot.heartbeat.value
-            if beat >= slot.started_at:
-                slot.booted = True
-            last = max(beat, slot.started_at)  # a booting worker gets worker_timeout to start
+            self._note_boot(slot)
+            last = max(slot.heartbeat.value, slot.started_at)  # a booting worker gets worker_timeout
             if now - last > timeout:
                 log.error("worker-%d (pid %d) sent no heartbeat for %.0fs (--worker-timeout); killing it",
                           slot.index, process.pid, now - last)
                 _send(process, signal.SIGKILL)
-                slot.heartbeat.value = now  # one kill; the reaper respawns it
-        if self._starting and all(slot.booted for slot in self._slots):
+                slot.killed = True
+
+    def _note_boot(self, slot: _Slot) -> None:
+        if not slot.booted and slot.heartbeat.value >= slot.started_at > 0:
+            slot.booted = True
             self._starting = False
 
     def _respawn_due(self) -> None:

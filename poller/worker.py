@@ -160,6 +160,7 @@ class Worker:
             config.receivers, config.batch_size, config.wait_time, config.max_in_flight,
             config.channel.name,
         )
+        self._check_health()  # the first heartbeat: the supervisor knows the channel started
         while not self._stopping.wait(1.0):
             self._check_health()
             if tick is not None:

@@ -627,3 +627,15 @@ def test_iam_token_failure_names_its_cause_for_producer_and_admin(monkeypatch: p
         assert "Unable to locate credentials" in error and "\n" not in error
     assert errors[0].startswith("cannot create the Kafka producer")
     assert errors[1].startswith("cannot create Kafka topic 'orders'")
+
+
+def test_librdkafka_repeats_its_outage_lines_only_once_a_minute(caplog: pytest.LogCaptureFixture) -> None:
+    from channels.kafka import _LibrdkafkaLog
+
+    sink = _LibrdkafkaLog()
+    with caplog.at_level(logging.DEBUG, logger="channels.kafka.librdkafka"):
+        for _ in range(5):
+            sink.log(logging.ERROR, "FAIL [%s] Connect to %s failed", "rdkafka#producer-1", "127.0.0.1:9")
+        sink.log(logging.ERROR, "FAIL [%s] Connect to %s failed", "rdkafka#producer-1", "127.0.0.1:8")
+    levels = [(r.levelno, r.getMessage().rsplit(" ", 2)[0][-11:]) for r in caplog.records]
+    assert [lvl for lvl, _ in levels] == [logging.ERROR] + [logging.DEBUG] * 4 + [logging.ERROR]

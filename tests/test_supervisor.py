@@ -49,10 +49,11 @@ def fake_worker(slot: int, config: Any, stats: Any, parent_pid: int, heartbeat: 
     previous_starts = _record_start(slot)
     if mode == "boot-fail":
         raise SystemExit(3)
-    if mode == "outage-later":
+    if mode in ("outage-later", "outage-quick"):
         # Slot 0 runs, crashes, and its replacements cannot start twice (a broker outage).
+        # "quick": it dies right after its first heartbeat, before the supervisor looked.
         if slot == 0 and previous_starts == 0:
-            _beat_forever(heartbeat, seconds=1.5)
+            _beat_forever(heartbeat, seconds=1.5 if mode == "outage-later" else 0.01)
             raise SystemExit(1)
         if slot == 0 and previous_starts <= 2:
             raise SystemExit(3)
@@ -139,8 +140,11 @@ def test_a_boot_failure_during_start_halts_the_poller_with_exit_3(running: Any) 
     assert "could not start (exit 3); stopping all workers" in sup.log()
 
 
-def test_a_boot_failure_of_a_replacement_later_is_retried_while_the_others_keep_going(running: Any) -> None:
-    sup = running("outage-later")
+@pytest.mark.parametrize("mode", ["outage-later", "outage-quick"])
+def test_a_boot_failure_of_a_replacement_later_is_retried_while_the_others_keep_going(
+    running: Any, mode: str
+) -> None:
+    sup = running(mode)
     # Slot 0: runs, crashes, fails to start twice (the outage), then starts for good.
     wait_until(lambda: len(sup.starts(0)) >= 4, 60, "slot 0 to be started four times")
     assert sup.proc.poll() is None, "the supervisor halted on a boot failure after its start"
