@@ -45,7 +45,7 @@ VISIBILITY_TIMEOUT = 300
 
 
 def load_test_module(name: str) -> ModuleType:
-    """A module of tests/ (``helpers``, ``poller_proc``) by path: tests/ is not a package."""
+    """A module of tests/ (``support``) by path: tests/ is not a package."""
     cached = sys.modules.get(f"_bench_{name}")
     if cached is not None:
         return cached
@@ -81,7 +81,7 @@ def make_bodies(count: int, size: int) -> list[str]:
 
 def preload(sqs: Any, url: str, bodies: Sequence[str], *, threads: int = 8) -> float:
     """SendMessageBatch every body (8 threads); returns the seconds it took."""
-    helpers = load_test_module("helpers")
+    helpers = load_test_module("support")
     size = -(-len(bodies) // threads)
     chunks = [bodies[i:i + size] for i in range(0, len(bodies), size)]
     started = time.monotonic()

@@ -88,7 +88,7 @@ def run_poller_case(
     timeout: float,
 ) -> PollerRun:
     """``done()`` is polled (besides the queue being empty) to end the window."""
-    poller_proc = load_test_module("poller_proc")
+    poller_proc = load_test_module("support")
     poller = poller_proc.PollerProcess(args, env, log_dir / f"poller-{label}.log")
     try:
         return _measure(poller, processes, sqs, queue_url, bodies, peers, done, timeout)
