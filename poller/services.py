@@ -643,21 +643,27 @@ def start_tansu(
     env: Mapping[str, str] | None = None,
     cache_dir: Path | None = None,
     log_dir: Path | None = None,
+    advertised: str | None = None,
 ) -> Service:
     """The tansu Kafka broker on 127.0.0.1; ``endpoint`` is the bootstrap ``"127.0.0.1:PORT"``.
 
     Calling again with the same ``port`` and ``storage`` after ``stop()`` restarts it; only the
     ``s3://`` engine keeps records across that (see :func:`tansu_s3_env`).
+
+    ``advertised`` (``"host:port"``, default: the listener) is the address the broker tells
+    clients to use; Kafka clients reconnect there, so a proxy in front of the broker needs it.
     """
     binary = _tansu_binary(cache_dir)
     port = port or free_port()
     bootstrap = f"{HOST}:{port}"
-    log.info("starting tansu on %s (storage %s)", bootstrap, storage)
+    log.info("starting tansu on %s (storage %s%s)", bootstrap, storage,
+             f", advertising {advertised}" if advertised else "")
     cleanup: list[Callable[[], object]] = []
     url = f"tcp://{bootstrap}"
     launch = _Launch(
         "tansu",
-        (str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url,
+        (str(binary), "broker", "--listener-url", url,
+         "--advertised-listener-url", f"tcp://{advertised}" if advertised else url,
          "--storage-engine", storage),
         bootstrap,
         _log_file(log_dir, "tansu", port, cleanup),

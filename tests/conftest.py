@@ -163,9 +163,10 @@ class TansuFactory:
         self.started: list[Service] = []
 
     def __call__(
-        self, *, port: int | None = None, storage: str = "memory://tansu/", env: Mapping[str, str] | None = None
+        self, *, port: int | None = None, storage: str = "memory://tansu/", env: Mapping[str, str] | None = None,
+        advertised: str | None = None,
     ) -> Service:
-        broker = start_tansu(port=port, storage=storage, env=env, log_dir=self._log_dir)
+        broker = start_tansu(port=port, storage=storage, env=env, log_dir=self._log_dir, advertised=advertised)
         self.started.append(broker)
         return broker
 

@@ -12,28 +12,34 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from channels.dumper import DumperServer
 from poller.services import free_port
 
 __all__ = [
-    "BATCH_MAX_BYTES", "BATCH_MAX_ENTRIES", "CLK_TCK", "UNICODE", "PollerProcess", "consume_topic",
-    "cpu_seconds", "drain", "drain_count", "free_port", "make_body", "new_topic", "poller_cpu",
-    "queue_counts", "send_messages", "send_parallel", "silent_server", "split", "wait_until",
+    "BATCH_MAX_BYTES", "BATCH_MAX_ENTRIES", "CLK_TCK", "UNICODE", "Deliveries", "FaultCase", "PollerProcess",
+    "SinkDeliveries", "Tally", "TopicDeliveries", "ce_id", "consume_topic", "cpu_seconds", "drain",
+    "drain_count", "dumper_sink", "free_port", "has_ids", "make_body", "message_size", "new_topic", "pid_alive",
+    "poller_cpu", "queue_counts", "send_messages", "send_parallel", "silent_server", "split", "tally",
+    "wait_until",
 ]
 
 BATCH_MAX_ENTRIES = 10
 BATCH_MAX_BYTES = 256 * 1024  # SendMessageBatch: total of all bodies + attributes per call
 
 
-def _entry_size(entry: Mapping[str, Any]) -> int:
+def message_size(entry: Mapping[str, Any]) -> int:
+    """What SQS counts against its size limit: the body plus every attribute's name, type and value."""
     size = len(entry["MessageBody"].encode())
     for name, attr in (entry.get("MessageAttributes") or {}).items():
         value = attr.get("StringValue", attr.get("BinaryValue", b""))
@@ -46,7 +52,7 @@ def _batches(entries: list[dict[str, Any]]) -> Iterable[list[dict[str, Any]]]:
     batch: list[dict[str, Any]] = []
     size = 0
     for entry in entries:
-        n = _entry_size(entry)
+        n = message_size(entry)
         if batch and (len(batch) == BATCH_MAX_ENTRIES or size + n > BATCH_MAX_BYTES):
             yield batch
             batch, size = [], 0
@@ -203,12 +209,15 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interva
 class PollerProcess:
     """``python -m poller run ARGS`` in its own process group, output to ``log_path``."""
 
-    def __init__(self, args: Sequence[str], env: Mapping[str, str], log_path: Path) -> None:
+    def __init__(self, args: Sequence[str], env: Mapping[str, str], log_path: Path,
+                 unset: Iterable[str] = ()) -> None:
+        """``env`` is added to this process's environment, without the variables in ``unset``."""
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        dropped = frozenset(unset)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "poller", "run", *args],
-            env={**os.environ, **env},
+            env={**{k: v for k, v in os.environ.items() if k not in dropped}, **env},
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -257,11 +266,13 @@ class PollerProcess:
             self._log.close()
 
     def kill(self) -> None:
+        """SIGKILL to the whole process group (workers included), then reap; closes the log."""
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         self.proc.wait()
+        self._log.close()
 
 
 # -- bodies, topics, CPU --------------------------------------------------------------------
@@ -311,3 +322,186 @@ def cpu_seconds(pid: int) -> float:
 def poller_cpu(poller: PollerProcess) -> float:
     """CPU seconds of the supervisor and its workers."""
     return cpu_seconds(poller.pid) + sum(cpu_seconds(pid) for pid in poller.worker_pids())
+
+
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie waiting to be reaped counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+# -- where the messages went: sinks, topics and the fault suite's accounting ---------------
+
+
+@contextmanager
+def dumper_sink(**kwargs: Any) -> Iterator[DumperServer]:
+    """The message dumper as a test sink: keeps every accepted event, prints nothing."""
+    with open(os.devnull, "w") as devnull, DumperServer("127.0.0.1", 0, out=devnull, keep=True, **kwargs) as server:
+        yield server
+
+
+def ce_id(record: Any) -> str:
+    """The CloudEvent id (the SQS MessageId) of a Kafka record in binary mode."""
+    return dict(record.headers() or [])["ce_id"].decode()
+
+
+def has_ids(ids: Collection[str]) -> Callable[[list[Any]], bool]:
+    """``consume_topic``'s ``until``: every id is among the records (checks only new records)."""
+    wanted = set(ids)
+    seen: set[str] = set()
+    checked = [0]
+
+    def check(records: list[Any]) -> bool:
+        seen.update(ce_id(r) for r in records[checked[0]:])
+        checked[0] = len(records)
+        return wanted <= seen
+
+    return check
+
+
+class Deliveries(Protocol):
+    """A channel the poller delivers to, and how to count what it really received."""
+
+    channel: str
+
+    def poller_args(self) -> list[str]: ...
+
+    def ids(self, expected: Collection[str] = (), timeout: float = 60) -> Counter[str]:
+        """MessageId -> copies received; waits up to ``timeout`` for ``expected`` where that costs."""
+        ...
+
+
+class SinkDeliveries:
+    """The HTTP channel into a dumper; ``url`` is where the poller sends (a proxy in front, say)."""
+
+    channel = "http"
+
+    def __init__(self, server: DumperServer, url: str | None = None) -> None:
+        self.server = server
+        self.url = url or server.url
+
+    def poller_args(self) -> list[str]:
+        return ["--channel", "http", "--sink", self.url]
+
+    def ids(self, expected: Collection[str] = (), timeout: float = 60) -> Counter[str]:
+        wanted = set(expected)
+        deadline = time.monotonic() + timeout
+        while wanted - set(self._ids()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return self._ids()
+
+    def _ids(self) -> Counter[str]:
+        return Counter(e["id"] for e in self.server.events)
+
+
+class TopicDeliveries:
+    """The Kafka channel into a topic, counted by reading every partition from offset 0."""
+
+    channel = "kafka"
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self.bootstrap = bootstrap
+        self.topic = topic
+
+    def poller_args(self) -> list[str]:
+        return ["--channel", "kafka", "--kafka-bootstrap-servers", self.bootstrap, "--kafka-topic", self.topic]
+
+    def ids(self, expected: Collection[str] = (), timeout: float = 60) -> Counter[str]:
+        return Counter(ce_id(r) for r in self.records(expected, timeout))
+
+    def records(self, expected: Collection[str] = (), timeout: float = 60) -> list[Any]:
+        """Every record of the topic, once ``expected`` ids are among them (or ``timeout`` passed)."""
+        until = has_ids(expected) if expected else (lambda records: False)
+        return consume_topic(self.bootstrap, self.topic, until, timeout=timeout if expected else 5)
+
+
+@dataclass(frozen=True, slots=True)
+class Tally:
+    """Where each sent message ended up, by MessageId: copies the channel received, copies in the
+    DLQ, copies still on the queue (drained) after the run."""
+
+    sent: frozenset[str]
+    delivered: Counter[str]
+    dead: Counter[str] = field(default_factory=Counter)
+    queued: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def lost(self) -> frozenset[str]:
+        return self.sent - self.delivered.keys() - self.dead.keys() - self.queued.keys()
+
+    @property
+    def duplicates(self) -> int:
+        """Copies beyond the first of each message, wherever they are: a message delivered and still
+        on the queue will be delivered again, so it counts as a duplicate already."""
+        return sum(n - 1 for n in (self.delivered + self.dead + self.queued).values())
+
+    @property
+    def strays(self) -> frozenset[str]:
+        """Ids the channel received that were never sent (another test's, or garbage)."""
+        return frozenset(self.delivered.keys() - self.sent)
+
+
+class FaultCase:
+    """One case of the fault suite: where its messages went, and the duplicates it allows.
+
+    ``count_with(fn)`` tells how to count (``fn(wait) -> Tally``); ``finish()`` counts and asserts
+    lost == 0 and duplicates <= ``max_duplicates``. A case that failed before ``finish()`` is
+    counted anyway, for the report.
+    """
+
+    def __init__(self, case: str, channel: str, max_duplicates: int) -> None:
+        self.case = case
+        self.channel = channel
+        self.max_duplicates = max_duplicates
+        self.notes: list[str] = []
+        self.tally: Tally | None = None
+        self._count: Callable[[float], Tally] | None = None
+        self._started = time.monotonic()
+        self.seconds: float | None = None
+        self.settled = False  # finish() counted: the flow had ended
+
+    def count_with(self, count: Callable[[float], Tally]) -> None:
+        """``count(wait)``: the tally, waiting up to ``wait`` seconds for deliveries still expected."""
+        self._count = count
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+    def finish(self) -> Tally:
+        assert self._count is not None, "count_with() was not called"
+        self.seconds = time.monotonic() - self._started
+        tally = self.tally = self._count(60.0)
+        self.settled = True
+        assert not tally.strays, f"{len(tally.strays)} events for messages never sent: {sorted(tally.strays)[:3]}"
+        assert not tally.lost, f"{len(tally.lost)} of {len(tally.sent)} messages lost: {sorted(tally.lost)[:5]}"
+        assert tally.duplicates <= self.max_duplicates, (
+            f"{tally.duplicates} duplicates, the case allows {self.max_duplicates}")
+        return tally
+
+    def count_after_failure(self) -> None:
+        """Count what got through, for the report, when the case failed before finish()."""
+        if self.seconds is None:
+            self.seconds = time.monotonic() - self._started
+        if self.tally is None and self._count is not None:
+            try:
+                self.tally = self._count(5.0)
+            except Exception as exc:  # the report row stays without counts
+                logging.getLogger(__name__).warning("could not count case %s: %r", self.case, exc)
+
+
+def tally(sqs: Any, ids: Sequence[str], deliveries: Deliveries, *, wait: float = 60, dlq_url: str | None = None,
+          dead: Iterable[str] = (), drain_url: str | None = None) -> Tally:
+    """Count where ``ids`` went: ``dead`` (already taken from the DLQ) plus what ``dlq_url`` still
+    holds, what ``drain_url`` (the queue) still holds, and what the channel received, waiting up to
+    ``wait`` seconds for the rest. Drains (deletes) what it counts from the queues."""
+    dead_ids = Counter(dead)
+    if dlq_url:
+        dead_ids.update(m["MessageId"] for m in drain(sqs, dlq_url, idle_receives=2, wait_seconds=1))
+    queued = Counter[str]()
+    if drain_url:  # idle long enough for messages of broken-off receives to come back
+        queued.update(m["MessageId"] for m in drain(sqs, drain_url, idle_receives=3, wait_seconds=3))
+    expected = set(ids) - dead_ids.keys() - queued.keys()
+    return Tally(frozenset(ids), deliveries.ids(expected, timeout=wait), dead_ids, queued)
