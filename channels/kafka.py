@@ -25,9 +25,10 @@ In every format the SQS message attributes are also copied to headers:
 =====================  ====================================================================
 header name            the attribute name, unchanged
 header value           ``String``/``Number`` (and custom ``String.x``/``Number.x``): the
-                       ``StringValue`` as UTF-8; ``Binary``(``.x``): the ``BinaryValue``
-                       bytes (given as ``bytes`` by boto3; a ``str`` is taken as base64, as
-                       SQS's JSON protocol sends it)
+                       ``StringValue`` as UTF-8; ``Binary``(``.x``): in ``raw``, the
+                       ``BinaryValue`` bytes; in ``binary``/``structured``, those bytes as
+                       base64 text (CloudEvents readers decode every header as UTF-8, so raw
+                       bytes would make the record unreadable)
 not copied             in ``binary``/``structured``, a name that is ``content-type`` or starts
                        with ``ce_`` (any case): a CloudEvents reader would take it for the
                        event's own ``content-type``/attribute. It is still in the data with
@@ -353,7 +354,12 @@ def attribute_headers(message: Message, *, cloudevents: bool) -> list[tuple[str,
         lowered = name.lower()
         if cloudevents and (lowered == "content-type" or lowered.startswith("ce_")):
             continue
-        headers.append((name, attribute_value(name, attribute)))
+        value = attribute_value(name, attribute)
+        if cloudevents and str(attribute.get("DataType", "")).startswith("Binary"):
+            # CloudEvents readers (the SDKs) decode every header as UTF-8: raw bytes would make
+            # the whole record unreadable. Base64, as SQS itself carries them in JSON.
+            value = base64.b64encode(value)
+        headers.append((name, value))
     return headers
 
 

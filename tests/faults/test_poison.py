@@ -105,10 +105,8 @@ def check_intact(deliveries: Deliveries, bodies: dict[str, str], ids: list[str])
             mid = ce_id(record)
             if mid in bodies and record.value() != bodies[mid].encode():
                 problems.append(f"{mid}: the record's value differs from the body")
-            # Only the headers a CloudEvents reader interprets: the SDK decodes every header it is
-            # given as UTF-8, and Binary attributes are copied as raw bytes (as documented).
-            headers = {k: v for k, v in (record.headers() or []) if k.lower().startswith("ce_")
-                       or k.lower() == "content-type"}
+            # Every header, as a consumer gets them: the SDK decodes each as UTF-8.
+            headers = dict(record.headers() or [])
             try:
                 event = ce_kafka.from_kafka(
                     ce_kafka.KafkaMessage(headers=headers, key=record.key(), value=record.value()), JSONFormat())
