@@ -37,6 +37,17 @@ class BootError(click.ClickException):
     exit_code = EXIT_BOOT
 
 
+class _Lines(click.ParamType):
+    """A string whose environment variable holds one value per line: click splits a multiple
+    option's variable on whitespace by default, which would cut a value (a password) in two."""
+
+    name = "KEY=VALUE"
+    envvar_list_splitter = "\n"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        return value
+
+
 def option(*decls: str, **kwargs: Any) -> Callable[[Any], Any]:
     """A click option whose env var is POLLER_<LONG_NAME>, shown in --help with its default."""
     long_name = next(d for d in decls if d.startswith("--"))
@@ -112,11 +123,8 @@ def cli() -> None:
 @option("--kafka-bootstrap-servers", default=None, show_default=False,
         help="Kafka channel: host:port[,host:port...].")
 @option("--kafka-topic", default=None, show_default=False, help="Kafka channel: the topic.")
-# Not click's envvar: it splits on whitespace and could cut a password in two. The variable is
-# read in _channel_config, one KEY=VALUE per line.
-@click.option("--kafka-config", multiple=True, metavar="KEY=VALUE",
-              help="Kafka channel: librdkafka setting, repeatable; wins over POLLER_KAFKA_CONFIG "
-                   "(env, one KEY=VALUE per line).")
+@option("--kafka-config", type=_Lines(), multiple=True, metavar="KEY=VALUE", show_default=False,
+        help="Kafka channel: librdkafka setting, repeatable (env: one KEY=VALUE per line).")
 @option("--kafka-format", type=click.Choice(["binary", "structured", "raw"]), default="binary",
         help="Kafka channel: CloudEvents binary or structured mode, or the raw body.")
 @option("--kafka-timestamp", type=click.Choice(["now", "sent"]), default="now",
@@ -200,7 +208,7 @@ def _channel_config(opts: dict[str, Any]) -> ChannelConfig:
                 overrides=overrides, concurrency=opts["http_concurrency"],
                 timeout=opts["http_timeout"],
             )
-        from channels.kafka import KafkaConfig, parse_kafka_config, parse_kafka_config_env
+        from channels.kafka import KafkaConfig
 
         for flag in ("kafka_bootstrap_servers", "kafka_topic"):
             if not opts[flag]:
@@ -209,14 +217,23 @@ def _channel_config(opts: dict[str, Any]) -> ChannelConfig:
             bootstrap_servers=opts["kafka_bootstrap_servers"], topic=opts["kafka_topic"],
             format=opts["kafka_format"], data_mode=opts["data_mode"], key=opts["kafka_key"],
             auth=opts["kafka_auth"], timestamp=opts["kafka_timestamp"],
-            extra=(parse_kafka_config_env(os.environ.get("POLLER_KAFKA_CONFIG", ""))
-                   + parse_kafka_config(opts["kafka_config"])),
+            extra=_kafka_config(opts["kafka_config"]),
             overrides=tuple(overrides.items()), create_topic=opts["kafka_create_topic"],
             partitions=opts["kafka_partitions"], replication=opts["kafka_replication"],
             region=opts["region"],
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+
+
+def _kafka_config(items: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """--kafka-config pairs; from POLLER_KAFKA_CONFIG, errors name the line (never the value)."""
+    from channels.kafka import parse_kafka_config, parse_kafka_config_env
+
+    source = click.get_current_context().get_parameter_source("kafka_config")
+    if source is click.core.ParameterSource.ENVIRONMENT:
+        return parse_kafka_config_env("\n".join(items))
+    return parse_kafka_config(items)
 
 
 def _resolve(opts: dict[str, Any]) -> SqsTarget:

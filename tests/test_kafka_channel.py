@@ -548,8 +548,7 @@ def test_throughput(bootstrap: str) -> None:
     elapsed = time.monotonic() - started
     channel.close(5)
     log.info("KafkaChannel -> tansu: %d binary records in %.2f s = %.0f msg/s", n, elapsed, n / elapsed)
-    assert set(reports.outcomes().values()) == {Outcome.ACK}
-    assert n / elapsed > 1000
+    assert set(reports.outcomes().values()) == {Outcome.ACK}  # speed is measured in benchmarks/
 
 
 def test_batch_refused_as_too_large_is_sent_again_record_by_record(bootstrap: str, size_proxy: Any) -> None:

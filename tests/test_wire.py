@@ -801,10 +801,11 @@ def test_per_call_timeout(serve: Callable[..., RawServer]) -> None:
     with connect(server, timeout=0.3) as conn:
         assert conn.request("/", (), b"", timeout=3) == (200, b"{}")
         sock = conn._sock
-        began = time.monotonic()
-        with pytest.raises(TimeoutError):  # back to the default for a call without one
+        # Back to the 0.3 s default for a call without one: with the 3 s of the call before, the
+        # answer (after 0.6 s) would arrive and nothing would be raised.
+        with pytest.raises(TimeoutError):
             conn.request("/", (), b"")
-        assert time.monotonic() - began < 0.55 and conn._sock is None
+        assert conn._sock is None
         assert conn.post("/", (), b"", timeout=3) == 200
         assert conn._sock is not sock
 
@@ -843,11 +844,9 @@ def test_abort_breaks_off_a_blocked_call_and_refuses_later_ones(
     thread.join(2)
     assert not thread.is_alive() and time.monotonic() - began < 1
     assert isinstance(outcome.get("error"), wire.Aborted), outcome  # not resent as a stale connection
-    began = time.monotonic()
-    for _ in range(2):
+    for _ in range(2):  # refused at once: the silent server would otherwise hold it 30 s
         with pytest.raises(wire.Aborted):
             conn.post("/", (), b"x")
-    assert time.monotonic() - began < 0.1
     conn.close()
     assert server.connections == 1 and len(server.requests) == 1
 
