@@ -18,7 +18,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -26,10 +26,22 @@ from typing import Any
 import pytest
 from cloudevents.core.bindings import kafka as ce_kafka
 from confluent_kafka.admin import AdminClient
-
 from support import (
-    PollerProcess, consume_topic, drain, free_port, make_body, new_topic, poller_cpu, queue_counts,
-    send_messages, send_parallel, silent_server, split, wait_until,
+    PollerProcess,
+    ce_id,
+    consume_topic,
+    drain,
+    free_port,
+    has_ids,
+    make_body,
+    new_topic,
+    poller_cpu,
+    queue_counts,
+    send_messages,
+    send_parallel,
+    silent_server,
+    split,
+    wait_until,
 )
 
 pytestmark = pytest.mark.integration
@@ -56,20 +68,6 @@ def poller_args(queue_url: str, bootstrap: str, topic: str, *extra: str) -> list
 
 
 
-def ce_id(record: Any) -> str:
-    return dict(record.headers() or [])["ce_id"].decode()
-
-
-def has_ids(ids: set[str]) -> Callable[[list[Any]], bool]:
-    seen: set[str] = set()
-    checked = [0]
-
-    def check(records: list[Any]) -> bool:
-        seen.update(ce_id(r) for r in records[checked[0]:])
-        checked[0] = len(records)
-        return ids <= seen
-
-    return check
 
 
 
