@@ -1,21 +1,24 @@
 """The channel interface: where the poller hands messages over.
 
 A channel takes batches of messages with ``publish`` and reports, exactly once per message, what
-became of it, by calling ``report(message, outcome, reason)``:
+became of it, by calling ``report(message, outcome, reason[, retry_after])``:
 
 - ``Outcome.ACK``: the sink has it. Only now may the poller delete the message from SQS.
-- ``Outcome.RETRY``: not delivered, but may be later (sink down, timeout, 5xx). The poller makes
-  the message visible again after a backoff.
+- ``Outcome.RETRY``: not delivered, but may be later (sink down, timeout, 5xx). The poller tries
+  again after a backoff; ``retry_after`` (seconds, e.g. a 429's ``Retry-After``) lengthens it.
 - ``Outcome.REJECT``: the sink will never take it (400, oversize, cannot be made an event). The
   poller leaves it to the queue's redrive policy / DLQ; it is never deleted unacknowledged.
 
-Reports may come from any thread, in any order, during ``publish`` or later; a channel must report
-every message it was given at the latest in ``close``, where what is still undelivered is reported
-as ``RETRY``. ``publish`` may block for backpressure, but should return quickly otherwise.
+The worker runs an event loop: ``publish`` is called on the loop's thread and must not block.
+Reports may come from any thread (the worker brings them to its loop), in any order, during
+``publish`` or later; a channel must report every message it was given at the latest in
+``aclose``, where what is still undelivered is reported as ``RETRY``.
 
 A channel makes one delivery attempt per ``publish`` (bounded by its own deadline) and does not
-retry: the worker owns retries, their backoff and the circuit that pauses receiving while the
-sink is down, so a message's whole history is in one place.
+retry: the worker owns retries, their backoff, the circuit that pauses receiving while the sink
+is down, and FIFO order (one sequencer: it hands a channel a message group's next message only
+after the previous one was acked, unless the channel ``keeps_order`` of what it is given at once),
+so a message's whole history is in one place.
 
 A channel is built inside the worker process (after the fork/spawn) from its picklable config:
 ``ChannelConfig.create()``. Nothing here knows about SQS: a ``Message`` carries an opaque
@@ -25,6 +28,7 @@ A channel is built inside the worker process (after the fork/spawn) from its pic
 from __future__ import annotations
 
 import abc
+import asyncio
 import enum
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -68,8 +72,9 @@ class Message:
         return self.attributes.get("MessageGroupId")
 
 
-Report = Callable[[Message, Outcome, str], None]
-"""``report(message, outcome, reason)``: reason is a short human string, empty for ACK."""
+Report = Callable[..., None]
+"""``report(message, outcome, reason, retry_after=0.0)``: reason is a short human string, empty
+for ACK; ``retry_after``: seconds the sink asked to wait before the next attempt."""
 
 
 class ChannelError(Exception):
@@ -79,8 +84,13 @@ class ChannelError(Exception):
 class Channel(abc.ABC):
     """A sink for messages. Use as a context manager, or call ``start`` and ``close``."""
 
+    #: True if messages given in one ``publish`` reach the sink in that order, even across
+    #: retries of the channel's own transport (Kafka's idempotent producer, one partition): the
+    #: worker may then hand over a FIFO group's messages together instead of one at a time.
+    keeps_order: bool = False
+
     def start(self) -> None:
-        """Connect and check the sink; raise ``ChannelError`` if it can never work."""
+        """Connect and check the sink; raise ``ChannelError`` if it can never work. May block."""
 
     @abc.abstractmethod
     def publish(self, batch: Sequence[Message], report: Report) -> None:
@@ -89,7 +99,12 @@ class Channel(abc.ABC):
 
     def close(self, timeout: float = 30.0) -> None:
         """Deliver what is pending within ``timeout``; report the rest as RETRY. Returns within
-        ``timeout`` (plus a fraction of a second), however stuck the sink is."""
+        ``timeout`` (plus a fraction of a second), however stuck the sink is. May block."""
+
+    async def aclose(self, timeout: float = 30.0) -> None:
+        """``close`` for the worker's loop: a channel of threads closes in a thread; a channel
+        that lives on the loop overrides this."""
+        await asyncio.to_thread(self.close, timeout)
 
     def stalled(self) -> str | None:
         """Why the channel cannot make progress (a thread stuck past its own deadline), or None.

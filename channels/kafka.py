@@ -40,22 +40,24 @@ Record key (``key``): ``group`` = the ``MessageGroupId`` on FIFO queues (one gro
 partition, in order) and no key on standard queues; ``attribute:NAME`` = the value of message
 attribute NAME (no key when the message lacks it); ``none``.
 
-Acks and FIFO order: each message's delivery report decides its outcome: delivered -> ACK;
+Acks: each message's delivery report decides its outcome, reported at once: delivered -> ACK;
 an error about the record itself (too large, invalid record/timestamp) -> REJECT; any other
 error -> RETRY. (confluent-kafka sets ``KafkaError.retriable()`` only for transactional errors,
 so a plain producer's "retriable" flag would turn every broker outage into a reject; see
-confluentinc/confluent-kafka-python#1804.) Reports of the messages of one FIFO group in one batch
-are held until all of them are settled and are then given in batch order; after the first that
-failed, the rest of the group is reported RETRY even if delivered (at-least-once allows the
-duplicate; acking them would let them overtake the failed one).
+confluentinc/confluent-kafka-python#1804.)
+
+FIFO order is the worker's (one sequencer for every channel): with ``key=group`` a group's
+records go to one partition, and the idempotent producer keeps their order across its retries,
+so the channel ``keeps_order`` and the worker hands over a group's messages together; it acks a
+group's messages in order and sends everything after a failed one again, after it.
 
 Size errors: the broker checks a topic's ``max.message.bytes`` against a whole record batch, and
 librdkafka fails every record of a rejected batch with the same ``MSG_SIZE_TOO_LARGE`` /
 ``RECORD_LIST_TOO_LARGE``. So such a record is sent once more on its own, by a second producer
 made on first need (one record per request, one request in flight, not idempotent: a duplicate is
 possible, a reorder is not), and only a record that fails alone is rejected. A record sent alone
-is sent only once the earlier records of its FIFO group have landed, and it may land behind later
-ones that the main producer delivered: those are reported RETRY (sent again after it), never ACK.
+may land behind later records of its group from the same publish: it is then reported RETRY,
+so the worker sends it and those after it again, in order.
 
 Delivery bound: ``message.timeout.ms`` defaults to 60 s (librdkafka's: 300 s): the worker retries
 a message in place and keeps its visibility extended, so a shorter attempt lets it see an outage
@@ -146,9 +148,8 @@ _ALONE_DROPPED = ("transactional.id", "enable.gapless.guarantee")  # need idempo
 # producer.
 _FENCED_CODES = frozenset({KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH})
 _TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
-_GROUP_FAILED = "an earlier message of its FIFO group in this batch was not delivered"
-_GROUP_OVERTAKEN = ("an earlier message of its FIFO group was sent again alone after a batch-wide "
-                    "size error and may be behind this one in Kafka")
+_GROUP_OVERTAKEN = ("sent again alone after a batch-wide size error: later messages of its FIFO "
+                    "group may be ahead of it in Kafka")
 _CLOSED = "Kafka channel closed before delivery"
 _ENV_NAME = "POLLER_KAFKA_CONFIG"
 
@@ -383,29 +384,17 @@ def sent_timestamp(message: Message) -> int:
 
 
 class _Entry:
-    """One message of a publish batch, until it is reported."""
+    """One message handed to ``publish``, until it is reported."""
 
-    __slots__ = ("alone", "alone_seq", "message", "outcome", "reason", "run")
+    __slots__ = ("alone", "later_in_group", "message", "report")
 
-    def __init__(self, message: Message, run: _Run) -> None:
+    def __init__(self, message: Message, report: Report, later_in_group: bool) -> None:
         self.message = message
-        self.run = run
-        self.outcome: Outcome | None = None
-        self.reason = ""
-        self.alone = False  # queued to be sent again on its own after a batch-wide size error
-        self.alone_seq: int | None = None  # its place in the single-record producer's order
-
-
-class _Run:
-    """Messages reported together in order: one FIFO group of one batch, or a single message."""
-
-    __slots__ = ("entries", "failed", "report", "unsettled")
-
-    def __init__(self, report: Report) -> None:
         self.report = report
-        self.entries: list[_Entry] = []
-        self.unsettled = 0
-        self.failed = False  # a record failed before being produced: skip the rest of the group
+        # A later message of its FIFO group came in the same publish: if this one is sent again
+        # alone, that one may be ahead of it in Kafka.
+        self.later_in_group = later_in_group
+        self.alone = False  # queued to be sent again on its own after a batch-wide size error
 
 
 class _LibrdkafkaLog:
@@ -449,15 +438,17 @@ class KafkaChannel(Channel):
     def __init__(self, config: KafkaConfig, source: str) -> None:
         self.config = config
         self.source = source
+        # One partition per group and the idempotent producer's order: a group's messages given
+        # together land in that order. (With another key a group may span partitions.)
+        self.keeps_order = config.key == "group" and config.producer_config().get("enable.idempotence") in (True, "true")
         self._builder = RecordBuilder(config, source)
         self._producer: Producer | None = None
         self._conf: dict[str, Any] = {}  # the main producer's, for the single-record one
         self._token: _MskToken | None = None
         self._alone: Producer | None = None  # sends records alone; made on the first need
         self._alone_queue: deque[_Entry] = deque()  # for the poll thread to send alone, in order
-        self._alone_count = 0
         self._lock = threading.Lock()
-        self._runs: set[_Run] = set()  # runs with at least one unsettled entry
+        self._pending: set[_Entry] = set()  # handed over, not yet reported
         self._last_error: KafkaError | None = None
         self._last_logged = ""
         self._librdkafka_log = _LibrdkafkaLog()
@@ -606,11 +597,12 @@ class KafkaChannel(Channel):
         for client in (producer, self._alone):
             if client is not None:
                 client.purge(blocking=False)  # nothing is sent after close; no one serves the reports
-        runs, left = self._sweep()
+        left = self._sweep()
         if left:
-            log.warning("%d Kafka record(s) not delivered within %g s; their messages will be retried", left, timeout)
-        for run in runs:
-            self._report_run(run)
+            log.warning("%d Kafka record(s) not delivered within %g s; their messages will be retried",
+                        len(left), timeout)
+        for entry in left:
+            _report(entry, Outcome.RETRY, _CLOSED)
         self._producer = self._alone = None
 
     def _drain(self, producer: Producer, deadline: float) -> None:
@@ -626,19 +618,12 @@ class KafkaChannel(Channel):
                 if alone is None or alone.flush(min(left, 0.1)) == 0:
                     time.sleep(min(left, 0.01))  # only records still to be sent alone are left
 
-    def _sweep(self) -> tuple[list[_Run], int]:
-        """Settle every unsettled entry RETRY: (the runs, now the caller's to report; how many)."""
-        swept = 0
+    def _sweep(self) -> list[_Entry]:
+        """Take every unreported entry (now the caller's to report RETRY)."""
         with self._lock:
-            runs, self._runs = list(self._runs), set()
-            for run in runs:
-                for entry in run.entries:
-                    if entry.outcome is None:
-                        entry.outcome, entry.reason = Outcome.RETRY, _CLOSED
-                        run.unsettled -= 1
-                        swept += 1
+            left, self._pending = list(self._pending), set()
         self._alone_queue.clear()
-        return runs, swept
+        return left
 
     def stalled(self) -> str | None:
         """A reason when the poll thread (delivery reports, records sent alone) stopped coming round."""
@@ -702,13 +687,9 @@ class KafkaChannel(Channel):
             if self._closing.is_set():
                 self._settle_all(entries[i:], Outcome.RETRY, _CLOSED)
                 break
-            if entry.run.failed:
-                self._settle(entry, Outcome.RETRY, _GROUP_FAILED)
-                continue
             try:
                 record = self._builder.build(entry.message)
             except EventError as exc:
-                entry.run.failed = True
                 self._settle(entry, Outcome.REJECT, str(exc))
                 continue
             reason = self._produce(producer, entry, record)
@@ -718,23 +699,16 @@ class KafkaChannel(Channel):
         producer.poll(0)
 
     def _register(self, batch: Sequence[Message], report: Report) -> list[_Entry]:
-        # Group the batch into runs before producing anything, so that no run can complete (and
-        # be reported) while later entries of it are still to be produced.
         entries = []
-        groups: dict[str, _Run] = {}
-        for message in batch:
+        groups_later: set[str] = set()  # groups seen further on in the batch
+        for message in reversed(batch):
             group = message.group_id
-            run = groups.get(group) if group else None
-            if run is None:
-                run = _Run(report)
-                if group:
-                    groups[group] = run
-            entry = _Entry(message, run)
-            run.entries.append(entry)
-            run.unsettled += 1
-            entries.append(entry)
+            entries.append(_Entry(message, report, group is not None and group in groups_later))
+            if group is not None:
+                groups_later.add(group)
+        entries.reverse()
         with self._lock:
-            self._runs.update(entry.run for entry in entries)
+            self._pending.update(entries)
         return entries
 
     def _produce(self, producer: Producer, entry: _Entry, record: Record) -> str:
@@ -748,6 +722,7 @@ class KafkaChannel(Channel):
             except BufferError:
                 # The local queue is full (broker slow or down): wait for deliveries to make room,
                 # but not past close(), nor longer than a queued record may wait for the broker.
+                # (The worker holds at most --max-in-flight messages, far below the queue's size.)
                 now = time.monotonic()
                 give_up = now + self._queue_wait if give_up is None else give_up
                 if self._closing.is_set():
@@ -758,7 +733,6 @@ class KafkaChannel(Channel):
                     return f"Kafka producer queue still full after {self._queue_wait:g} s"
                 producer.poll(0.1)
             except KafkaException as exc:
-                entry.run.failed = True
                 err = exc.args[0] if exc.args else None
                 outcome = _outcome(err) if isinstance(err, KafkaError) else Outcome.RETRY
                 self._settle(entry, outcome, _error_text(exc))
@@ -766,7 +740,11 @@ class KafkaChannel(Channel):
 
     def _delivered(self, entry: _Entry, err: KafkaError | None) -> None:
         if err is None:
-            self._settle(entry, Outcome.ACK, "")
+            if entry.alone and entry.later_in_group:
+                # Delivered, but after later records of its group: those must go again after it.
+                self._settle(entry, Outcome.RETRY, _GROUP_OVERTAKEN)
+            else:
+                self._settle(entry, Outcome.ACK, "")
             return
         if err.code() in _BATCH_SIZE_CODES and not entry.alone:
             # Maybe the batch's size, not this record's: send it once more on its own.
@@ -780,7 +758,7 @@ class KafkaChannel(Channel):
 
     def _send_alone(self) -> None:
         """Produce the queued records one per request (poll thread only: it alone takes from the
-        queue). A record waits while an earlier one of its FIFO run is still on its way."""
+        queue)."""
         producer = self._alone or self._make_alone()
         if producer is None:  # tried once per round, not once per record (IAM: 10 s each)
             while self._alone_queue:
@@ -789,12 +767,10 @@ class KafkaChannel(Channel):
         held: list[_Entry] = []
         while self._alone_queue:
             entry = self._alone_queue.popleft()
-            if entry.outcome is not None:  # settled meanwhile by close()
-                continue
-            earlier = _earlier_in_run(entry)
-            if earlier == "failed":  # it would be reported RETRY anyway: do not send a duplicate
-                self._settle(entry, Outcome.RETRY, _GROUP_FAILED)
-            elif earlier == "pending" or not self._produce_alone(producer, entry):
+            with self._lock:
+                if entry not in self._pending:  # settled meanwhile by close()
+                    continue
+            if not self._produce_alone(producer, entry):
                 held.append(entry)
         self._alone_queue.extendleft(reversed(held))  # ahead of any queued meanwhile, in order
 
@@ -811,9 +787,6 @@ class KafkaChannel(Channel):
         except KafkaException as exc:
             err = exc.args[0] if exc.args else None
             self._settle(entry, _outcome(err) if isinstance(err, KafkaError) else Outcome.RETRY, _error_text(exc))
-        else:
-            entry.alone_seq = self._alone_count
-            self._alone_count += 1
         return True
 
     def _make_alone(self) -> Producer | None:
@@ -830,72 +803,30 @@ class KafkaChannel(Channel):
         return self._alone
 
     def _settle(self, entry: _Entry, outcome: Outcome, reason: str) -> None:
-        run = entry.run
         with self._lock:
-            if entry.outcome is not None:
+            if entry not in self._pending:
                 return  # already settled by close()
-            entry.outcome, entry.reason = outcome, reason
-            run.unsettled -= 1
-            if run.unsettled or run not in self._runs:
-                return
-            self._runs.discard(run)
-        self._report_run(run)
+            self._pending.discard(entry)
+        _report(entry, outcome, reason)
 
     def _settle_all(self, entries: Iterable[_Entry], outcome: Outcome, reason: str) -> None:
         for entry in entries:
             self._settle(entry, outcome, reason)
 
-    @staticmethod
-    def _report_run(run: _Run) -> None:
-        # Called by exactly one thread per run (the one that removed it from _runs).
-        for entry, outcome, reason in _run_outcomes(run):
-            if outcome is Outcome.REJECT:
-                log.warning("Kafka rejected message %s: %s", entry.message.id, reason)
-            try:
-                run.report(entry.message, outcome, reason)
-            except Exception:
-                log.exception("report callback failed for message %s", entry.message.id)
-
     @property
     def pending(self) -> int:
         """Messages handed over and not yet reported."""
         with self._lock:
-            return sum(run.unsettled for run in self._runs)
+            return len(self._pending)
 
 
-def _run_outcomes(run: _Run) -> list[tuple[_Entry, Outcome, str]]:
-    """The run's outcomes in batch order, under the FIFO rule: nothing is acked ahead of a
-    message of its group that failed, or that was sent again alone (it may be behind it in Kafka)."""
-    outcomes = []
-    failed = False
-    last_alone = -1  # the single-record producer's order of the latest earlier entry it sent
-    for entry in run.entries:
-        outcome, reason = entry.outcome, entry.reason
-        assert outcome is not None
-        seq = -1 if entry.alone_seq is None else entry.alone_seq
-        if failed:
-            outcome, reason = Outcome.RETRY, _GROUP_FAILED
-        elif outcome is Outcome.ACK and seq < last_alone:
-            outcome, reason = Outcome.RETRY, _GROUP_OVERTAKEN
-        if outcome is not Outcome.ACK:
-            failed = True
-        last_alone = max(last_alone, seq)
-        outcomes.append((entry, outcome, reason))
-    return outcomes
-
-
-def _earlier_in_run(entry: _Entry) -> str:
-    """"failed" if an earlier entry of its run failed, "pending" if one may still land in Kafka
-    on the main producer (or waits to be sent alone), else "" (sending it alone keeps the order)."""
-    for earlier in entry.run.entries:
-        if earlier is entry:
-            return ""
-        outcome = earlier.outcome
-        if outcome is None and earlier.alone_seq is None:
-            return "pending"
-        if outcome is not None and outcome is not Outcome.ACK:
-            return "failed"
-    return ""
+def _report(entry: _Entry, outcome: Outcome, reason: str) -> None:
+    if outcome is Outcome.REJECT:
+        log.warning("Kafka rejected message %s: %s", entry.message.id, reason)
+    try:
+        entry.report(entry.message, outcome, reason)
+    except Exception:
+        log.exception("report callback failed for message %s", entry.message.id)
 
 
 def _report_each(batch: Sequence[Message], report: Report, outcome: Outcome, reason: str) -> None:

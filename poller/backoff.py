@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from channels.retry import backoff
+from channels.transport.backoff import backoff
 
 __all__ = ["backoff", "nack_visibility"]
 

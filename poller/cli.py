@@ -7,6 +7,7 @@ line on stderr and a non-zero exit, never a traceback.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
@@ -20,7 +21,7 @@ from channels.events import parse_overrides
 from channels.http import HttpConfig, check_url, redact
 from poller.config import RunConfig, WorkerConfig
 from poller.logs import LOG_LEVELS, setup_logging
-from poller.sqs import CREDENTIAL_CODES, SqsClient, SqsError, SqsTarget, resolve_target
+from poller.sqs import CREDENTIAL_CODES, BlockingSqsClient, SqsError, SqsTarget, resolve_target
 
 __all__ = ["main"]
 
@@ -92,6 +93,9 @@ def cli() -> None:
 @option("--retries", type=click.IntRange(0, 100), default=3,
         help="Delivery retries of a message, in place and with backoff, before it is returned to "
              "SQS (not counted while the circuit is open: an outage pauses receiving instead).")
+@option("--max-rate", type=click.FloatRange(0, 1_000_000), default=0.0,
+        help="Messages per second the whole poller hands to the channel at most, to protect a "
+             "subscriber (0: no limit).")
 @option("--max-processing-time", type=click.FloatRange(1, 43200), default=300.0,
         help="Seconds one delivery attempt may hold a message before it is returned to SQS.")
 @option("--nack-backoff", type=click.FloatRange(0, 3600), default=2.0,
@@ -116,8 +120,8 @@ def cli() -> None:
         help="HTTP channel: the sink URL (Knative's K_SINK works too).")
 @option("--http-mode", type=click.Choice(["binary", "structured"]), default="binary",
         help="HTTP channel: CloudEvents content mode.")
-@option("--http-concurrency", type=click.IntRange(1, 1024), default=4,
-        help="HTTP channel: requests in flight per process.")
+@option("--http-concurrency", type=click.IntRange(1, 1024), default=64,
+        help="HTTP channel: requests in flight per process at most, each on a keep-alive connection.")
 @option("--http-timeout", type=click.FloatRange(0.001, 3600), default=30.0,
         help="HTTP channel: seconds per request, all of it (connect, send, the full answer).")
 @option("--kafka-bootstrap-servers", default=None, show_default=False,
@@ -168,6 +172,7 @@ def run(**opts: Any) -> int:
             nack_backoff_max=opts["nack_backoff_max"],
             retries=opts["retries"],
             max_processing_time=opts["max_processing_time"],
+            max_rate=opts["max_rate"] / opts["processes"],
             shutdown_timeout=opts["shutdown_timeout"],
             log_level=opts["log_level"].upper(),
         )
@@ -251,7 +256,7 @@ def _resolve(opts: dict[str, Any]) -> SqsTarget:
 def _check_queue(target: SqsTarget) -> dict[str, str]:
     """GetQueueAttributes once before any worker starts: a clear error beats N crashing workers."""
     try:
-        client = SqsClient(target)
+        client = BlockingSqsClient(target)
     except ValueError as exc:
         raise BootError(str(exc)) from None
     try:
@@ -270,13 +275,17 @@ def _check_queue(target: SqsTarget) -> dict[str, str]:
 
 
 def _check_channel(config: ChannelConfig, source: str) -> None:
-    channel = config.create(source)
+    async def check() -> None:
+        channel = config.create(source)
+        try:
+            channel.start()
+        finally:
+            await channel.aclose(timeout=5.0)
+
     try:
-        channel.start()
+        asyncio.run(check())
     except ChannelError as exc:
         raise BootError(f"{config.name} channel: {exc}") from None
-    finally:
-        channel.close(timeout=5.0)
 
 
 def _describe(config: ChannelConfig) -> str:

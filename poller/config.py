@@ -42,6 +42,8 @@ class WorkerConfig:
     max_processing_time: float = 300.0
     # Failed deliveries in a row that open the circuit (receiving pauses, one probe at a time).
     circuit_threshold: int = 5
+    # Messages per second this process hands to the channel at most (0: no limit).
+    max_rate: float = 0.0
     shutdown_timeout: float = 30.0
     log_level: str = "INFO"
 
@@ -57,6 +59,7 @@ class WorkerConfig:
         _check_range("--retries", self.retries, 0, 100)
         _check_range("--max-processing-time", self.max_processing_time, 1, 43200)
         _check_range("circuit threshold", self.circuit_threshold, 1, 10_000)
+        _check_range("--max-rate", self.max_rate, 0, 1_000_000)
         _check_range("--shutdown-timeout", self.shutdown_timeout, 0.5, 3600)
 
     @property

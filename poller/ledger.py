@@ -38,15 +38,18 @@ class Held:
     attempt_started: float = 0.0
     outcome: Outcome | None = None
     reason: str = ""
+    retry_after: float = 0.0  # seconds the sink asked to wait (Retry-After)
 
 
 @dataclass(slots=True, eq=False)
 class Run:
     entries: list[Held] = field(default_factory=list)
     attempt: int = 0  # bumped on each publish; a report for an older attempt is stale
+    window: int = 0  # how many entries, from the first, the current attempt handed over
     unreported: int = 0
     failures: int = 0  # failed attempts while the circuit was closed
     probe: bool = False
+    paced: bool = False  # scheduled for its turn under --max-rate (not a retry)
     live: bool = True  # False once settled for good or given back
 
 

@@ -1,18 +1,21 @@
 """All the poller's talk with Amazon SQS goes through this module.
 
-A lean client over SQS's JSON protocol (``X-Amz-Target: AmazonSQS.<Action>``): botocore resolves
-the endpoint and the credentials (the whole AWS chain, refreshed as they expire); the request is
-signed here (SigV4), sent with one ``channels.wire`` request (one ``sendall``, minimal response
-parsing: ``http.client`` parses every answer's headers with ``email.parser``) and the answer
-read with one ``orjson.loads``. Measured here, boto3's client spends several times the CPU per
-message of this path, which is the hot path of the whole poller.
+A lean client over SQS's JSON protocol (``X-Amz-Target: AmazonSQS.<Action>``) on the event loop:
+botocore resolves the endpoint and the credentials (the whole AWS chain, refreshed as they expire,
+off the loop); the request is signed here (SigV4), sent through ``channels.transport.http`` (one
+write per request, the answer framed by llhttp) and read with one ``orjson.loads``. Measured
+here, boto3's client spends several times the CPU per message of this path, which is the hot
+path of the whole poller.
 
-One ``SqsClient`` holds one keep-alive connection and is used by one thread. Errors come back as
-``SqsError`` with SQS's error code; per-entry failures of batch calls are returned, not raised.
+``SqsClient`` is used from one event loop: its pool keeps several keep-alive connections, so
+long polls, deletes and visibility changes are in flight together. ``BlockingSqsClient`` wraps it
+for code without a loop. Errors come back as ``SqsError`` with SQS's error code; per-entry
+failures of batch calls are returned, not raised.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import time
@@ -22,14 +25,17 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import botocore.session
-from botocore.credentials import Credentials
+from botocore.credentials import Credentials, RefreshableCredentials
 from botocore.exceptions import BotoCoreError
 
 import orjson
 
-from channels.wire import Aborted, HttpConnection
+from channels.transport.http import Aborted, HttpPool, RequestTemplate, encode_headers
 
-__all__ = ["BatchFailure", "SqsClient", "SqsError", "SqsTarget", "load_credentials", "resolve_target"]
+__all__ = [
+    "BatchFailure", "BlockingSqsClient", "SqsClient", "SqsError", "SqsTarget", "load_credentials",
+    "resolve_target",
+]
 
 # Codes after which a retry cannot help: the call itself is wrong or not allowed.
 _PERMANENT_CODES = frozenset(
@@ -180,9 +186,10 @@ class SigV4Signer:
 
 
 class SqsClient:
-    """A single-connection SQS client for one queue. Not thread-safe: one per thread."""
+    """An SQS client for one queue, on the event loop: one keep-alive connection pool (at most
+    ``connections``), any number of calls in flight (long polls, deletes, visibility changes)."""
 
-    def __init__(self, target: SqsTarget, *, timeout: float = 10.0,
+    def __init__(self, target: SqsTarget, *, timeout: float = 10.0, connections: int = 32,
                  credentials: Credentials | None = None) -> None:
         self.target = target
         self._timeout = timeout
@@ -194,17 +201,19 @@ class SqsClient:
         self._path = url.path or "/"
         self._url = f"{url.scheme}://{url.netloc}{self._path}"
         # Connects on the first call; server_hostname (SNI, certificate check) is the host.
-        self._conn = HttpConnection(url.hostname, port, tls=https, timeout=timeout)
-        # The signed Host is the one the connection sends.
-        self._signer = SigV4Signer(credentials or load_credentials(target), region=target.region,
-                                   host=self._conn.authority, path=self._path)
+        self._pool = HttpPool(url.hostname, port, tls=https, limit=connections, connect_timeout=timeout)
+        self._template = RequestTemplate(self._pool.authority, self._path)
+        self._credentials = credentials or load_credentials(target)
+        # The signed Host is the one the pool sends.
+        self._signer = SigV4Signer(self._credentials, region=target.region, host=self._pool.authority,
+                                   path=self._path)
         self._aborted = False
         self._queue = {"QueueUrl": target.queue_url}
 
     # -- the calls ------------------------------------------------------------------------
 
-    def receive(self, *, max_messages: int, wait_time: int,
-                visibility_timeout: int | None = None) -> list[dict[str, Any]]:
+    async def receive(self, *, max_messages: int, wait_time: int,
+                      visibility_timeout: int | None = None) -> list[dict[str, Any]]:
         params: dict[str, Any] = {
             "QueueUrl": self.target.queue_url,
             "MaxNumberOfMessages": max_messages,
@@ -215,62 +224,67 @@ class SqsClient:
         }
         if visibility_timeout is not None:
             params["VisibilityTimeout"] = visibility_timeout
-        answer = self._call("ReceiveMessage", params, timeout=wait_time + self._timeout)
+        answer = await self._call("ReceiveMessage", params, timeout=wait_time + self._timeout)
         return answer.get("Messages") or []
 
-    def delete_batch(self, receipt_handles: Sequence[str]) -> list[BatchFailure]:
+    async def delete_batch(self, receipt_handles: Sequence[str]) -> list[BatchFailure]:
         entries = [{"Id": str(i), "ReceiptHandle": h} for i, h in enumerate(receipt_handles)]
-        return _failures(self._call("DeleteMessageBatch", {**self._queue, "Entries": entries}))
+        return _failures(await self._call("DeleteMessageBatch", {**self._queue, "Entries": entries}))
 
-    def change_visibility_batch(self, entries: Iterable[tuple[str, int]]) -> list[BatchFailure]:
+    async def change_visibility_batch(self, entries: Iterable[tuple[str, int]]) -> list[BatchFailure]:
         """``entries``: (receipt handle, new visibility timeout in seconds)."""
         body = [
             {"Id": str(i), "ReceiptHandle": h, "VisibilityTimeout": t}
             for i, (h, t) in enumerate(entries)
         ]
-        return _failures(self._call("ChangeMessageVisibilityBatch", {**self._queue, "Entries": body}))
+        return _failures(await self._call("ChangeMessageVisibilityBatch", {**self._queue, "Entries": body}))
 
-    def queue_attributes(self) -> dict[str, str]:
-        answer = self._call("GetQueueAttributes", {**self._queue, "AttributeNames": ["All"]})
+    async def queue_attributes(self) -> dict[str, str]:
+        answer = await self._call("GetQueueAttributes", {**self._queue, "AttributeNames": ["All"]})
         return answer.get("Attributes") or {}
 
     def abort(self) -> None:
-        """Break off a call in progress from another thread (used to end a long poll at shutdown).
+        """Break off every call in progress (used to end long polls at shutdown) and refuse later
+        ones. From the loop's thread.
 
         SQS may have handed messages to a receive that is broken off: they become visible again
         after their visibility timeout, as after a crash, so nothing is lost.
         """
         self._aborted = True
-        self._conn.abort()
+        self._pool.abort()
 
     def close(self) -> None:
-        self._conn.close()  # a later call opens a new connection
+        self._pool.close()
 
     # -- plumbing -------------------------------------------------------------------------
 
-    def _call(self, action: str, params: dict[str, Any], *, timeout: float | None = None) -> dict[str, Any]:
+    async def _call(self, action: str, params: dict[str, Any], *, timeout: float | None = None) -> dict[str, Any]:
         if self._aborted:
             raise SqsError("Aborted", f"{action}: the client was shut down", retryable=False)
         body = orjson.dumps(params)
         try:
+            if isinstance(self._credentials, RefreshableCredentials) and self._credentials.refresh_needed():
+                # A refresh (STS, instance metadata, a credential process) blocks: not on the loop.
+                await asyncio.get_running_loop().run_in_executor(None, self._credentials.get_frozen_credentials)
             headers = self._signer.headers(action, body)
         except Exception as exc:  # a credential refresh failed (STS, instance metadata, a process)
             raise SqsError("CredentialError", f"{action}: cannot get AWS credentials: "
                            f"{type(exc).__name__}: {exc}", retryable=True) from None
-        del headers["Host"]  # the connection sends it (the same value: self._conn.authority)
-        # The connection resends once on a kept-alive connection the server closed while idle:
-        # all these calls may be repeated safely.
+        del headers["Host"]  # the template sends it (the same value: the pool's authority)
         try:
-            status, data = self._conn.request(self._path, headers, body, timeout=timeout)
+            request = self._template.build(body, encode_headers(headers))
+        except ValueError as exc:  # a header that cannot be sent (CR/LF in a token?): nothing sent
+            raise SqsError("InvalidRequest", f"{action}: {exc}", retryable=False) from None
+        # The pool resends once on a kept-alive connection the server closed while idle: all these
+        # calls may be repeated safely.
+        try:
+            status, data = await self._pool.request(request, timeout=timeout or self._timeout)
         except TimeoutError:
             raise SqsError("Timeout", f"{action} got no answer from {self._url}", retryable=True) from None
         except Aborted:
             raise SqsError("Aborted", f"{action}: the client was shut down", retryable=False) from None
-        # OSError before ValueError: ssl.SSLCertVerificationError is both, and a transport failure.
-        except OSError as exc:  # refused, DNS, TLS, reset, wire.ProtocolError: connection closed
+        except OSError as exc:  # refused, DNS, TLS, reset, ProtocolError: the connection is closed
             raise SqsError("ConnectionError", f"{action} to {self._url}: {exc}", retryable=True) from None
-        except ValueError as exc:  # a header that cannot be sent (CR/LF in a token?): nothing sent
-            raise SqsError("InvalidRequest", f"{action}: {exc}", retryable=False) from None
         if status == 200:
             try:
                 answer = orjson.loads(data) if data else {}
@@ -281,6 +295,42 @@ class SqsClient:
                                retryable=True)
             return answer
         raise _error(action, status, data)
+
+
+class BlockingSqsClient:
+    """``SqsClient`` for code outside an event loop (the CLI's start checks, tests, benchmarks):
+    each call runs to completion on a private loop. ``abort`` may be called from another thread."""
+
+    def __init__(self, target: SqsTarget, **kwargs: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._client = SqsClient(target, **kwargs)
+        self.target = target
+
+    def receive(self, **kwargs: Any) -> list[dict[str, Any]]:
+        return self._run(self._client.receive(**kwargs))
+
+    def delete_batch(self, receipt_handles: Sequence[str]) -> list[BatchFailure]:
+        return self._run(self._client.delete_batch(receipt_handles))
+
+    def change_visibility_batch(self, entries: Iterable[tuple[str, int]]) -> list[BatchFailure]:
+        return self._run(self._client.change_visibility_batch(list(entries)))
+
+    def queue_attributes(self) -> dict[str, str]:
+        return self._run(self._client.queue_attributes())
+
+    def abort(self) -> None:
+        if self._loop.is_closed():
+            return
+        self._loop.call_soon_threadsafe(self._client.abort)
+
+    def close(self) -> None:
+        if not self._loop.is_closed():
+            self._client.close()
+            self._loop.run_until_complete(asyncio.sleep(0))  # let the transports close
+            self._loop.close()
+
+    def _run(self, call: Any) -> Any:
+        return self._loop.run_until_complete(call)
 
 
 def _failures(answer: dict[str, Any]) -> list[BatchFailure]:

@@ -1,4 +1,4 @@
-"""channels/retry.backoff and poller/backoff.nack_visibility: growth, jitter bounds, cap."""
+"""channels/transport/backoff.backoff and poller/backoff.nack_visibility: growth, jitter bounds, cap."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from channels.retry import backoff
+from channels.transport.backoff import backoff
 from poller.backoff import nack_visibility
 
 SQS_MAX_VISIBILITY = 43200  # seconds; ChangeMessageVisibility refuses more

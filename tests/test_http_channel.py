@@ -1,14 +1,17 @@
-"""channels.http.HttpChannel against real local servers: one attempt per message, credentials in
-the sink URL, what logs may show of the sink, a close that keeps its deadline, ``stalled()``."""
+"""channels.http.HttpChannel on a real event loop against real local servers: one attempt per
+message, credentials in the sink URL, what logs may show of the sink, Retry-After, a close that
+keeps its deadline, many requests in flight."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import functools
 import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -22,24 +25,29 @@ from support import silent_server
 SOURCE = "https://sqs.us-east-1.amazonaws.com/123456789012/q"
 
 
+def on_loop(test: Callable[..., Awaitable[None]]) -> Callable[..., None]:
+    @functools.wraps(test)
+    def run(*args: Any, **kwargs: Any) -> None:
+        asyncio.run(test(*args, **kwargs))
+
+    return run
+
+
 class Reports:
     def __init__(self) -> None:
-        self.lock = threading.Condition()
         self.items: list[tuple[str, Outcome, str]] = []
+        self.retry_after: list[float] = []
 
-    def __call__(self, message: Message, outcome: Outcome, reason: str) -> None:
-        with self.lock:
-            self.items.append((message.id, outcome, reason))
-            self.lock.notify_all()
+    def __call__(self, message: Message, outcome: Outcome, reason: str, retry_after: float = 0.0) -> None:
+        self.items.append((message.id, outcome, reason))
+        self.retry_after.append(retry_after)
 
-    def wait(self, n: int, timeout: float = 10.0) -> list[tuple[str, Outcome, str]]:
+    async def wait(self, n: int, timeout: float = 10.0) -> list[tuple[str, Outcome, str]]:
         deadline = time.monotonic() + timeout
-        with self.lock:
-            while len(self.items) < n:
-                left = deadline - time.monotonic()
-                assert left > 0, f"only {len(self.items)} of {n} reports: {self.items}"
-                self.lock.wait(left)
-            return list(self.items)
+        while len(self.items) < n:
+            assert time.monotonic() < deadline, f"only {len(self.items)} of {n} reports: {self.items}"
+            await asyncio.sleep(0.01)
+        return list(self.items)
 
 
 def message(i: int) -> Message:
@@ -53,7 +61,8 @@ def dumper(**kwargs: Any) -> Iterator[DumperServer]:
         yield d
 
 
-def test_credentials_in_the_sink_url_are_sent_as_basic_auth() -> None:
+@on_loop
+async def test_credentials_in_the_sink_url_are_sent_as_basic_auth() -> None:
     with dumper() as d:
         sink = d.url.replace("http://", "http://us%40er:p%3Ass word@")
         channel = HttpConfig(sink=sink, concurrency=1).create(SOURCE)
@@ -61,22 +70,22 @@ def test_credentials_in_the_sink_url_are_sent_as_basic_auth() -> None:
         reports = Reports()
         try:
             channel.publish([message(1)], reports)
-            assert reports.wait(1)[0][1] is Outcome.ACK
+            assert (await reports.wait(1))[0][1] is Outcome.ACK
         finally:
-            channel.close(5)
+            await channel.aclose(5)
         sent = d.received[0].headers["authorization"]
     assert sent == "Basic " + base64.b64encode(b"us@er:p:ss word").decode()
 
 
-def test_no_userinfo_no_authorization() -> None:
+@on_loop
+async def test_no_userinfo_no_authorization() -> None:
     assert basic_auth("http://example.com/") is None
     with dumper() as d:
         channel = HttpConfig(sink=d.url, concurrency=1).create(SOURCE)
-        channel.start()
         reports = Reports()
         channel.publish([message(1)], reports)
-        reports.wait(1)
-        channel.close(5)
+        await reports.wait(1)
+        await channel.aclose(5)
         assert "authorization" not in d.received[0].headers
 
 
@@ -91,42 +100,88 @@ def test_redact_drops_userinfo_and_query_values(url: str, shown: str) -> None:
     assert redact(url) == shown
 
 
-def test_a_failure_reason_never_shows_the_credentials() -> None:
+@on_loop
+async def test_a_failure_reason_never_shows_the_credentials() -> None:
     with dumper(respond=lambda event, headers: 503) as d:
         sink = d.url.replace("http://", "http://user:hunter2@") + "?token=t0ps3cret"
         channel = HttpConfig(sink=sink, concurrency=1).create(SOURCE)
-        channel.start()
         reports = Reports()
         channel.publish([message(1)], reports)
-        (_, outcome, reason), = reports.wait(1)
-        channel.close(5)
+        (_, outcome, reason), = await reports.wait(1)
+        await channel.aclose(5)
     assert outcome is Outcome.RETRY and "503" in reason
     assert "hunter2" not in reason and "t0ps3cret" not in reason and "user" not in reason
     assert "hunter2" not in repr(HttpConfig(sink=sink))
 
 
-def test_one_attempt_per_publish_the_worker_retries() -> None:
+@on_loop
+async def test_one_attempt_per_publish_the_worker_retries() -> None:
     with dumper(respond=lambda event, headers: 500) as d:
         channel = HttpConfig(sink=d.url, concurrency=2).create(SOURCE)
-        channel.start()
         reports = Reports()
         channel.publish([message(i) for i in range(3)], reports)
-        outcomes = reports.wait(3)
-        channel.close(5)
+        outcomes = await reports.wait(3)
+        await channel.aclose(5)
         assert {o for _, o, _ in outcomes} == {Outcome.RETRY}
         assert d.counts.refused == 3  # exactly one request per message
 
 
-def test_a_trickling_answer_is_cut_at_the_timeout_and_close_keeps_its_deadline() -> None:
-    """A sink that answers one byte at a time must not hold a sender past --http-timeout."""
+@on_loop
+async def test_statuses_decide_the_outcome() -> None:
+    answers = {"m-0": 200, "m-1": 400, "m-2": 429, "m-3": 503, "m-4": 408, "m-5": 301}
+    with dumper(respond=lambda event, headers: answers[event["id"]]) as d:
+        channel = HttpConfig(sink=d.url, concurrency=4).create(SOURCE)
+        reports = Reports()
+        channel.publish([message(i) for i in range(6)], reports)
+        await reports.wait(6)
+        await channel.aclose(5)
+    assert {i: o for i, o, _ in reports.items} == {
+        "m-0": Outcome.ACK, "m-1": Outcome.REJECT, "m-2": Outcome.RETRY, "m-3": Outcome.RETRY,
+        "m-4": Outcome.RETRY, "m-5": Outcome.REJECT}
+
+
+@on_loop
+async def test_retry_after_of_a_429_is_passed_on() -> None:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 7\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        channel = HttpConfig(sink=f"http://127.0.0.1:{port}/", concurrency=1).create(SOURCE)
+        reports = Reports()
+        channel.publish([message(1)], reports)
+        (_, outcome, reason), = await reports.wait(1)
+        await channel.aclose(5)
+    assert outcome is Outcome.RETRY and "429" in reason and reports.retry_after == [7.0]
+
+
+@on_loop
+async def test_hundreds_in_flight_on_few_connections() -> None:
+    with dumper() as d:
+        channel = HttpConfig(sink=d.url, concurrency=8).create(SOURCE)
+        reports = Reports()
+        channel.publish([message(i) for i in range(300)], reports)
+        outcomes = await reports.wait(300, timeout=30)
+        await channel.aclose(5)
+    assert {o for _, o, _ in outcomes} == {Outcome.ACK}
+    assert len({e["id"] for e in d.events}) == 300
+
+
+@on_loop
+async def test_a_trickling_answer_is_cut_at_the_timeout() -> None:
+    """A sink that answers one byte at a time must not hold a message past --http-timeout."""
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(8)
     stop = threading.Event()
 
     def trickle() -> None:
+        server.settimeout(0.2)
         while not stop.is_set():
-            server.settimeout(0.2)
             try:
                 conn, _ = server.accept()
             except OSError:
@@ -147,43 +202,26 @@ def test_a_trickling_answer_is_cut_at_the_timeout_and_close_keeps_its_deadline()
     try:
         channel = HttpConfig(sink=f"http://127.0.0.1:{server.getsockname()[1]}/", concurrency=1,
                              timeout=1.0).create(SOURCE)
-        channel.start()
         reports = Reports()
         channel.publish([message(1)], reports)
-        (_, outcome, reason), = reports.wait(1, timeout=15)
+        (_, outcome, reason), = await reports.wait(1, timeout=15)
         assert outcome is Outcome.RETRY and "Timeout" in reason
-        channel.close(5)
+        await channel.aclose(5)
     finally:
         stop.set()
         thread.join(5)
         server.close()
 
 
-def test_close_returns_in_time_with_every_sender_stuck_and_reports_everything() -> None:
+@on_loop
+async def test_aclose_keeps_its_deadline_with_every_request_stuck_and_reports_everything() -> None:
     with silent_server() as address:
         channel = HttpConfig(sink=f"http://{address}/", concurrency=4, timeout=600).create(SOURCE)
-        channel.start()
         reports = Reports()
         channel.publish([message(i) for i in range(10)], reports)
-        time.sleep(0.3)  # every sender is now waiting for an answer that never comes
-        started = time.monotonic()
-        channel.close(1.0)
-        elapsed = time.monotonic() - started
-        outcomes = reports.wait(10, timeout=1)
-    assert elapsed < 3, f"close(1.0) took {elapsed:.1f}s with 4 stuck senders"
+        await asyncio.sleep(0.3)  # every request is now waiting for an answer that never comes
+        # The requests' own deadline is 600 s: only aclose's can end this wait in time.
+        await asyncio.wait_for(channel.aclose(1.0), 30)
+        outcomes = await reports.wait(10, timeout=1)
     assert sorted(i for i, _, _ in outcomes) == sorted(f"m-{i}" for i in range(10))
     assert {o for _, o, _ in outcomes} == {Outcome.RETRY}
-
-
-def test_stalled_names_a_sender_stuck_past_its_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
-    with silent_server() as address:
-        channel = HttpConfig(sink=f"http://{address}/", concurrency=1, timeout=600).create(SOURCE)
-        channel.start()
-        channel.publish([message(1)], Reports())
-        time.sleep(0.3)
-        assert channel.stalled() is None
-        real = time.monotonic
-        monkeypatch.setattr("channels.http.time.monotonic", lambda: real() + 700)
-        assert "http sender 0" in (channel.stalled() or "")
-        monkeypatch.undo()
-        channel.close(0.5)

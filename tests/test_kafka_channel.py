@@ -458,7 +458,9 @@ def test_oversize_record_is_rejected_and_the_rest_flow(bootstrap: str) -> None:
     assert len(consume(bootstrap, topic, 9)) == 9
 
 
-def test_failure_in_a_fifo_group_retries_the_rest_of_that_group(bootstrap: str) -> None:
+def test_an_oversized_record_is_rejected_and_its_group_mates_land_in_order(bootstrap: str) -> None:
+    """The channel reports each record; a group's order in Kafka is produce order (one partition,
+    idempotent producer). What to do with a group after a failure is the worker's to decide."""
     topic = topic_name()
     channel = make_channel(bootstrap, topic)
     reports = Reports()
@@ -468,11 +470,11 @@ def test_failure_in_a_fifo_group_retries_the_rest_of_that_group(bootstrap: str) 
     reports.wait(6)
     channel.close(5)
     assert reports.outcomes() == {"m-0": Outcome.ACK, "m-1": Outcome.ACK, "m-2": Outcome.REJECT,
-                                  "m-3": Outcome.RETRY, "m-4": Outcome.ACK, "m-5": Outcome.RETRY}
-    a_order = [i for i in reports.order if i in ("m-0", "m-2", "m-3", "m-5")]
-    assert a_order == ["m-0", "m-2", "m-3", "m-5"]
-    records = consume(bootstrap, topic, 3)
-    assert sorted(ce_kafka.from_binary_event(as_kafka_message(r)).get_data()["Body"] for r in records) == ["a0", "b0", "b1"]
+                                  "m-3": Outcome.ACK, "m-4": Outcome.ACK, "m-5": Outcome.ACK}
+    records = consume(bootstrap, topic, 5)
+    bodies = [ce_kafka.from_binary_event(as_kafka_message(r)).get_data()["Body"] for r in records]
+    assert [b for b in bodies if b.startswith("a")] == ["a0", "a2", "a3"]
+    assert sorted(bodies) == ["a0", "a2", "a3", "b0", "b1"]
 
 
 def test_close_reports_undelivered_as_retry_once(tansu_factory: Any) -> None:
@@ -567,14 +569,16 @@ def test_batch_refused_as_too_large_is_sent_again_record_by_record(bootstrap: st
     assert proxy.refused >= 2  # the batch, then m-11 on its own
     outcomes = reports.outcomes()
     assert outcomes.pop("m-11") is Outcome.REJECT and "too large" in reports.seen["m-11"][1].lower()
-    assert outcomes.pop("m-12") is Outcome.RETRY  # after its group's failure
-    assert set(outcomes.values()) == {Outcome.ACK} and not reports.duplicates
-    assert [i for i in reports.order if i in ("m-10", "m-11", "m-12")] == ["m-10", "m-11", "m-12"]
+    # Sent again alone, a record with a later one of its group in the same publish may be behind
+    # it in Kafka: RETRY, so the worker sends both again in order. Every other one is delivered.
+    retried = {i for i, o in outcomes.items() if o is Outcome.RETRY}
+    assert retried <= {"m-10", "m-13"}, retried
+    assert {i for i, o in outcomes.items() if o is Outcome.ACK} == set(outcomes) - retried
+    assert not reports.duplicates
 
-    records = consume(bootstrap, topic, 9)
-    ids = Counter(ce_kafka.from_binary_event(as_kafka_message(r)).get_id() for r in records)
-    assert ids.pop("m-12", 0) <= 1  # there if sent alone before m-11 failed: a duplicate, allowed
-    assert sorted(ids.elements()) == sorted([m.id for m in standard] + ["m-10", "m-13", "m-14"])
+    records = consume(bootstrap, topic, 10)
+    ids = {ce_kafka.from_binary_event(as_kafka_message(r)).get_id() for r in records}
+    assert ids == {m.id for m in standard + fifo} - {"m-11"}
 
 
 def test_close_ends_a_full_queue_wait_on_a_stuck_broker(bootstrap: str, size_proxy: Any) -> None:

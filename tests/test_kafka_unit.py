@@ -313,32 +313,56 @@ def test_standard_messages_are_reported_as_their_reports_arrive() -> None:
     assert channel.pending == 0
 
 
-def test_fifo_group_is_held_and_settled_in_order_after_a_failure() -> None:
+def test_each_record_is_reported_when_its_delivery_report_arrives() -> None:
+    """No holding in the channel: FIFO order is the worker's (it keeps a group's acks in order)."""
     producer = FakeProducer()
     channel, reports = channel_with(producer)
     batch = [message(0, group="a"), message(1, group="b"), message(2, group="a"), message(3, group="a")]
     channel.publish(batch, lambda m, o, r: reports.append((m.id, o)))
-    producer.deliver(3)  # a's last, delivered first: held
-    producer.deliver(1)  # b alone: reported at once
-    assert reports == [("id-1", Outcome.ACK)]
-    producer.deliver(0)
-    assert len(reports) == 1  # a still waits for id-2
+    assert channel.keeps_order  # key=group, idempotent: a group's records land in produce order
+    producer.deliver(3)
+    producer.deliver(1)
     producer.deliver(2, KafkaError(KafkaError.NOT_ENOUGH_REPLICAS))
-    assert reports[1:] == [("id-0", Outcome.ACK), ("id-2", Outcome.RETRY), ("id-3", Outcome.RETRY)]
+    producer.deliver(0)
+    assert reports == [("id-3", Outcome.ACK), ("id-1", Outcome.ACK), ("id-2", Outcome.RETRY),
+                       ("id-0", Outcome.ACK)]
 
 
-def test_sync_failure_stops_the_rest_of_the_group_from_being_produced() -> None:
+def test_a_record_that_cannot_be_produced_is_rejected_and_the_rest_still_go() -> None:
     big = KafkaError(KafkaError.MSG_SIZE_TOO_LARGE)
     producer = FakeProducer(fail_sync=lambda value: big if value == b"big" else None)
     channel, reports = channel_with(producer)
     batch = [message(0, group="a", body="ok"), message(1, group="a", body="big"),
-             message(2, group="a", body="later"), message(3, body="other")]
+             message(2, group="a", body="later")]
     channel.publish(batch, lambda m, o, r: reports.append((m.id, o)))
-    assert [value for value, _ in producer.callbacks] == [b"ok", b"other"]  # "later" never produced
-    producer.deliver(1)
-    producer.deliver(0)
-    assert reports == [("id-3", Outcome.ACK), ("id-0", Outcome.ACK), ("id-1", Outcome.REJECT),
-                       ("id-2", Outcome.RETRY)]
+    assert [value for value, _ in producer.callbacks] == [b"ok", b"later"]
+    assert reports == [("id-1", Outcome.REJECT)]
+
+
+def test_a_record_sent_alone_is_retry_when_a_later_one_of_its_group_may_be_ahead() -> None:
+    producer, alone = FakeProducer(), FakeProducer()
+    channel, reports = channel_with(producer)
+    with_alone_producer(channel, alone)
+    reasons: dict[str, str] = {}
+
+    def report(m: Message, o: Outcome, r: str) -> None:
+        reports.append((m.id, o))
+        reasons[m.id] = r
+
+    batch = [message(0, group="a"), message(1, group="a"), message(2), message(3, group="b")]
+    channel.publish(batch, report)
+    for i in (0, 2, 3):
+        producer.deliver(i, TOO_LARGE)  # their batches were refused: each goes again alone
+    producer.deliver(1)  # a1 landed, maybe ahead of a0's resend
+    channel._poll_once(producer, 0)
+    assert len(alone.callbacks) == 3
+    for i in range(3):
+        alone.deliver(i)
+    # a0 had a later message of its group in the same publish: the worker must send both again,
+    # in order. The standard message and b's last one were alone in their group: delivered.
+    assert reports == [("id-1", Outcome.ACK), ("id-0", Outcome.RETRY), ("id-2", Outcome.ACK),
+                       ("id-3", Outcome.ACK)]
+    assert "alone" in reasons["id-0"]
 
 
 def test_buffer_full_waits_and_retries() -> None:
@@ -421,54 +445,6 @@ def test_batch_wide_size_error_sends_each_record_alone_before_rejecting(code: in
     alone.deliver(2)
     assert reports == [("id-0", Outcome.ACK), ("id-1", Outcome.REJECT), ("id-2", Outcome.ACK)]
     assert channel.pending == 0
-
-
-def test_record_sent_alone_is_not_overtaken_by_later_records_of_its_group() -> None:
-    producer, alone = FakeProducer(), FakeProducer()
-    channel, reports = channel_with(producer)
-    with_alone_producer(channel, alone)
-    reasons: dict[str, str] = {}
-
-    def report(m: Message, o: Outcome, r: str) -> None:
-        reports.append((m.id, o))
-        reasons[m.id] = r
-
-    batch = [message(0, group="a"), message(1, group="a"), message(2, group="a"),
-             message(3, group="b"), message(4, group="b")]
-    channel.publish(batch, report)
-    producer.deliver(0, TOO_LARGE)  # a0's batch refused ...
-    producer.deliver(1)  # ... a1 went in the next batch: it is in Kafka ahead of a0's resend
-    for i in (2, 3, 4):
-        producer.deliver(i, TOO_LARGE)
-    channel._poll_once(producer, 0)
-    assert len(alone.callbacks) == 4  # a0, a2, b0, b1, in that order
-    for i in range(4):
-        alone.deliver(i)
-    assert reports == [("id-0", Outcome.ACK), ("id-1", Outcome.RETRY), ("id-2", Outcome.RETRY),
-                       ("id-3", Outcome.ACK), ("id-4", Outcome.ACK)]  # b0, b1 went alone in order
-    assert "alone" in reasons["id-1"]
-
-
-@pytest.mark.parametrize("earlier", ["acked", "failed"])
-def test_record_waits_to_be_sent_alone_until_earlier_ones_of_its_group_landed(earlier: str) -> None:
-    producer, alone = FakeProducer(), FakeProducer()
-    channel, reports = channel_with(producer)
-    with_alone_producer(channel, alone)
-    channel.publish([message(0, group="a"), message(1, group="a")], lambda m, o, r: reports.append((m.id, o)))
-    producer.deliver(1, TOO_LARGE)  # a1's batch refused while a0 is still being retried
-    channel._poll_once(producer, 0)
-    assert alone.callbacks == []  # sent now, it could land ahead of a0
-    if earlier == "acked":
-        producer.deliver(0)
-        channel._poll_once(producer, 0)
-        assert len(alone.callbacks) == 1
-        alone.deliver(0)
-        assert reports == [("id-0", Outcome.ACK), ("id-1", Outcome.ACK)]
-    else:
-        producer.deliver(0, KafkaError(KafkaError._MSG_TIMED_OUT))
-        channel._poll_once(producer, 0)
-        assert alone.callbacks == []  # it would be reported RETRY anyway: no duplicate
-        assert reports == [("id-0", Outcome.RETRY), ("id-1", Outcome.RETRY)]
 
 
 def test_single_record_producer_that_cannot_be_made_retries() -> None:

@@ -14,17 +14,17 @@ from botocore.credentials import Credentials
 
 from conftest import REGION, MakeQueue
 from support import free_port, queue_counts, send_messages
-from poller.sqs import BatchFailure, SqsClient, SqsError, SqsTarget, resolve_target
+from poller.sqs import BatchFailure, BlockingSqsClient, SqsError, SqsTarget, resolve_target
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
 def client_for(sqs_endpoint: str) -> Iterator[Any]:
-    clients: list[SqsClient] = []
+    clients: list[BlockingSqsClient] = []
 
-    def make(queue_url: str, **kwargs: Any) -> SqsClient:
-        client = SqsClient(SqsTarget(queue_url=queue_url, region=REGION, endpoint_url=sqs_endpoint), **kwargs)
+    def make(queue_url: str, **kwargs: Any) -> BlockingSqsClient:
+        client = BlockingSqsClient(SqsTarget(queue_url=queue_url, region=REGION, endpoint_url=sqs_endpoint), **kwargs)
         clients.append(client)
         return client
 
@@ -86,7 +86,7 @@ def test_receive_empty_queue_returns_empty_list(make_queue: MakeQueue, client_fo
     assert time.monotonic() - started >= 0.5  # it did long-poll
 
 
-def _receive_all(client: SqsClient, n: int) -> list[dict[str, Any]]:
+def _receive_all(client: BlockingSqsClient, n: int) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for _ in range(20):
         out += client.receive(max_messages=10, wait_time=1, visibility_timeout=60)
@@ -146,7 +146,7 @@ def test_queue_does_not_exist(make_queue: MakeQueue, client_for: Any) -> None:
 
 def test_connection_refused() -> None:
     endpoint = f"http://127.0.0.1:{free_port()}"
-    client = SqsClient(SqsTarget(queue_url=f"{endpoint}/000000000000/q", region=REGION, endpoint_url=endpoint))
+    client = BlockingSqsClient(SqsTarget(queue_url=f"{endpoint}/000000000000/q", region=REGION, endpoint_url=endpoint))
     try:
         for _ in range(2):  # and again: a failed connect leaves the client usable
             with pytest.raises(SqsError) as info:
@@ -181,7 +181,7 @@ def test_a_failing_credential_refresh_is_a_retryable_error_then_recovers(
         refresh_using=refresh, method="test",
     )
     queue = make_queue()
-    client = SqsClient(SqsTarget(queue_url=queue.url, region=REGION, endpoint_url=sqs_endpoint),
+    client = BlockingSqsClient(SqsTarget(queue_url=queue.url, region=REGION, endpoint_url=sqs_endpoint),
                        credentials=credentials)
     try:
         for _ in range(2):
@@ -197,7 +197,7 @@ def test_a_failing_credential_refresh_is_a_retryable_error_then_recovers(
 
 def test_unresolvable_host() -> None:
     endpoint = "http://no-such-host.invalid:4566"
-    client = SqsClient(SqsTarget(queue_url=f"{endpoint}/000000000000/q", region=REGION, endpoint_url=endpoint))
+    client = BlockingSqsClient(SqsTarget(queue_url=f"{endpoint}/000000000000/q", region=REGION, endpoint_url=endpoint))
     with pytest.raises(SqsError) as info:
         client.queue_attributes()
     assert info.value.code == "ConnectionError"
@@ -210,7 +210,7 @@ def test_silent_endpoint_times_out() -> None:
     server.listen(4)  # the kernel completes the handshake; nobody ever answers
     try:
         endpoint = f"http://127.0.0.1:{server.getsockname()[1]}"
-        client = SqsClient(SqsTarget(queue_url=f"{endpoint}/000000000000/q", region=REGION,
+        client = BlockingSqsClient(SqsTarget(queue_url=f"{endpoint}/000000000000/q", region=REGION,
                                      endpoint_url=endpoint), timeout=0.5)
         started = time.monotonic()
         with pytest.raises(SqsError) as info:
@@ -291,8 +291,8 @@ class OneShotServer:
                 self.requests.append(head + b"\r\n\r\n" + body)
                 conn.sendall(answer)
 
-    def client(self, **kwargs: Any) -> SqsClient:
-        return SqsClient(SqsTarget(queue_url=f"{self.endpoint}/000000000000/q", region=REGION,
+    def client(self, **kwargs: Any) -> BlockingSqsClient:
+        return BlockingSqsClient(SqsTarget(queue_url=f"{self.endpoint}/000000000000/q", region=REGION,
                                    endpoint_url=self.endpoint), **kwargs)
 
     def close(self) -> None:

@@ -1,0 +1,464 @@
+"""An HTTP/1.1 client on the event loop, for the sink's POSTs and SQS's: a keep-alive connection
+pool per origin, hundreds of requests in flight at a CPU cost per request that does not grow
+with them (threads paid for each one in GIL hand-offs).
+
+- Each connection is an ``asyncio.Protocol`` whose answers are framed by httptools' response
+  parser (llhttp, C; uvicorn's client side): Content-Length, chunked (trailers included), until
+  close, 1xx before the final answer. llhttp refuses what is unsafe: both Content-Length and
+  Transfer-Encoding (RFC 9112 6.3), duplicate lengths, a bad chunk size.
+- A request is one bytes object, written at once (``RequestTemplate`` encodes the constant part
+  once). ``send`` takes a callback: no task or coroutine per request on the hot path;
+  ``request`` awaits a future, for callers that want one.
+- One deadline per request, from the moment a connection takes it (or starts connecting for it)
+  to the last byte of the answer: a server that trickles its answer cannot hold it. Waiting for
+  a free connection (the pool's ``limit``) is not part of it: the requests ahead are bounded.
+- A connection goes back to the pool only after a complete answer that allows keep-alive; any
+  byte that arrives while it is idle (a stray answer, a close) discards it, so an answer is never
+  taken for the next request's (httpcore does the same with a readability check).
+- A reused connection that closes before any byte of the answer arrived (the server closed it
+  while idle) is retried once on a new connection: all our requests are safe to repeat.
+
+Errors reach the callback as an exception: ``TimeoutError``; ``ProtocolError`` (the answer is
+not HTTP/1.x we can frame); ``Aborted`` (``abort()``); other ``OSError`` (refused, reset, TLS).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import functools
+import re
+import ssl
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+
+import httptools
+
+__all__ = [
+    "Aborted",
+    "Done",
+    "HttpPool",
+    "ProtocolError",
+    "RequestTemplate",
+    "default_context",
+    "encode_headers",
+]
+
+MAX_INTERIM = 32  # 1xx answers before the final one
+# A header block is "name: value\r\n"*: names are RFC 9110 tokens; values have no CR, LF or NUL.
+# One fullmatch over the whole block, plus one count of its LFs (a value "a\r\nX: b" would match
+# as two headers), checks every header of a request.
+_HEADER_BLOCK = re.compile(r"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+: [^\r\n\0]*\r\n)*")
+_TARGET = re.compile(r"[\x21-\x7e]+")
+
+Headers = Mapping[str, str] | Sequence[tuple[str, str]]
+Done = Callable[[int, float, "bytes | None", "BaseException | None"], None]
+"""``done(status, retry_after, body, error)``: the final status, the seconds of its
+``Retry-After`` (0.0 if none), the body (None unless kept); or an error (status 0)."""
+
+
+class ProtocolError(OSError):
+    """The server's answer is not HTTP/1.x this client can frame; the connection was closed."""
+
+
+class Aborted(OSError):
+    """``HttpPool.abort()`` was called: the request was broken off, or refused."""
+
+
+@functools.cache
+def default_context() -> ssl.SSLContext:
+    """One ``ssl.create_default_context()`` per process (loading the CA store costs milliseconds)."""
+    return ssl.create_default_context()
+
+
+def encode_headers(headers: Headers) -> bytes:
+    """``name: value\\r\\n`` per header, checked and latin-1 encoded; ValueError if invalid."""
+    items = headers.items() if isinstance(headers, Mapping) else headers
+    block = "".join([f"{name}: {value}\r\n" for name, value in items])
+    if not _HEADER_BLOCK.fullmatch(block) or block.count("\n") != len(items):
+        for name, value in items:  # which one (the error path only)
+            line = f"{name}: {value}\r\n"
+            if not _HEADER_BLOCK.fullmatch(line) or line.count("\n") != 1:
+                raise ValueError(f"invalid HTTP header (CR, LF or NUL in the value, or a name that is "
+                                 f"not a token): {name[:40]!r}: {value[:60]!r}")
+        raise AssertionError("unreachable")
+    try:
+        return block.encode("latin-1")
+    except UnicodeEncodeError as exc:  # a ValueError too
+        raise ValueError(f"HTTP header value not latin-1: {block[max(0, exc.start - 40):exc.end + 20]!r}") from None
+
+
+class RequestTemplate:
+    """POSTs to one target of one origin: the request line, ``Host`` and the constant headers are
+    encoded once; ``build`` adds a request's own headers, ``Content-Length`` and the body."""
+
+    __slots__ = ("_prefix",)
+
+    def __init__(self, authority: str, target: str, headers: Headers = ()) -> None:
+        if not _TARGET.fullmatch(target):
+            raise ValueError(f"invalid request target {target!r}")
+        self._prefix = (b"POST %s HTTP/1.1\r\n" % target.encode("ascii")
+                        + encode_headers({"Host": authority, "Accept-Encoding": "identity"})
+                        + encode_headers(headers))
+
+    def build(self, body: bytes, headers: bytes = b"") -> bytes:
+        """One request; ``headers``: already encoded (``encode_headers``)."""
+        return b"%s%sContent-Length: %d\r\n\r\n%s" % (self._prefix, headers, len(body), body)
+
+
+def _seconds(retry_after: bytes) -> float:
+    """A ``Retry-After`` value (delay-seconds or an HTTP-date) as seconds from now, 0..3600."""
+    text = retry_after.strip()
+    if text.isdigit():
+        return float(min(int(text), 3600))
+    try:
+        when = email.utils.parsedate_to_datetime(text.decode("latin-1"))
+    except (TypeError, ValueError, IndexError):
+        return 0.0
+    return max(0.0, min(3600.0, when.timestamp() - time.time()))
+
+
+def authority(host: str, port: int, tls: bool) -> str:
+    """The ``Host`` header's value: the port only when it is not the scheme's default."""
+    name = f"[{host}]" if ":" in host else host  # an IPv6 literal
+    return name if port == (443 if tls else 80) else f"{name}:{port}"
+
+
+class _Request:
+    __slots__ = ("attempts", "conn", "data", "done", "finished", "keep_body", "timeout", "timer")
+
+    def __init__(self, data: bytes, done: Done, timeout: float, keep_body: bool) -> None:
+        self.data = data
+        self.done = done
+        self.timeout = timeout
+        self.keep_body = keep_body
+        self.attempts = 0
+        self.conn: _Connection | None = None
+        self.finished = False
+        self.timer: asyncio.TimerHandle | None = None
+
+    def finish(self, status: int, body: bytes | None, error: BaseException | None,
+               retry_after: float = 0.0) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if self.timer is not None:
+            self.timer.cancel()
+        self.done(status, retry_after, body, error)
+
+    def arm(self, loop: asyncio.AbstractEventLoop, expire: Callable[[_Request], None]) -> None:
+        """Start the deadline (once: a retry on a new connection keeps it)."""
+        if self.timer is None:
+            self.timer = loop.call_at(loop.time() + self.timeout, expire, self)
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection; one request at a time (no pipelining)."""
+
+    def __init__(self, pool: HttpPool) -> None:
+        self._pool = pool
+        self._transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self._request: _Request | None = None
+        self._status = 0
+        self._interim = 0
+        self._parts: list[bytes] | None = None
+        self._framed = False  # the answer has a Content-Length or Transfer-Encoding
+        self._got_bytes = False
+        self._complete = False  # the answer to _request is complete (released after feed_data)
+        self._stray = False  # bytes beyond that answer: the connection cannot be reused
+        self._keep = False  # the answer allows keep-alive (llhttp knows it only in its callbacks)
+        self._retry_after = b""
+        self.reused = False
+        self.closed = False
+
+    # -- asyncio.Protocol --------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self._request is None:  # unasked: a stray answer, or garbage; never reuse it
+            self._pool._discard(self)
+            return
+        self._got_bytes = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(ProtocolError("unexpected protocol upgrade"))
+            return
+        except httptools.HttpParserError as exc:
+            self._fail(ProtocolError(f"invalid HTTP answer: {exc}"))
+            return
+        if self._complete:
+            self._release()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._pool._lost(self)
+        request, self._request = self._request, None
+        if request is None or request.finished:
+            return
+        if self._status and not self._framed and not self._interim:  # read until close: done
+            request.finish(self._status, self._body(), None)
+        elif not self._got_bytes and self.reused and request.attempts == 1 and not self._pool.aborted:
+            self._pool._retry(request)  # the server closed the idle connection as we sent
+        elif self._pool.aborted:
+            request.finish(0, None, Aborted("the connection was aborted"))
+        elif self._got_bytes:
+            request.finish(0, None, ProtocolError("the server closed the connection in the middle of an answer"))
+        else:
+            request.finish(0, None, exc or ConnectionResetError("the server closed the connection without answering"))
+
+    # -- httptools callbacks -----------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self._complete:
+            self._stray = True  # a second answer in the same bytes
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        size = len(name)  # lengths first: most headers are none of these, and cheaply so
+        if size in (14, 17) and name.lower() in (b"content-length", b"transfer-encoding"):
+            self._framed = True
+        elif size == 11 and name.lower() == b"retry-after":
+            self._retry_after = value
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if 100 <= status < 200:
+            if status == 101:
+                raise httptools.HttpParserUpgrade("101")
+            self._interim += 1
+            if self._interim > MAX_INTERIM:
+                raise httptools.HttpParserError(f"more than {MAX_INTERIM} interim (1xx) answers")
+            return
+        self._interim = 0
+        self._status = status
+
+    def on_body(self, body: bytes) -> None:
+        if self._parts is not None:
+            self._parts.append(body)
+
+    def on_message_complete(self) -> None:
+        if self._interim or self._complete:
+            return  # a 1xx answer: the final one follows; or a stray one (flagged already)
+        self._complete = True
+        self._keep = self._parser.should_keep_alive()
+
+    # -- the pool's side ---------------------------------------------------------------------
+
+    def send(self, request: _Request) -> None:
+        request.conn = self
+        request.attempts += 1
+        self._request = request
+        self._status = self._interim = 0
+        self._framed = self._got_bytes = self._complete = self._stray = False
+        self._retry_after = b""
+        self._parts = [] if request.keep_body else None
+        request.arm(self._pool._loop, self._pool._expire)  # type: ignore[arg-type]
+        assert self._transport is not None
+        self._transport.write(request.data)
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    def _body(self) -> bytes | None:
+        return b"".join(self._parts) if self._parts is not None else None
+
+    def _release(self) -> None:
+        request, self._request = self._request, None
+        assert request is not None
+        # Read before the pool hands us the next request.
+        status, body = self._status, self._body()
+        retry_after = _seconds(self._retry_after) if self._retry_after else 0.0
+        if not self._stray and self._keep:
+            self.reused = True
+            self._pool._ready(self)
+        else:
+            self._pool._discard(self)
+        request.finish(status, body, None, retry_after)
+
+    def _fail(self, error: BaseException) -> None:
+        request, self._request = self._request, None
+        self._pool._discard(self)
+        if request is not None:
+            request.finish(0, None, error)
+
+    def expire(self, request: _Request) -> None:
+        if self._request is request:
+            self._fail(TimeoutError("no complete answer within the request's deadline"))
+
+
+class HttpPool:
+    """Keep-alive connections to one origin (at most ``limit``), requests queued beyond that.
+
+    Used from the event loop's thread only; it binds to the running loop on first use.
+    """
+
+    def __init__(self, host: str, port: int, *, tls: bool = False, limit: int = 100,
+                 connect_timeout: float = 10.0, server_hostname: str | None = None,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        if limit < 1:
+            raise ValueError("a pool needs room for at least one connection")
+        self.host, self.port, self.tls, self.limit = host, port, tls, limit
+        self.authority = authority(host, port, tls)
+        self._connect_timeout = connect_timeout
+        self._server_hostname = server_hostname or host
+        self._ssl_context = ssl_context
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._idle: list[_Connection] = []  # most recently used last: reused first, others time out
+        self._waiting: deque[_Request] = deque()
+        self._queued = 0  # live requests in _waiting (expired ones are skipped lazily)
+        self._open = 0  # connections open or being opened
+        self._connecting = 0
+        self._connections: set[_Connection] = set()
+        self.aborted = False
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def send(self, data: bytes, done: Done, *, timeout: float, keep_body: bool = False) -> None:
+        """Send one request (``RequestTemplate.build``); ``done`` is called once, from the loop,
+        never from within ``send``."""
+        loop = self._loop or self._bind()
+        request = _Request(data, done, timeout, keep_body)
+        if self.aborted:
+            loop.call_soon(request.finish, 0, None, Aborted("the pool was aborted"))
+            return
+        self._dispatch(request)
+
+    async def request(self, data: bytes, *, timeout: float, keep_body: bool = True) -> tuple[int, bytes]:
+        """``send`` as a coroutine: (status, body); raises the error."""
+        loop = self._loop or self._bind()
+        future: asyncio.Future[tuple[int, bytes]] = loop.create_future()
+
+        def done(status: int, retry_after: float, body: bytes | None, error: BaseException | None) -> None:
+            if future.done():
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result((status, body or b""))
+
+        self.send(data, done, timeout=timeout, keep_body=keep_body)
+        return await future
+
+    def abort(self) -> None:
+        """Break off every request (``Aborted``) and refuse later ones. From the loop's thread."""
+        self.aborted = True
+        for conn in list(self._connections):
+            conn.abort()
+        self._fail_waiting(Aborted("the pool was aborted"), everything=True)
+
+    def close(self) -> None:
+        """Close the idle connections (the busy ones close when their answer is in)."""
+        for conn in self._idle:
+            conn.close()
+        self._idle.clear()
+
+    @property
+    def connections(self) -> int:
+        return self._open
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _bind(self) -> asyncio.AbstractEventLoop:
+        self._loop = asyncio.get_running_loop()
+        return self._loop
+
+    def _dispatch(self, request: _Request) -> None:
+        while self._idle:
+            conn = self._idle.pop()
+            if not conn.closed:
+                conn.send(request)
+                return
+        self._waiting.append(request)
+        self._queued += 1
+        if self._open < self.limit and self._connecting < self._queued:
+            request.arm(self._loop, self._expire)  # type: ignore[arg-type]  # the connect counts
+            self._connect()
+
+    def _connect(self) -> None:
+        assert self._loop is not None
+        self._open += 1
+        self._connecting += 1
+        self._loop.create_task(self._open_connection())
+
+    async def _open_connection(self) -> None:
+        assert self._loop is not None
+        context = (self._ssl_context or default_context()) if self.tls else None
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                _, conn = await self._loop.create_connection(
+                    lambda: _Connection(self), self.host, self.port, ssl=context,
+                    server_hostname=self._server_hostname if self.tls else None,
+                )
+        except (OSError, TimeoutError, ValueError) as exc:  # refused, DNS, TLS, timeout
+            self._open -= 1
+            self._connecting -= 1
+            error = exc if isinstance(exc, OSError) else OSError(f"cannot connect: {exc}")
+            if isinstance(exc, TimeoutError):
+                error = TimeoutError(f"connect to {self.authority} timed out")
+            self._fail_waiting(error)
+            if self._queued > self._connecting and self._open < self.limit and not self.aborted:
+                self._connect()  # one attempt per waiting request, no faster
+            return
+        self._connecting -= 1
+        self._connections.add(conn)
+        if self.aborted:
+            conn.abort()
+            return
+        self._ready(conn)
+
+    def _ready(self, conn: _Connection) -> None:
+        """A connection is free: serve the oldest waiting request, or keep it idle."""
+        while self._waiting:
+            request = self._waiting.popleft()
+            if request.finished:
+                continue
+            self._queued -= 1
+            conn.send(request)
+            return
+        self._idle.append(conn)
+
+    def _retry(self, request: _Request) -> None:
+        request.conn = None
+        self._dispatch(request)
+
+    def _discard(self, conn: _Connection) -> None:
+        if conn in self._idle:
+            self._idle.remove(conn)
+        conn.abort()
+
+    def _lost(self, conn: _Connection) -> None:
+        if conn in self._connections:
+            self._connections.discard(conn)
+            self._open -= 1
+        if conn in self._idle:
+            self._idle.remove(conn)
+
+    def _expire(self, request: _Request) -> None:
+        if request.finished:
+            return
+        if request.conn is not None:
+            request.conn.expire(request)
+        else:  # still waiting for a connection: left in the deque, skipped when reached
+            self._queued -= 1
+            request.finish(0, None, TimeoutError(f"no connection to {self.authority} within the request's deadline"))
+
+    def _fail_waiting(self, error: BaseException, *, everything: bool = False) -> None:
+        """A connect failed: fail the oldest waiting request (``everything``: all of them)."""
+        while self._waiting:
+            request = self._waiting.popleft()
+            if request.finished:
+                continue
+            self._queued -= 1
+            request.finish(0, None, error)
+            if not everything:
+                return
+
