@@ -36,7 +36,7 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from channels.base import Channel, Message, Outcome, Report
 from channels.events import EventError, EventFormat, is_extension_name
-from channels.transport.http import HttpPool, RequestTemplate, encode_headers
+from channels.transport.http import HttpPool, RequestTemplate
 
 __all__ = ["HttpChannel", "HttpConfig", "check_url", "redact"]
 
@@ -142,8 +142,8 @@ class HttpChannel(Channel):
         for message in batch:
             try:
                 if self._binary:
-                    headers, body = self._format.http_binary_message(message)
-                    request = self._template.build(body, encode_headers(headers))
+                    head, body = self._format.http_binary_head(message)
+                    request = self._template.build(body, head)
                 else:
                     request = self._template.build(self._format.structured(message))
             except (EventError, TypeError, ValueError) as exc:  # not an event, or not a request

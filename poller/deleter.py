@@ -32,8 +32,11 @@ _RETRY_LIMIT = 45.0  # seconds a batch is retried at most
 
 class Deleter:
     def __init__(self, sqs: SqsClient, *, linger: float, visibility_timeout: float,
-                 done: Callable[[Sequence[str]], None], counters: Counters) -> None:
+                 done: Callable[[Sequence[str]], None], counters: Counters,
+                 loop: asyncio.AbstractEventLoop | None = None) -> None:
         self._sqs = sqs
+        # Looked up once: asyncio.get_running_loop() makes a getpid() syscall each time on 3.11.
+        self._loop = loop
         self._linger = linger
         self._retry_for = min(max(visibility_timeout, 5.0), _RETRY_LIMIT)
         self._done = done
@@ -49,7 +52,7 @@ class Deleter:
         if len(self._pending) >= 10:
             self._flush()
         elif self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self._linger, self._flush)
+            self._timer = (self._loop or self._bind()).call_later(self._linger, self._flush)
 
     async def close(self, timeout: float) -> bool:
         """Send what is pending and wait for every batch, up to ``timeout``; False if cut short."""
@@ -69,12 +72,17 @@ class Deleter:
             self._timer.cancel()
             self._timer = None
         batch, self._pending = self._pending[:10], self._pending[10:]
+        loop = self._loop or self._bind()
         if self._pending:
-            self._timer = asyncio.get_running_loop().call_later(self._linger, self._flush)
+            self._timer = loop.call_later(self._linger, self._flush)
         if batch:
-            task = asyncio.get_running_loop().create_task(self._send(batch))
+            task = loop.create_task(self._send(batch))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def _bind(self) -> asyncio.AbstractEventLoop:
+        self._loop = asyncio.get_running_loop()
+        return self._loop
 
     async def _send(self, handles: list[str]) -> None:
         pending = list(dict.fromkeys(handles))  # SQS refuses a batch with a handle twice

@@ -16,6 +16,7 @@ failures of batch calls are returned, not raised.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import time
@@ -25,7 +26,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import botocore.session
-from botocore.credentials import Credentials, RefreshableCredentials
+from botocore.credentials import Credentials, ReadOnlyCredentials, RefreshableCredentials
 from botocore.exceptions import BotoCoreError
 
 import orjson
@@ -122,6 +123,11 @@ def load_credentials(target: SqsTarget) -> Credentials:
     return credentials
 
 
+@functools.lru_cache(maxsize=4)
+def _amz_date(second: int) -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(second))
+
+
 class SigV4Signer:
     """SigV4 for SQS JSON-protocol POSTs.
 
@@ -149,10 +155,12 @@ class SigV4Signer:
             self._key, self._key_for = key, (day, secret)
         return self._key
 
-    def headers(self, action: str, body: bytes, now: time.struct_time | None = None) -> dict[str, str]:
-        """All the request's headers, ``Authorization`` included."""
-        creds = self._credentials.get_frozen_credentials()
-        amz_date = time.strftime("%Y%m%dT%H%M%SZ", now or time.gmtime())
+    def headers(self, action: str, body: bytes, now: time.struct_time | None = None,
+                creds: ReadOnlyCredentials | None = None) -> dict[str, str]:
+        """All the request's headers, ``Authorization`` included. ``creds``: frozen credentials
+        (else they are frozen now)."""
+        creds = creds or self._credentials.get_frozen_credentials()
+        amz_date = time.strftime("%Y%m%dT%H%M%SZ", now) if now else _amz_date(int(time.time()))
         day = amz_date[:8]
         target = "AmazonSQS." + action
         token = creds.token
@@ -209,6 +217,8 @@ class SqsClient:
                                    path=self._path)
         self._aborted = False
         self._queue = {"QueueUrl": target.queue_url}
+        self._frozen: ReadOnlyCredentials | None = None
+        self._recheck_at = 0.0
 
     # -- the calls ------------------------------------------------------------------------
 
@@ -258,15 +268,27 @@ class SqsClient:
 
     # -- plumbing -------------------------------------------------------------------------
 
+    async def _frozen_credentials(self) -> ReadOnlyCredentials:
+        """The credentials to sign with, looked at again at most once a second: botocore's
+        check (a lock, a timezone-aware clock) cost more than the rest of a signature."""
+        now = time.monotonic()
+        if self._frozen is not None and now < self._recheck_at:
+            return self._frozen
+        credentials = self._credentials
+        if isinstance(credentials, RefreshableCredentials) and credentials.refresh_needed():
+            # A refresh (STS, instance metadata, a credential process) blocks: not on the loop.
+            frozen = await asyncio.get_running_loop().run_in_executor(None, credentials.get_frozen_credentials)
+        else:
+            frozen = credentials.get_frozen_credentials()
+        self._frozen, self._recheck_at = frozen, now + 1.0
+        return frozen
+
     async def _call(self, action: str, params: dict[str, Any], *, timeout: float | None = None) -> dict[str, Any]:
         if self._aborted:
             raise SqsError("Aborted", f"{action}: the client was shut down", retryable=False)
         body = orjson.dumps(params)
         try:
-            if isinstance(self._credentials, RefreshableCredentials) and self._credentials.refresh_needed():
-                # A refresh (STS, instance metadata, a credential process) blocks: not on the loop.
-                await asyncio.get_running_loop().run_in_executor(None, self._credentials.get_frozen_credentials)
-            headers = self._signer.headers(action, body)
+            headers = self._signer.headers(action, body, creds=await self._frozen_credentials())
         except Exception as exc:  # a credential refresh failed (STS, instance metadata, a process)
             raise SqsError("CredentialError", f"{action}: cannot get AWS credentials: "
                            f"{type(exc).__name__}: {exc}", retryable=True) from None

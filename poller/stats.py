@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import MutableSequence, Sequence
 
 __all__ = ["FIELDS", "GAUGES", "Counters", "format_line"]
@@ -26,15 +25,18 @@ _INDEX = {name: i for i, name in enumerate(FIELDS)}
 
 
 class Counters:
-    """Per-process counters, written from many threads, copied out once a second."""
+    """Per-process counters, written by the worker's event loop only, copied out once a second.
+
+    No lock: one thread writes them (the loop; channels' threads report through it).
+    """
+
+    __slots__ = ("_values",)
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
         self._values = [0] * len(FIELDS)
 
     def add(self, name: str, n: int = 1) -> None:
-        with self._lock:
-            self._values[_INDEX[name]] += n
+        self._values[_INDEX[name]] += n
 
     def set(self, name: str, value: int) -> None:
         self._values[_INDEX[name]] = value
@@ -43,11 +45,10 @@ class Counters:
         return self._values[_INDEX[name]]
 
     def snapshot(self) -> list[int]:
-        with self._lock:
-            return list(self._values)
+        return list(self._values)
 
     def copy_to(self, shared: MutableSequence[int]) -> None:
-        shared[:] = self.snapshot()
+        shared[:] = self._values
 
 
 def format_line(totals: Sequence[int], previous: Sequence[int], seconds: float) -> str:

@@ -174,7 +174,7 @@ class Worker:
         self._sqs = SqsClient(config.target, credentials=self._credentials, connections=lanes + 32)
         self._receive_sqs = SqsClient(config.target, credentials=self._credentials, connections=config.receivers)
         self._deleter = Deleter(self._sqs, linger=config.delete_linger, visibility_timeout=self._timeout,
-                                done=self._forget, counters=self.counters)
+                                done=self._forget, counters=self.counters, loop=self._loop)
         self._visibility = VisibilityLanes(
             self._sqs, lanes=lanes, still_held=self._still_held, extension_failed=self._extension_failed,
             visibility_lost=self._visibility_lost, counters=self.counters,
@@ -428,9 +428,20 @@ class Worker:
         """The channel's verdict on one message of a run's window; on the loop."""
         if not run.live or run.attempt != attempt:
             return  # a late report of an attempt that was given up
-        held = next((h for h in run.entries[:run.window] if h.message is message), None)
+        entries = run.entries
+        if run.window == 1:
+            held = entries[0] if entries[0].message is message else None
+        else:
+            held = next((h for h in entries[:run.window] if h.message is message), None)
         if held is None or held.outcome is not None:
             return  # not ours, or reported twice: the first verdict stands
+        if outcome is Outcome.ACK and len(entries) == 1 and not self._circuit.is_open:
+            # The common case, without the general bookkeeping: one message, delivered.
+            held.outcome, held.stage, run.live = outcome, Stage.DELETING, False
+            self._circuit.success()
+            self.counters.add("acked")
+            self._deleter.add(message.ack_id)
+            return
         held.outcome, held.reason, held.retry_after = outcome, reason, retry_after
         run.unreported -= 1
         if run.unreported:

@@ -214,6 +214,23 @@ def test_header_values_percent_encoded_round_trip(value: str) -> None:
     assert structured_event(fmt, message).get_extension("note") == value
 
 
+@pytest.mark.parametrize("value", TRICKY_VALUES)
+@pytest.mark.parametrize("data_mode", ["message", "body"])
+def test_the_hot_path_header_block_is_what_the_checked_encoder_makes(value: str, data_mode: str) -> None:
+    """``http_binary_head`` skips the header check: it must be safe by construction, whatever the
+    message holds (its id, attributes, content type)."""
+    from channels.transport.http import encode_headers
+
+    message = make_message(message_attributes={"note": string(value), "n": string("7", "Number"),
+                                               "content-type": string("application/xml; charset=utf-8")})
+    message = Message(id=value or "x", body=message.body, ack_id=message.ack_id,
+                      attributes=message.attributes, message_attributes=message.message_attributes)
+    fmt = EventFormat(SOURCE, data_mode=data_mode, overrides={"over": value})
+    headers, body = fmt.http_binary_message(message)
+    head, head_body = fmt.http_binary_head(message)
+    assert (head, head_body) == (encode_headers(headers), body)
+
+
 def test_safe_values_are_sent_as_is() -> None:
     headers, _ = EventFormat(SOURCE).http_binary(make_message(message_attributes={"k": string("a-b_c.d/e:f")}))
     assert headers["ce-k"] == "a-b_c.d/e:f"
