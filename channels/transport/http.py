@@ -13,8 +13,9 @@ with them (threads paid for each one in GIL hand-offs).
   to the last byte of the answer: a server that trickles its answer cannot hold it. Waiting for
   a free connection (the pool's ``limit``) is not part of it: the requests ahead are bounded.
 - A connection goes back to the pool only after a complete answer that allows keep-alive; any
-  byte that arrives while it is idle (a stray answer, a close) discards it, so an answer is never
-  taken for the next request's (httpcore does the same with a readability check).
+  byte beyond that answer (in the same read, or while it is idle: a stray answer, a close)
+  discards it, so an answer is never taken for another request's (httpcore does the same with a
+  readability check). A closed connection's place goes to the requests waiting for one.
 - A reused connection that closes before any byte of the answer arrived (the server closed it
   while idle) is retried once on a new connection: all our requests are safe to repeat.
 
@@ -46,6 +47,7 @@ __all__ = [
 ]
 
 MAX_INTERIM = 32  # 1xx answers before the final one
+MAX_HEAD = 65536  # bytes before the final answer's headers end (counted by reads: a bound, not exact)
 # A header block is "name: value\r\n"*: names are RFC 9110 tokens; values have no CR, LF or NUL.
 # One fullmatch over the whole block, plus one count of its LFs (a value "a\r\nX: b" would match
 # as two headers), checks every header of a request.
@@ -64,6 +66,11 @@ class ProtocolError(OSError):
 
 class Aborted(OSError):
     """``HttpPool.abort()`` was called: the request was broken off, or refused."""
+
+
+class _Stray(Exception):
+    """A second answer begins in the bytes of the first: parsing stops before its callbacks
+    overwrite the first one's status, body or Retry-After."""
 
 
 @functools.cache
@@ -169,6 +176,7 @@ class _Connection(asyncio.Protocol):
         self._complete = False  # the answer to _request is complete (released after feed_data)
         self._stray = False  # bytes beyond that answer: the connection cannot be reused
         self._keep = False  # the answer allows keep-alive (llhttp knows it only in its callbacks)
+        self._head_bytes = 0
         self._retry_after = b""
         self.reused = False
         self.closed = False
@@ -189,17 +197,29 @@ class _Connection(asyncio.Protocol):
             self._fail(ProtocolError("unexpected protocol upgrade"))
             return
         except httptools.HttpParserError as exc:
-            self._fail(ProtocolError(f"invalid HTTP answer: {exc}"))
-            return
+            if not self._complete:
+                self._fail(ProtocolError(f"invalid HTTP answer: {exc}"))
+                return
+            # Bytes beyond a complete answer (a stray one, _Stray): the answer stands, the
+            # connection goes (the server and we disagree on framing).
+            self._stray = True
         if self._complete:
             self._release()
+        elif not self._status:  # all of it was head (1xx included): bounded, as http.client's
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD:
+                self._fail(ProtocolError(f"answer head longer than {MAX_HEAD} bytes"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._pool._lost(self)
         request, self._request = self._request, None
-        if request is None or request.finished:
-            return
+        if request is not None and not request.finished:
+            self._settle(request, exc)
+        self._pool._refill()  # requests waiting for a connection get a new one
+
+    def _settle(self, request: _Request, exc: Exception | None) -> None:
+        """The connection closed with ``request`` on it."""
         if self._status and not self._framed and not self._interim:  # read until close: done
             request.finish(self._status, self._body(), None)
         elif not self._got_bytes and self.reused and request.attempts == 1 and not self._pool.aborted:
@@ -215,7 +235,7 @@ class _Connection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         if self._complete:
-            self._stray = True  # a second answer in the same bytes
+            raise _Stray  # a second answer in the same bytes
 
     def on_header(self, name: bytes, value: bytes) -> None:
         size = len(name)  # lengths first: most headers are none of these, and cheaply so
@@ -232,6 +252,7 @@ class _Connection(asyncio.Protocol):
             self._interim += 1
             if self._interim > MAX_INTERIM:
                 raise httptools.HttpParserError(f"more than {MAX_INTERIM} interim (1xx) answers")
+            self._framed, self._retry_after = False, b""  # a 1xx's headers are not the answer's
             return
         self._interim = 0
         self._status = status
@@ -252,7 +273,7 @@ class _Connection(asyncio.Protocol):
         request.conn = self
         request.attempts += 1
         self._request = request
-        self._status = self._interim = 0
+        self._status = self._interim = self._head_bytes = 0
         self._framed = self._got_bytes = self._complete = self._stray = False
         self._retry_after = b""
         self._parts = [] if request.keep_body else None
@@ -405,8 +426,7 @@ class HttpPool:
             if isinstance(exc, TimeoutError):
                 error = TimeoutError(f"connect to {self.authority} timed out")
             self._fail_waiting(error)
-            if self._queued > self._connecting and self._open < self.limit and not self.aborted:
-                self._connect()  # one attempt per waiting request, no faster
+            self._refill()  # one attempt per waiting request, no faster
             return
         self._connecting -= 1
         self._connections.add(conn)
@@ -427,8 +447,26 @@ class HttpPool:
         self._idle.append(conn)
 
     def _retry(self, request: _Request) -> None:
+        """Once more on another connection, ahead of the waiting ones (its deadline runs); the
+        caller then calls ``_refill``."""
         request.conn = None
-        self._dispatch(request)
+        while self._idle:
+            conn = self._idle.pop()
+            if not conn.closed:
+                conn.send(request)
+                return
+        self._waiting.appendleft(request)
+        self._queued += 1
+
+    def _refill(self) -> None:
+        """Open a connection for the requests waiting, if they have none coming and the limit
+        allows: after a connection closed (its slot is free) or a connect failed."""
+        if self._queued <= self._connecting or self._open >= self.limit or self.aborted:
+            return
+        while self._waiting[0].finished:  # expired while waiting: dropped here
+            self._waiting.popleft()
+        self._waiting[0].arm(self._loop, self._expire)  # type: ignore[arg-type]  # the connect counts
+        self._connect()
 
     def _discard(self, conn: _Connection) -> None:
         if conn in self._idle:
