@@ -77,6 +77,10 @@ def parse_overrides(text: str | None) -> dict[str, str]:
     extensions = doc.get("extensions", {}) if isinstance(doc, dict) else None
     if not isinstance(extensions, dict):
         raise ValueError('K_CE_OVERRIDES must look like {"extensions": {"name": "value"}}')
+    unknown = sorted(set(doc) - {"extensions"})
+    if unknown:  # {"team": "a"} without the wrapper would otherwise be accepted and ignored
+        raise ValueError(f'K_CE_OVERRIDES must look like {{"extensions": {{"name": "value"}}}}: '
+                         f'{unknown[0]!r} is not inside "extensions"')
     for name, value in extensions.items():
         if not is_extension_name(name):
             raise ValueError(f"K_CE_OVERRIDES: {name!r} is not a valid CloudEvents extension name")

@@ -205,12 +205,16 @@ class KafkaConfig:
     create_topic: bool = False
     partitions: int = 3
     replication: int = 1
-    region: str | None = None
+    region: str | None = None  # the cluster's, for IAM tokens
+    profile: str | None = None  # the AWS profile that signs IAM tokens (else the default chain)
     metadata_timeout: float = 10.0
 
     def __post_init__(self) -> None:
         if not self.bootstrap_servers.strip():
             raise ValueError("Kafka bootstrap servers must not be empty")
+        if "://" in self.bootstrap_servers:
+            raise ValueError(f"--kafka-bootstrap-servers takes host:port[,host:port...], not a URL: "
+                             f"{self.bootstrap_servers!r}")
         if not _TOPIC_NAME.fullmatch(self.topic) or self.topic in (".", ".."):
             raise ValueError(f"{self.topic!r} is not a valid Kafka topic name")
         if self.format not in FORMATS:
@@ -513,7 +517,7 @@ class KafkaChannel(Channel):
         elif self.config.auth == "iam" and _uses_oauthbearer(conf):
             # Only with SASL/OAUTHBEARER: confluent-kafka's constructors wait (10 s) for a token
             # from oauth_cb, which librdkafka never asks for on a connection without SASL.
-            self._token = msk_oauth_callback(self._region())
+            self._token = msk_oauth_callback(self._region(), self.config.profile)
             conf["oauth_cb"] = self._token
         return conf
 
@@ -874,14 +878,18 @@ class _MskToken:
     ``last_error`` for start()'s error; then it is raised again, so librdkafka fails the refresh.
     """
 
-    def __init__(self, region: str, provider: Any) -> None:
+    def __init__(self, region: str, provider: Any, profile: str | None = None) -> None:
         self.region = region
         self._provider = provider
+        self._profile = profile
         self.last_error: str | None = None
 
     def __call__(self, _config: str) -> tuple[str, float]:
         try:
-            token, expiry_ms = self._provider.generate_auth_token(self.region)
+            if self._profile:
+                token, expiry_ms = self._provider.generate_auth_token_from_profile(self.region, self._profile)
+            else:
+                token, expiry_ms = self._provider.generate_auth_token(self.region)
         except Exception as exc:
             cause = _one_line(exc)
             repeated = cause == self.last_error  # librdkafka retries the refresh every few seconds
@@ -893,12 +901,14 @@ class _MskToken:
         return token, expiry_ms / 1000.0  # librdkafka wants seconds since the epoch
 
 
-def msk_oauth_callback(region: str) -> _MskToken:
-    """confluent-kafka ``oauth_cb`` that signs an MSK IAM token with the default AWS credentials."""
+def msk_oauth_callback(region: str, profile: str | None = None) -> _MskToken:
+    """confluent-kafka ``oauth_cb`` that signs an MSK IAM token with the AWS credentials of
+    ``profile``, else the default chain."""
     try:
         from aws_msk_iam_sasl_signer import MSKAuthTokenProvider
     except ImportError:
         raise ChannelError(
-            "--kafka-auth iam needs the aws-msk-iam-sasl-signer-python package: pip install 'sqs-poller[msk]'"
+            "--kafka-auth iam needs the aws-msk-iam-sasl-signer-python package: install the msk extra "
+            "(pip install '.[msk]' in a checkout)"
         ) from None
-    return _MskToken(region, MSKAuthTokenProvider)
+    return _MskToken(region, MSKAuthTokenProvider, profile)

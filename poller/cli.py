@@ -1,8 +1,9 @@
-"""The ``poller`` command: ``run``, ``demo``, ``channel``, ``dump``.
+"""The ``poller`` command: ``run``, ``check``, ``demo``, ``channel``, ``dump``.
 
-Every flag of ``run`` has an environment variable (``POLLER_<FLAG>``); AWS settings come the AWS
-way (default credential chain, ``AWS_REGION``, ``AWS_ENDPOINT_URL_SQS``). Bad input ends in one
-line on stderr and a non-zero exit, never a traceback.
+The options of ``run`` and ``check`` are declared once, in ``poller.options``; each has an
+environment variable (``POLLER_<FLAG>``). AWS settings come the AWS way (default credential
+chain, ``AWS_REGION``, ``AWS_ENDPOINT_URL_SQS``). Bad input ends in one line on stderr and a
+non-zero exit, never a traceback.
 """
 
 from __future__ import annotations
@@ -11,19 +12,34 @@ import asyncio
 import logging
 import os
 import sys
-from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import click
+
+from click.core import ParameterSource
 
 from channels.base import ChannelConfig, ChannelError
 from channels.events import parse_overrides
 from channels.http import HttpConfig, check_url, redact
 from poller.config import RunConfig, WorkerConfig
-from poller.logs import LOG_LEVELS, setup_logging
-from poller.sqs import CREDENTIAL_CODES, BlockingSqsClient, SqsError, SqsTarget, resolve_target
+from poller.cpus import default_processes
+from poller.logs import setup_logging
+from poller.options import RUN_OPTIONS, apply
+from poller.sqs import (
+    CREDENTIAL_CODES,
+    BlockingSqsClient,
+    SqsError,
+    SqsTarget,
+    queue_url_from_arn,
+    region_from_queue_url,
+    region_mismatch,
+    resolve_target,
+)
 
-__all__ = ["main"]
+__all__ = ["Plan", "main"]
+
+DISTRIBUTION = "sqs-cloudevents-poller"
 
 EXIT_USAGE = 2
 EXIT_BOOT = 3
@@ -38,125 +54,107 @@ class BootError(click.ClickException):
     exit_code = EXIT_BOOT
 
 
-class _Lines(click.ParamType):
-    """A string whose environment variable holds one value per line: click splits a multiple
-    option's variable on whitespace by default, which would cut a value (a password) in two."""
-
-    name = "KEY=VALUE"
-    envvar_list_splitter = "\n"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        return value
-
-
-def option(*decls: str, **kwargs: Any) -> Callable[[Any], Any]:
-    """A click option whose env var is POLLER_<LONG_NAME>, shown in --help with its default."""
-    long_name = next(d for d in decls if d.startswith("--"))
-    env = [f"POLLER_{long_name[2:].upper().replace('-', '_')}"] + kwargs.pop("extra_env", [])
-    kwargs.setdefault("show_default", True)
-    return click.option(*decls, envvar=env, show_envvar=True, **kwargs)
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(package_name="sqs-poller", prog_name="poller")
-def cli() -> None:
+@click.group(invoke_without_command=True,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name=DISTRIBUTION, prog_name="poller")
+@click.pass_context
+def cli(ctx: click.Context) -> None:
     """Poll Amazon SQS and forward every message, as a CloudEvent, to a channel.
 
     Messages are deleted from SQS only after the channel acknowledged them (at least once).
+    Start with `poller demo` to see it work locally, `poller run --help` for the options.
     """
+    if ctx.invoked_subcommand is None:  # `poller` alone: the help, not an error
+        click.echo(ctx.get_help())
+
+
+RUN_EXAMPLES = """\b
+Examples:
+  poller run --queue-url https://sqs.us-east-1.amazonaws.com/123456789012/orders \\
+             --sink http://127.0.0.1:8080/
+  K_SINK=http://broker-ingress/default/orders poller run --queue-url "$QUEUE_URL"
+  poller run --queue-url "$QUEUE_URL" --channel kafka --kafka-topic orders \\
+             --kafka-bootstrap-servers b-1.mycluster.kafka.us-east-1.amazonaws.com:9098 --kafka-auth iam
+  poller run --queue-url "$QUEUE_URL" --sink http://127.0.0.1:8080/ --until-empty
+  poller check --queue-url "$QUEUE_URL" --sink http://127.0.0.1:8080/
+
+\b
+Every option is also an environment variable (shown with it). Shell completion:
+  eval "$(_POLLER_COMPLETE=bash_source poller)"    (zsh: zsh_source, fish: fish_source)
+"""
 
 
 # -- run ----------------------------------------------------------------------------------
 
 
-@cli.command()
-@option("--queue-url", required=True, help="URL of the SQS queue to poll.")
-@option("--region", extra_env=["AWS_REGION"], default=None, show_default=False,
-        help="AWS region [default: AWS_DEFAULT_REGION, the AWS config, or the queue URL's region].")
-@option("--endpoint-url", default=None, show_default=False,
-        help="SQS endpoint, e.g. LocalStack's [default: AWS_ENDPOINT_URL_SQS, or AWS's].")
-@option("--profile", default=None, show_default=False, help="AWS profile [default: AWS_PROFILE].")
-@option("--channel", "channel_name", type=click.Choice(["http", "kafka"]), default="http",
-        help="Where messages go.")
-@option("--processes", type=click.IntRange(1, 256), default=os.cpu_count() or 1,
-        help="Worker processes [default: the CPU count].", show_default=False)
-@option("--receivers", type=click.IntRange(1, 64), default=4,
-        help="Concurrent long-poll receives per process.")
-@option("--batch-size", type=click.IntRange(1, 10), default=10, help="Messages per ReceiveMessage.")
-@option("--wait-time", type=click.IntRange(0, 20), default=20, help="Long-poll wait, seconds.")
-@option("--visibility-timeout", type=click.IntRange(0, 43200), default=None, show_default=False,
-        help="Visibility timeout for received messages, seconds [default: the queue's].")
-@option("--max-in-flight", type=click.IntRange(1, 100_000), default=100,
-        help="Messages a process holds at most; receiving pauses above it.")
-@option("--shutdown-timeout", type=click.FloatRange(1, 3600), default=30.0,
-        help="On SIGTERM/SIGINT, seconds to finish in-flight work before workers are killed.")
-@option("--retries", type=click.IntRange(0, 100), default=3,
-        help="Delivery retries of a message, in place and with backoff, before it is returned to "
-             "SQS (not counted while the circuit is open: an outage pauses receiving instead).")
-@option("--max-rate", type=click.FloatRange(0, 1_000_000), default=0.0,
-        help="Messages per second the whole poller hands to the channel at most, to protect a "
-             "subscriber (0: no limit).")
-@option("--max-processing-time", type=click.FloatRange(1, 43200), default=300.0,
-        help="Seconds one delivery attempt may hold a message before it is returned to SQS.")
-@option("--nack-backoff", type=click.FloatRange(0, 3600), default=2.0,
-        help="Base visibility backoff of a message returned undelivered, seconds; doubles per receive.")
-@option("--nack-backoff-max", type=click.FloatRange(0, 43200), default=300.0,
-        help="Cap of the visibility backoff, seconds.")
-@option("--worker-timeout", type=click.FloatRange(5, 3600), default=60.0,
-        help="Seconds without a heartbeat after which the supervisor kills and replaces a worker.")
-@option("--delete-linger", type=click.FloatRange(0, 10), default=0.05,
-        help="Seconds an acknowledged message may wait for a fuller DeleteMessageBatch.")
-@option("--stats-interval", type=click.FloatRange(0.1), default=10.0,
-        help="Seconds between throughput log lines.")
-@option("--metrics-port", type=click.IntRange(1, 65535), default=None, show_default=False,
-        help="Serve Prometheus metrics on this port (/metrics) [default: off].")
-@option("--metrics-host", default="127.0.0.1",
-        help="Address for --metrics-port (0.0.0.0 to let Prometheus scrape the pod).")
-@option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="INFO",
-        help="Log level; logs go to stderr.")
-@option("--data", "data_mode", type=click.Choice(["message", "body"]), default="message",
-        help="Event data: the whole SQS message as JSON, or the raw body.")
-@option("--sink", extra_env=["K_SINK"], default=None, show_default=False,
-        help="HTTP channel: the sink URL (Knative's K_SINK works too).")
-@option("--http-mode", type=click.Choice(["binary", "structured"]), default="binary",
-        help="HTTP channel: CloudEvents content mode.")
-@option("--http-concurrency", type=click.IntRange(1, 1024), default=64,
-        help="HTTP channel: requests in flight per process at most, each on a keep-alive connection.")
-@option("--http-timeout", type=click.FloatRange(0.001, 3600), default=30.0,
-        help="HTTP channel: seconds per request, all of it (connect, send, the full answer).")
-@option("--kafka-bootstrap-servers", default=None, show_default=False,
-        help="Kafka channel: host:port[,host:port...].")
-@option("--kafka-topic", default=None, show_default=False, help="Kafka channel: the topic.")
-@option("--kafka-config", type=_Lines(), multiple=True, metavar="KEY=VALUE", show_default=False,
-        help="Kafka channel: librdkafka setting, repeatable (env: one KEY=VALUE per line).")
-@option("--kafka-format", type=click.Choice(["binary", "structured", "raw"]), default="binary",
-        help="Kafka channel: CloudEvents binary or structured mode, or the raw body.")
-@option("--kafka-timestamp", type=click.Choice(["now", "sent"]), default="now",
-        help="Kafka channel: record timestamp: the produce time, or the message's SentTimestamp "
-             "(older than the topic's retention.ms, such records can be deleted at once).")
-@option("--kafka-key", default="group",
-        help="Kafka channel: record key: group (FIFO MessageGroupId), attribute:NAME, or none.")
-@option("--kafka-auth", type=click.Choice(["none", "tls", "scram-sha-512", "iam"]), default="none",
-        help="Kafka channel: authentication (iam needs the poller[msk] extra).")
-@option("--kafka-create-topic", is_flag=True, default=False,
-        help="Kafka channel: create the topic if it is missing.")
-@option("--kafka-partitions", type=click.IntRange(1, 100_000), default=3,
-        help="Kafka channel: partitions of a created topic.")
-@option("--kafka-replication", type=click.IntRange(1, 100), default=1,
-        help="Kafka channel: replication factor of a created topic.")
+@cli.command(epilog=RUN_EXAMPLES)
+@apply(RUN_OPTIONS)
 def run(**opts: Any) -> int:
     """Poll one SQS queue and publish every message to the channel.
 
     Runs --processes worker processes under a supervisor that restarts any that dies. Each
     message is deleted from SQS only after the channel acknowledged it; a failed delivery is
-    retried after a backoff, a rejected one is left to the queue's redrive policy (DLQ).
+    retried in place, a rejected one is left to the queue's redrive policy (DLQ).
     """
-    setup_logging(opts["log_level"].upper())
-    check_url(opts["queue_url"], "queue")
+    plan = _plan(opts)
+    _check_channel(plan.channel, plan.target.queue_url)
+    from poller.supervisor import Supervisor  # imported late: keeps --help fast
+
+    supervisor = Supervisor(plan.config)
+    port = plan.config.metrics_port or plan.config.health_port
+    if port is not None:
+        try:
+            supervisor.serve_http(plan.config.metrics_host, port, metrics=plan.config.metrics_port is not None)
+        except OSError as exc:
+            raise BootError(f"cannot serve on {plan.config.metrics_host}:{port}: {exc.strerror or exc}") from None
+    # Logging starts only here, once every start check passed: a bad start stays one line.
+    for line in plan.notes:
+        log.info("%s", line)
+    for line in plan.warnings:
+        log.warning("%s", line)
+    fifo = plan.attributes.get("FifoQueue") == "true"
+    log.info("polling %s%s (region %s, endpoint %s) -> %s channel %s with %d process(es)",
+             plan.target.queue_url, " (FIFO)" if fifo else "", plan.target.region, plan.target.endpoint_url,
+             plan.channel.name, _describe(plan.channel), plan.config.processes)
+    return supervisor.run()
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What ``run`` and ``check`` work from, once every flag and the queue were checked."""
+
+    target: SqsTarget
+    channel: ChannelConfig
+    attributes: dict[str, str]
+    config: RunConfig
+    notes: tuple[str, ...]  # logged at the start, once logging may begin
+    warnings: tuple[str, ...]
+
+
+def _plan(opts: dict[str, Any], *, reach_queue: bool = True) -> Plan:
+    ctx = click.get_current_context()
+    setup_logging(opts["log_level"].upper(), opts["log_format"])
+    notes: list[str] = []
+    warnings: list[str] = []
+    queue_url = opts["queue_url"]
+    from_arn = queue_url_from_arn(queue_url)
+    if from_arn:
+        notes.append(f"queue ARN {queue_url} -> queue URL {from_arn}")
+        opts["queue_url"] = queue_url = from_arn
+    elif queue_url.startswith("arn:"):
+        raise click.UsageError(f"--queue-url {queue_url!r} is an ARN but not an SQS queue's "
+                               "(arn:aws:sqs:REGION:ACCOUNT:NAME)")
+    check_url(queue_url, "queue")
+    _refuse_other_channels_flags(ctx, opts["channel_name"])
     channel = _channel_config(opts)
     target = _resolve(opts)
-    attributes = _check_queue(target)
-    fifo = attributes.get("FifoQueue") == "true"
+    mismatch = region_mismatch(target)
+    if mismatch:
+        warnings.append(f"the queue URL is in {mismatch} but the region is {target.region} "
+                        "(--region / AWS_REGION): requests go to that region's endpoint")
+    attributes = _check_queue(target) if reach_queue else {}
+    processes, why = (opts["processes"], "--processes") if opts["processes"] else default_processes()
+    notes.append(f"{processes} worker process(es): {why}")
     try:
         worker = WorkerConfig(
             target=target,
@@ -168,38 +166,37 @@ def run(**opts: Any) -> int:
             queue_visibility_timeout=int(attributes.get("VisibilityTimeout", 30)),
             max_in_flight=opts["max_in_flight"],
             delete_linger=opts["delete_linger"],
-            nack_backoff_base=opts["nack_backoff"],
+            nack_backoff=opts["nack_backoff"],
             nack_backoff_max=opts["nack_backoff_max"],
             retries=opts["retries"],
             max_processing_time=opts["max_processing_time"],
-            max_rate=opts["max_rate"] / opts["processes"],
+            max_rate=opts["max_rate"] / processes,
+            until_empty=opts["until_empty"],
             shutdown_timeout=opts["shutdown_timeout"],
             log_level=opts["log_level"].upper(),
+            log_format=opts["log_format"],
         )
-        config = RunConfig(worker=worker, processes=opts["processes"],
+        config = RunConfig(worker=worker, processes=processes,
                            shutdown_timeout=opts["shutdown_timeout"],
                            stats_interval=opts["stats_interval"],
-                           worker_timeout=opts["worker_timeout"])
+                           worker_timeout=opts["worker_timeout"],
+                           until_empty=opts["until_empty"], max_messages=opts["max_messages"],
+                           metrics_port=opts["metrics_port"], health_port=opts["health_port"],
+                           metrics_host=opts["metrics_host"])
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    _check_channel(channel, target.queue_url)
-    from poller.supervisor import Supervisor  # imported late: keeps --help fast
+    if reach_queue and "RedrivePolicy" not in attributes:
+        warnings.append("queue has no redrive policy: rejected messages will be redelivered until they "
+                        f"expire (retention {attributes.get('MessageRetentionPeriod', '?')} s)")
+    return Plan(target, channel, attributes, config, tuple(notes), tuple(warnings))
 
-    supervisor = Supervisor(config)
-    if opts["metrics_port"] is not None:
-        try:
-            supervisor.serve_metrics(opts["metrics_host"], opts["metrics_port"])
-        except OSError as exc:
-            raise BootError(f"cannot serve metrics on {opts['metrics_host']}:{opts['metrics_port']}: "
-                            f"{exc.strerror or exc}") from None
-    # Logging starts only here, once every start check passed: a bad start stays one line.
-    if "RedrivePolicy" not in attributes:
-        log.warning("queue has no redrive policy: rejected messages will be redelivered until "
-                    "they expire (retention %ss)", attributes.get("MessageRetentionPeriod", "?"))
-    log.info("polling %s%s (region %s, endpoint %s) -> %s channel %s with %d process(es)",
-             target.queue_url, " (FIFO)" if fifo else "", target.region, target.endpoint_url,
-             channel.name, _describe(channel), config.processes)
-    return supervisor.run()
+
+def _refuse_other_channels_flags(ctx: click.Context, channel: str) -> None:
+    """A flag of the other channel on the command line is a mistake, not something to ignore."""
+    for o in RUN_OPTIONS:
+        if o.channel and o.channel != channel and ctx.get_parameter_source(o.name) is ParameterSource.COMMANDLINE:
+            raise click.UsageError(f"{o.flag} is a flag of the {o.channel} channel, but the channel is "
+                                   f"{channel}: pass --channel {o.channel}")
 
 
 def _channel_config(opts: dict[str, Any]) -> ChannelConfig:
@@ -225,7 +222,8 @@ def _channel_config(opts: dict[str, Any]) -> ChannelConfig:
             extra=_kafka_config(opts["kafka_config"]),
             overrides=tuple(overrides.items()), create_topic=opts["kafka_create_topic"],
             partitions=opts["kafka_partitions"], replication=opts["kafka_replication"],
-            region=opts["region"],
+            region=opts["kafka_region"] or opts["region"] or region_from_queue_url(opts["queue_url"]),
+            profile=opts["profile"],
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
@@ -292,6 +290,24 @@ def _describe(config: ChannelConfig) -> str:
     if isinstance(config, HttpConfig):
         return f"sink {redact(config.sink)} ({config.mode}, data={config.data_mode})"
     return f"{getattr(config, 'bootstrap_servers', '')} topic {getattr(config, 'topic', '')}"
+
+
+# -- check -----------------------------------------------------------------------------------
+
+
+@cli.command(epilog="Exit 0 when everything answered; the first failure is one line and exit 3.")
+@apply(RUN_OPTIONS)
+def check(**opts: Any) -> int:
+    """Check what `poller run` would use, with the same flags, and print a short report.
+
+    Credentials, the queue (visibility timeout, redrive policy and DLQ, FIFO, depth), and the
+    sink (an OPTIONS request) or the Kafka broker and topic. Warns when the visibility timeout
+    is shorter than a delivery may take, and when there is no DLQ.
+    """
+    from poller.check import run_check
+
+    plan = _plan(opts)
+    return run_check(plan, opts)
 
 
 # -- demo -------------------------------------------------------------------------------------

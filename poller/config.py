@@ -1,20 +1,18 @@
-"""Settings of the poller, parsed once by the CLI and passed down, frozen."""
+"""Settings of the poller, parsed once by the CLI and passed down, frozen.
+
+The ranges are the options' own (``poller.options``): declared once, checked here too, so a
+config built in code (tests, an embedding program) is held to the same bounds as the CLI.
+"""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from channels.base import ChannelConfig
+from poller.options import check
 from poller.sqs import SqsTarget
 
 __all__ = ["RunConfig", "WorkerConfig"]
-
-
-def _check_range(name: str, value: float, low: float, high: float | None = None) -> None:
-    if value < low or (high is not None and value > high):
-        bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
-        raise ValueError(f"{name} must be {bounds}, not {value}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -31,8 +29,7 @@ class WorkerConfig:
     queue_visibility_timeout: int = 30
     max_in_flight: int = 100
     delete_linger: float = 0.05
-    deleters: int = 2
-    nack_backoff_base: float = 2.0
+    nack_backoff: float = 2.0
     nack_backoff_max: float = 300.0
     # In-place retries of a message while the channel otherwise works, before it is returned.
     retries: int = 3
@@ -44,23 +41,30 @@ class WorkerConfig:
     circuit_threshold: int = 5
     # Messages per second this process hands to the channel at most (0: no limit).
     max_rate: float = 0.0
-    shutdown_timeout: float = 30.0
+    # Batch mode: report "drained" once receives come back empty and nothing is held.
+    until_empty: bool = False
+    # The supervisor gives each worker a little less than its own --shutdown-timeout.
+    shutdown_timeout: float = 25.0
     log_level: str = "INFO"
+    log_format: str = "text"
 
     def __post_init__(self) -> None:
-        _check_range("--receivers", self.receivers, 1, 64)
-        _check_range("--batch-size", self.batch_size, 1, 10)
-        _check_range("--wait-time", self.wait_time, 0, 20)
-        if self.visibility_timeout is not None:
-            _check_range("--visibility-timeout", self.visibility_timeout, 0, 43200)
-        _check_range("--max-in-flight", self.max_in_flight, self.batch_size, 100_000)
-        _check_range("--delete-linger", self.delete_linger, 0, 10)
-        _check_range("--deleters", self.deleters, 1, 64)
-        _check_range("--retries", self.retries, 0, 100)
-        _check_range("--max-processing-time", self.max_processing_time, 1, 43200)
-        _check_range("circuit threshold", self.circuit_threshold, 1, 10_000)
-        _check_range("--max-rate", self.max_rate, 0, 1_000_000)
-        _check_range("--shutdown-timeout", self.shutdown_timeout, 0.5, 3600)
+        for flag, value in (
+            ("--receivers", self.receivers), ("--batch-size", self.batch_size),
+            ("--wait-time", self.wait_time), ("--visibility-timeout", self.visibility_timeout),
+            ("--max-in-flight", self.max_in_flight), ("--delete-linger", self.delete_linger),
+            ("--retries", self.retries), ("--max-processing-time", self.max_processing_time),
+            ("--max-rate", self.max_rate), ("--nack-backoff", self.nack_backoff),
+            ("--nack-backoff-max", self.nack_backoff_max),
+        ):
+            check(flag, value)
+        if self.max_in_flight < self.batch_size:
+            raise ValueError(f"--max-in-flight must be at least --batch-size ({self.batch_size}), "
+                             f"not {self.max_in_flight}")
+        if not 1 <= self.circuit_threshold <= 10_000:
+            raise ValueError(f"the circuit threshold must be between 1 and 10000, not {self.circuit_threshold}")
+        if not 0 < self.shutdown_timeout <= 3600:
+            raise ValueError(f"a worker's shutdown timeout must be above 0, not {self.shutdown_timeout}")
 
     @property
     def effective_visibility_timeout(self) -> int:
@@ -69,17 +73,26 @@ class WorkerConfig:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RunConfig:
-    """What the supervisor needs: how many workers, and each worker's config."""
+    """What the supervisor needs: how many workers, each worker's config, and what it serves."""
 
     worker: WorkerConfig
-    processes: int = os.cpu_count() or 1
-    shutdown_timeout: float = 30.0
+    processes: int = 1
+    shutdown_timeout: float = 25.0
     stats_interval: float = 10.0
     # A worker that sent no heartbeat this long is killed and replaced.
     worker_timeout: float = 60.0
+    # Batch mode: stop once every worker is drained, or once this many messages were received.
+    until_empty: bool = False
+    max_messages: int | None = None
+    metrics_port: int | None = None
+    health_port: int | None = None
+    metrics_host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
-        _check_range("--processes", self.processes, 1, 256)
-        _check_range("--shutdown-timeout", self.shutdown_timeout, 1, 3600)
-        _check_range("--stats-interval", self.stats_interval, 0.1)
-        _check_range("--worker-timeout", self.worker_timeout, 5, 3600)
+        for flag, value in (
+            ("--processes", self.processes), ("--shutdown-timeout", self.shutdown_timeout),
+            ("--stats-interval", self.stats_interval), ("--worker-timeout", self.worker_timeout),
+            ("--max-messages", self.max_messages), ("--metrics-port", self.metrics_port),
+            ("--health-port", self.health_port),
+        ):
+            check(flag, value)

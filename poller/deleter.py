@@ -86,11 +86,13 @@ class Deleter:
 
     async def _send(self, handles: list[str]) -> None:
         pending = list(dict.fromkeys(handles))  # SQS refuses a batch with a handle twice
-        loop = asyncio.get_running_loop()
-        deadline = min(loop.time() + self._retry_for, self.deadline)
+        loop = self._loop or self._bind()
+        started = loop.time()
+        deadline = min(started + self._retry_for, self.deadline)
         try:
             await self._delete(pending, deadline)
         finally:
+            self._counters.observe("delete", loop.time() - started)
             self._done(handles)  # deleted, failed or expired: no longer the worker's to hold
 
     async def _delete(self, pending: list[str], deadline: float) -> None:

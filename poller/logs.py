@@ -7,18 +7,41 @@ import sys
 import threading
 import time
 
-__all__ = ["LOG_LEVELS", "RateLimitedLog", "setup_logging"]
+import orjson
+
+__all__ = ["LOG_FORMATS", "LOG_LEVELS", "JsonFormatter", "RateLimitedLog", "setup_logging"]
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)-7s [%(processName)s] %(message)s",
-        force=True,
-    )
+LOG_FORMATS = ("text", "json")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log shippers: time (UTC, RFC 3339), level, process, logger,
+    message, and the exception's one-line description when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+                    + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "process": record.processName,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info and record.exc_info[1] is not None:
+            doc["error"] = f"{type(record.exc_info[1]).__name__}: {record.exc_info[1]}"
+        return orjson.dumps(doc).decode()
+
+
+def setup_logging(level: str, log_format: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s [%(processName)s] %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
     # botocore logs every credential lookup at INFO; keep it quiet unless debugging.
     logging.getLogger("botocore").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
 

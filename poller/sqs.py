@@ -19,6 +19,7 @@ import asyncio
 import functools
 import hashlib
 import hmac
+import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from channels.transport.http import Aborted, HttpPool, RequestTemplate, encode_h
 
 __all__ = [
     "BatchFailure", "BlockingSqsClient", "SqsClient", "SqsError", "SqsTarget", "load_credentials",
-    "resolve_target",
+    "queue_url_from_arn", "region_from_queue_url", "region_mismatch", "resolve_target",
 ]
 
 # Codes after which a retry cannot help: the call itself is wrong or not allowed.
@@ -90,10 +91,14 @@ class SqsTarget:
 
 def resolve_target(queue_url: str, *, region: str | None, endpoint_url: str | None,
                    profile: str | None = None) -> SqsTarget:
-    """Resolve region and endpoint the AWS way (flags, ``AWS_REGION``, ``AWS_ENDPOINT_URL_SQS``,
-    the config file), falling back to the region in the queue URL."""
+    """Resolve region and endpoint the AWS way (``--region``/``AWS_REGION``, ``AWS_ENDPOINT_URL_SQS``).
+
+    The queue URL's own region comes before ``AWS_DEFAULT_REGION`` and the config file, which
+    are defaults for any service: a queue of us-west-2 is never polled through us-east-1's
+    endpoint because of a profile's default. An explicit region wins (see ``region_mismatch``).
+    """
     session = botocore.session.Session(profile=profile)
-    region = region or session.get_config_variable("region") or _region_from_queue_url(queue_url)
+    region = region or region_from_queue_url(queue_url) or session.get_config_variable("region")
     if not region:
         raise ValueError("no AWS region: pass --region or set AWS_REGION")
     try:
@@ -104,15 +109,36 @@ def resolve_target(queue_url: str, *, region: str | None, endpoint_url: str | No
                      profile=profile)
 
 
-def _region_from_queue_url(queue_url: str) -> str | None:
+def region_mismatch(target: SqsTarget) -> str | None:
+    """The queue URL's region, when it is not the region the poller talks to."""
+    url_region = region_from_queue_url(target.queue_url)
+    return url_region if url_region and url_region != target.region else None
+
+
+def region_from_queue_url(queue_url: str) -> str | None:
     host = urlsplit(queue_url).hostname or ""
     parts = host.split(".")
     if len(parts) >= 4 and parts[0] == "sqs":  # sqs.us-east-1.amazonaws.com
         return parts[1]
+    if len(parts) >= 4 and parts[1] == "queue" and parts[2] == "amazonaws":  # us-east-1.queue.amazonaws.com (legacy)
+        return parts[0]
     path = urlsplit(queue_url).path.split("/")
     if len(path) >= 4 and path[1] == "queue":  # LocalStack: /queue/us-east-1/000000000000/name
         return path[2]
     return None
+
+
+_ARN = re.compile(r"arn:(aws[a-z-]*):sqs:([a-z0-9-]+):(\d{12}):([A-Za-z0-9_-]{1,80}(?:\.fifo)?)")
+_DOMAINS = {"aws": "amazonaws.com", "aws-cn": "amazonaws.com.cn", "aws-us-gov": "amazonaws.com"}
+
+
+def queue_url_from_arn(text: str) -> str | None:
+    """``https://sqs.REGION.amazonaws.com/ACCOUNT/NAME`` for a queue ARN, else None."""
+    match = _ARN.fullmatch(text.strip())
+    if not match:
+        return None
+    partition, region, account, name = match.groups()
+    return f"https://sqs.{region}.{_DOMAINS.get(partition, 'amazonaws.com')}/{account}/{name}"
 
 
 def load_credentials(target: SqsTarget) -> Credentials:

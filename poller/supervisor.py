@@ -29,7 +29,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from poller.config import RunConfig
-from poller.stats import FIELDS, GAUGES, format_line
+from poller.stats import FIELDS, SLOTS, format_line, is_gauge
 from poller.worker import EXIT_BOOT, worker_main
 
 __all__ = ["Supervisor"]
@@ -37,6 +37,7 @@ __all__ = ["Supervisor"]
 log = logging.getLogger(__name__)
 
 _RESTART_BACKOFF_MAX = 30.0
+_HEARTBEAT_LATE = 10.0  # /healthz: a heartbeat older than this is a problem (one a second is normal)
 _HEALTHY_AFTER = 30.0  # a worker that ran this long before dying resets its restart backoff
 
 
@@ -52,13 +53,13 @@ class _Slot:
     failures: int = 0
     restarts: int = 0
     respawn_at: float = 0.0
-    retired: list[int] = field(default_factory=lambda: [0] * len(FIELDS))
+    retired: list[int] = field(default_factory=lambda: [0] * SLOTS)
 
 
 class Supervisor:
     def __init__(self, config: RunConfig, *, worker_target: Callable[..., None] = worker_main) -> None:
-        """``worker_target(slot, worker_config, stats, parent_pid, heartbeat)`` runs in each worker
-        process (a module-level function: spawn pickles it by name)."""
+        """``worker_target(slot, worker_config, stats, parent_pid, heartbeat, budget)`` runs in each
+        worker process (a module-level function: spawn pickles it by name)."""
         self.config = config
         self._worker_target = worker_target
         self._ctx = multiprocessing.get_context("spawn")
@@ -67,23 +68,59 @@ class Supervisor:
         margin = min(2.0, config.shutdown_timeout * 0.2)
         self._worker_config = replace(config.worker, shutdown_timeout=config.shutdown_timeout - margin)
         self._slots = [
-            _Slot(index=i, stats=self._ctx.Array("q", len(FIELDS), lock=False),
+            _Slot(index=i, stats=self._ctx.Array("q", SLOTS, lock=False),
                   heartbeat=self._ctx.Value("d", 0.0, lock=False))
             for i in range(config.processes)
         ]
+        # --max-messages: what the workers may still receive, shared (they take from it per receive).
+        self._budget = self._ctx.Value("q", config.max_messages) if config.max_messages else None
         self._starting = True  # until a worker has sent its first heartbeat
+        self._stopping = False
+        self._loop_at = time.monotonic()  # the main loop's last turn (for /healthz)
 
-    def serve_metrics(self, host: str, port: int) -> None:
-        """Prometheus ``/metrics`` from the workers' counters; OSError if the port is taken."""
-        from poller.metrics import PollerCollector, serve_metrics
+    def serve_http(self, host: str, port: int, *, metrics: bool) -> None:
+        """/healthz, /readyz and (``metrics``) Prometheus /metrics; OSError if the port is taken."""
+        from poller.metrics import PollerCollector, serve
 
-        collector = PollerCollector(
-            totals=self._totals,
-            workers=lambda: sum(1 for s in self._slots if s.process is not None and s.process.is_alive()),
-            restarts=lambda: sum(s.restarts for s in self._slots),
-        )
-        serve_metrics(collector, host, port)
-        log.info("metrics on http://%s:%d/metrics", host, port)
+        collector = None
+        if metrics:
+            worker = self.config.worker
+            collector = PollerCollector(
+                totals=self._totals,
+                workers=lambda: sum(1 for s in self._slots if s.process is not None and s.process.is_alive()),
+                restarts=lambda: sum(s.restarts for s in self._slots),
+                queue=worker.target.queue_url.rstrip("/").rsplit("/", 1)[-1],
+                channel=worker.channel.name,
+            )
+        serve(host, port, health=self.health, ready=self.ready, collector=collector)
+        log.info("serving /healthz, /readyz%s on http://%s:%d", ", /metrics" if metrics else "", host, port)
+
+    def health(self) -> tuple[bool, str]:
+        """For /healthz (another thread): the loop turns, every worker is alive and beats."""
+        now = time.monotonic()
+        problems = []
+        if now - self._loop_at > 5.0:
+            problems.append(f"the supervisor's loop has not turned for {now - self._loop_at:.0f}s")
+        for slot in self._slots:
+            process = slot.process
+            if process is None or not process.is_alive():
+                problems.append(f"worker-{slot.index} is not running (restarting)")
+                continue
+            beat = slot.heartbeat.value
+            if beat >= slot.started_at:
+                if now - beat > _HEARTBEAT_LATE:
+                    problems.append(f"worker-{slot.index} sent no heartbeat for {now - beat:.0f}s")
+            elif now - slot.started_at > self.config.worker_timeout:
+                problems.append(f"worker-{slot.index} has not started within {self.config.worker_timeout:g}s")
+        return (not problems, "; ".join(problems))
+
+    def ready(self) -> tuple[bool, str]:
+        """For /readyz: SQS answered (the CLI's check, before this) and a worker started its channel."""
+        if self._stopping:
+            return False, "stopping"
+        if self._starting:
+            return False, "starting: no worker has started its channel yet"
+        return True, ""
 
     def _on_signal(self, signum: int, frame: object) -> None:
         """No logging, no work: just queue the signal for the main loop."""
@@ -100,6 +137,7 @@ class Supervisor:
                 signum = self._signals.get(timeout=0.5)
             except queue.Empty:
                 signum = None
+            self._loop_at = time.monotonic()
             if signum in (signal.SIGTERM, signal.SIGINT):
                 log.info("received %s: stopping %d worker(s) (timeout %.0fs)",
                          signal.Signals(signum).name, len(self._slots), self.config.shutdown_timeout)
@@ -112,18 +150,36 @@ class Supervisor:
                 return EXIT_BOOT
             self._check_heartbeats()
             self._respawn_due()
+            if self._batch_done():
+                self._stop()
+                return 0
             now = time.monotonic()
             if now - last_time >= self.config.stats_interval:
                 totals = self._totals()
-                log.info(format_line(totals, last_totals, now - last_time))
+                if totals[:len(FIELDS)] != last_totals[:len(FIELDS)]:  # no line while idle
+                    log.info(format_line(totals, last_totals, now - last_time))
                 last_totals, last_time = totals, now
+
+    def _batch_done(self) -> bool:
+        """Batch mode: every worker reports it is drained (receives came back empty, or the
+        --max-messages budget is used up, and nothing is held)."""
+        if not (self.config.until_empty or self._budget is not None) or self._starting:
+            return False
+        drained = FIELDS.index("drained")
+        if not all(s.process is not None and s.process.is_alive() and s.stats[drained] for s in self._slots):
+            return False
+        received = self._totals()[FIELDS.index("received")]
+        why = ("--max-messages reached" if self._budget is not None and self._budget.value <= 0
+               else "the queue is empty")
+        log.info("%s: %d message(s) received; stopping", why, received)
+        return True
 
     # -- workers ----------------------------------------------------------------------------
 
     def _spawn(self, slot: _Slot) -> None:
         process = self._ctx.Process(
             target=self._worker_target,
-            args=(slot.index, self._worker_config, slot.stats, os.getpid(), slot.heartbeat),
+            args=(slot.index, self._worker_config, slot.stats, os.getpid(), slot.heartbeat, self._budget),
             name=f"worker-{slot.index}",
         )
         slot.heartbeat.value = 0.0
@@ -187,6 +243,7 @@ class Supervisor:
                 self._spawn(slot)
 
     def _stop(self) -> None:
+        self._stopping = True
         deadline = time.monotonic() + self.config.shutdown_timeout
         alive = [s.process for s in self._slots if s.process is not None and s.process.is_alive()]
         for process in alive:
@@ -207,21 +264,19 @@ class Supervisor:
         for slot in self._slots:
             if slot.process is not None:
                 self._retire_stats(slot)
-        log.info("stopped. %s", format_line(self._totals(), [0] * len(FIELDS), 0.0).split("| ", 1)[1])
+        log.info("stopped. %s", format_line(self._totals(), [0] * SLOTS, 0.0).split("| ", 1)[1])
 
     # -- stats ------------------------------------------------------------------------------
 
     def _retire_stats(self, slot: _Slot) -> None:
         """Fold a dead worker's counters into the slot's history and zero the shared array."""
-        for i, name in enumerate(FIELDS):
-            if name not in GAUGES:
+        for i in range(SLOTS):
+            if not is_gauge(i):
                 slot.retired[i] += slot.stats[i]
             slot.stats[i] = 0
 
     def _totals(self) -> list[int]:
-        return [
-            sum(slot.retired[i] + slot.stats[i] for slot in self._slots) for i in range(len(FIELDS))
-        ]
+        return [sum(slot.retired[i] + slot.stats[i] for slot in self._slots) for i in range(SLOTS)]
 
 
 def _send(process: BaseProcess, signum: int) -> None:

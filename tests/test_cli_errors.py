@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import click
 import pytest
@@ -204,6 +205,107 @@ def test_kafka_channel_without_topic(run_poller: RunPoller, aws_env: Mapping[str
     assert_one_line_error(result, "--kafka-topic")
 
 
+@pytest.mark.parametrize(("flags", "expected"), [
+    (["--kafka-topic", "orders"], ["--kafka-topic", "kafka channel", "--channel kafka"]),
+    (["--channel", "kafka", "--kafka-bootstrap-servers", "127.0.0.1:9", "--kafka-topic", "t",
+      "--http-timeout", "5"], ["--http-timeout", "http channel", "--channel http"]),
+])
+def test_a_flag_of_the_other_channel_is_an_error_that_names_it(
+    run_poller: RunPoller, aws_env: Mapping[str, str], queue_url: str, flags: list[str], expected: list[str]
+) -> None:
+    sink = [] if "kafka" in flags else ["--sink", SINK]
+    result = run_poller(["run", "--queue-url", queue_url, *sink, *flags], _env(aws_env))
+    assert_one_line_error(result, *expected)
+    assert result.returncode == 2
+
+
+def test_overrides_without_the_extensions_wrapper_are_an_error(
+    run_poller: RunPoller, aws_env: Mapping[str, str], queue_url: str
+) -> None:
+    result = run_poller(["run", "--queue-url", queue_url, "--sink", SINK],
+                        _env(aws_env, {"K_CE_OVERRIDES": '{"team": "a"}'}))
+    assert_one_line_error(result, "K_CE_OVERRIDES", "extensions", "team")
+
+
+def test_bootstrap_servers_given_as_a_url_get_a_hint_at_once(
+    run_poller: RunPoller, aws_env: Mapping[str, str], queue_url: str
+) -> None:
+    result = run_poller(["run", "--queue-url", queue_url, "--channel", "kafka", "--kafka-topic", "t",
+                         "--kafka-bootstrap-servers", "http://127.0.0.1:9092"], _env(aws_env))
+    assert_one_line_error(result, "host:port", "not a URL")
+
+
+def test_an_arn_of_another_service_is_an_error_that_says_so(
+    run_poller: RunPoller, aws_env: Mapping[str, str]
+) -> None:
+    result = run_poller(["run", "--queue-url", "arn:aws:sns:us-east-1:123456789012:topic", "--sink", SINK],
+                        _env(aws_env))
+    assert_one_line_error(result, "ARN", "arn:aws:sqs:REGION:ACCOUNT:NAME")
+
+
+def test_poller_alone_prints_its_help_not_an_error(run_poller: RunPoller, aws_env: Mapping[str, str]) -> None:
+    result = run_poller([], _env(aws_env))
+    assert result.returncode == 0 and result.stderr == ""
+    assert "Commands:" in result.stdout and "run" in result.stdout
+
+
+# -- poller check ---------------------------------------------------------------------------------
+
+
+def test_check_reports_a_good_queue_and_a_reachable_sink(
+    run_poller: RunPoller, aws_env: Mapping[str, str], sqs: Any, make_queue: Any
+) -> None:
+    from channels.dumper import DumperServer
+
+    queue = make_queue(visibility_timeout=300, dlq_max_receive_count=4)
+    with open(os.devnull, "w") as devnull, DumperServer("127.0.0.1", 0, out=devnull) as sink:
+        result = run_poller(["check", "--queue-url", queue.url, "--sink", sink.url], _env(aws_env))
+    assert result.returncode == 0, result.stderr
+    report = result.stdout
+    assert "ok       credentials" in report and f"ok       queue: {queue.url}" in report
+    assert "visibility timeout 300 s" in report
+    assert f"redrive policy: to {queue.dlq_arn} after 4 receives" in report
+    assert "ok       sink: " in report and "warning" not in report
+
+
+def test_check_warns_about_no_dlq_and_a_short_visibility(
+    run_poller: RunPoller, aws_env: Mapping[str, str], make_queue: Any
+) -> None:
+    from channels.dumper import DumperServer
+
+    queue = make_queue(visibility_timeout=5)
+    with open(os.devnull, "w") as devnull, DumperServer("127.0.0.1", 0, out=devnull) as sink:
+        result = run_poller(["check", "--queue-url", queue.url, "--sink", sink.url], _env(aws_env))
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stdout.splitlines() if line.startswith("warning")]
+    assert len(warnings) == 2
+    assert "no redrive policy" in warnings[0] and "visibility timeout 5 s is shorter" in warnings[1]
+
+
+def test_check_fails_in_one_line_on_a_missing_queue_or_a_dead_sink(
+    run_poller: RunPoller, aws_env: Mapping[str, str], queue_url: str
+) -> None:
+    missing = queue_url.rsplit("/", 1)[0] + f"/no-such-queue-{uuid.uuid4().hex[:8]}"
+    result = run_poller(["check", "--queue-url", missing, "--sink", SINK], _env(aws_env))
+    assert_one_line_error(result, "does not exist")
+    assert result.returncode == 3
+    result = run_poller(["check", "--queue-url", queue_url, "--sink", f"http://127.0.0.1:{free_port()}/"],
+                        _env(aws_env))
+    assert_one_line_error(result, "sink", "does not answer")
+    assert result.returncode == 3
+
+
+def test_check_takes_a_queue_arn(run_poller: RunPoller, aws_env: Mapping[str, str], queue_url: str) -> None:
+    from channels.dumper import DumperServer
+
+    name = queue_url.rsplit("/", 1)[1]
+    with open(os.devnull, "w") as devnull, DumperServer("127.0.0.1", 0, out=devnull) as sink:
+        result = run_poller(["check", "--queue-url", f"arn:aws:sqs:us-east-1:000000000000:{name}",
+                             "--sink", sink.url], _env(aws_env))
+    assert result.returncode == 0, result.stderr
+    assert f"ok       queue: https://sqs.us-east-1.amazonaws.com/000000000000/{name}" in result.stdout
+
+
 # -- errors found at start, against the real SQS -----------------------------------------------
 
 
@@ -336,7 +438,7 @@ def test_metrics_port_taken(run_poller: RunPoller, aws_env: Mapping[str, str], q
         port = taken.getsockname()[1]
         result = run_poller(["run", "--queue-url", queue_url, "--sink", SINK, "--metrics-port", str(port)],
                             _env(aws_env))
-    line = assert_one_line_error(result, "metrics", str(port))
+    line = assert_one_line_error(result, "cannot serve", str(port))
     assert result.returncode == 3, line
 
 

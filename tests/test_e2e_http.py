@@ -6,11 +6,13 @@ failing or dead sink), and every event it accepted is parsed by the cloudevents 
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
@@ -254,11 +256,10 @@ def test_sigterm_under_load_exits_0_in_time_and_loses_nothing(
     assert not delivered & remaining_ids, "a delivered message was not deleted"
 
 
-def test_metrics_endpoint_counts_what_flowed(
+def test_a_scrape_during_a_real_run_matches_what_the_sink_received(
     sqs: Any, make_queue: Any, aws_env: dict[str, str], tmp_path: Path
 ) -> None:
     from prometheus_client.parser import text_string_to_metric_families
-
 
     queue = make_queue(visibility_timeout=30)
     port = free_port()
@@ -266,7 +267,13 @@ def test_metrics_endpoint_counts_what_flowed(
     def scrape() -> dict[str, float]:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
             text = response.read().decode()
-        return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples}
+        samples = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                assert sample.labels.get("queue") == queue.name and sample.labels.get("channel") == "http"
+                bound = sample.labels.get("le")
+                samples[sample.name + (f"[{bound}]" if bound else "")] = sample.value
+        return samples
 
     with sink() as server:
         ids = send_messages(sqs, queue.url, [f"metric {i}" for i in range(50)])
@@ -279,14 +286,91 @@ def test_metrics_endpoint_counts_what_flowed(
             # Counters reach the supervisor once a second.
             wait_until(lambda: scrape().get("sqs_poller_messages_deleted_total") == 50, 15, "metrics")
             metrics = scrape()
+            delivered = len({e["id"] for e in server.events})
         finally:
             assert poller.stop() == 0
-    assert metrics["sqs_poller_messages_received_total"] == 50
-    assert metrics["sqs_poller_messages_acked_total"] == 50
+    assert metrics["sqs_poller_messages_received_total"] == delivered == 50
+    assert metrics["sqs_poller_messages_acked_total"] == delivered
     assert metrics["sqs_poller_messages_rejected_total"] == 0
     assert metrics["sqs_poller_messages_in_flight"] == 0
     assert metrics["sqs_poller_workers"] == 2
     assert metrics["sqs_poller_worker_restarts_total"] == 0
+    # Every delivery and every receive measured: the +Inf bucket counts them all.
+    assert metrics["sqs_poller_publish_seconds_count"] == metrics["sqs_poller_publish_seconds_bucket[+Inf]"] == 50
+    assert metrics["sqs_poller_receive_seconds_count"] >= 5
+    assert metrics["sqs_poller_delete_seconds_count"] >= 5
+    assert metrics["sqs_poller_publish_seconds_sum"] > 0
+
+
+def _probe(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except urllib.error.URLError as exc:  # not listening yet
+        return 0, str(exc)
+
+
+def test_healthz_flips_when_a_worker_stalls_and_readyz_when_ready(
+    sqs: Any, make_queue: Any, aws_env: dict[str, str], tmp_path: Path
+) -> None:
+    queue = make_queue(visibility_timeout=30)
+    port = free_port()
+    with sink() as server:
+        poller = PollerProcess(poller_args(queue.url, server.url, "--health-port", str(port)),
+                               aws_env, tmp_path / "poller.log")
+        try:
+            wait_until(lambda: _probe(port, "/readyz")[0] == 200, 30, "ready")
+            wait_until(lambda: _probe(port, "/healthz")[0] == 200, 30, "healthy")
+            assert _probe(port, "/metrics")[0] == 404  # --health-port alone serves no metrics
+            victim = poller.worker_pids()[0]
+            os.kill(victim, signal.SIGSTOP)  # alive, but stuck: no heartbeat
+            try:
+                wait_until(lambda: _probe(port, "/healthz")[0] == 503, 30, "/healthz to see the stall")
+                status, reason = _probe(port, "/healthz")
+                assert "no heartbeat" in reason, reason
+            finally:
+                os.kill(victim, signal.SIGCONT)
+            wait_until(lambda: _probe(port, "/healthz")[0] == 200, 30, "healthy again")
+            os.kill(poller.worker_pids()[0], signal.SIGKILL)  # dead: 503 until it is replaced
+            wait_until(lambda: "not running" in _probe(port, "/healthz")[1], 10, "/healthz to see the death",
+                       interval=0.02)
+            wait_until(lambda: _probe(port, "/healthz")[0] == 200, 30, "healthy after the restart")
+        finally:
+            assert poller.stop() == 0
+
+
+def test_until_empty_exits_0_with_the_queue_empty(
+    sqs: Any, make_queue: Any, aws_env: dict[str, str], tmp_path: Path
+) -> None:
+    queue = make_queue(visibility_timeout=30)
+    with sink() as server:
+        ids = send_messages(sqs, queue.url, [f"batch {i}" for i in range(300)])
+        poller = PollerProcess(poller_args(queue.url, server.url, "--until-empty", "--log-format", "json"),
+                               aws_env, tmp_path / "poller.log")
+        assert poller.proc.wait(120) == 0, poller.log_text()[-3000:]
+        delivered = set(accepted_ids(server))
+    assert delivered == set(ids)
+    assert queue_counts(sqs, queue.url) == (0, 0)
+    lines = poller.log_text().splitlines()
+    assert lines and all(json.loads(line)["level"] for line in lines)  # --log-format json: every line
+    assert any("the queue is empty" in json.loads(line)["message"] for line in lines)
+
+
+def test_max_messages_stops_after_that_many_and_leaves_the_rest(
+    sqs: Any, make_queue: Any, aws_env: dict[str, str], tmp_path: Path
+) -> None:
+    queue = make_queue(visibility_timeout=30)
+    with sink() as server:
+        ids = send_messages(sqs, queue.url, [f"batch {i}" for i in range(100)])
+        poller = PollerProcess(poller_args(queue.url, server.url, "--max-messages", "35"),
+                               aws_env, tmp_path / "poller.log")
+        assert poller.proc.wait(120) == 0, poller.log_text()[-3000:]
+        delivered = set(accepted_ids(server))
+    assert len(delivered) == 35 and delivered <= set(ids)
+    remaining = {m["MessageId"] for m in drain(sqs, queue.url)}
+    assert remaining == set(ids) - delivered
 
 
 def test_secrets_never_reach_logs_or_command_lines(

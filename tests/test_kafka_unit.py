@@ -240,9 +240,24 @@ def test_msk_oauth_callback(monkeypatch: pytest.MonkeyPatch) -> None:
     assert regions == ["eu-west-1"]
 
 
+def test_msk_oauth_callback_signs_with_the_profile(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, str]] = []
+    signer = types.ModuleType("aws_msk_iam_sasl_signer")
+    signer.MSKAuthTokenProvider = types.SimpleNamespace(  # type: ignore[attr-defined]
+        generate_auth_token_from_profile=lambda region, profile: calls.append((region, profile)) or ("t", 1000))
+    monkeypatch.setitem(sys.modules, "aws_msk_iam_sasl_signer", signer)
+    assert msk_oauth_callback("eu-west-1", "prod")("") == ("t", 1.0)
+    assert calls == [("eu-west-1", "prod")]
+
+
+def test_bootstrap_servers_as_a_url_is_a_one_line_hint() -> None:
+    with pytest.raises(ValueError, match="host:port"):
+        config(bootstrap_servers="http://broker:9092")
+
+
 def test_msk_without_the_extra_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "aws_msk_iam_sasl_signer", None)  # import fails
-    with pytest.raises(ChannelError, match=r"poller\[msk\]"):
+    with pytest.raises(ChannelError, match=r"msk extra"):
         msk_oauth_callback("eu-west-1")
 
 

@@ -14,7 +14,10 @@ from botocore.credentials import Credentials
 
 from conftest import REGION, MakeQueue
 from support import free_port, queue_counts, send_messages
-from poller.sqs import BatchFailure, BlockingSqsClient, SqsError, SqsTarget, resolve_target
+from poller.sqs import (
+    BatchFailure, BlockingSqsClient, SqsError, SqsTarget, queue_url_from_arn, region_from_queue_url,
+    region_mismatch, resolve_target,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -263,6 +266,35 @@ def test_resolve_target_region_from_queue_url(sqs_endpoint: str, monkeypatch: py
     target = resolve_target("https://sqs.eu-west-2.amazonaws.com/123456789012/orders", region="us-east-1",
                             endpoint_url=sqs_endpoint)
     assert (target.region, target.endpoint_url) == ("us-east-1", sqs_endpoint)
+    assert region_mismatch(target) == "eu-west-2"  # explicit: it wins, and the CLI warns
+
+
+def test_the_queue_urls_region_wins_over_a_default_region(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AWS_REGION", raising=False)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    target = resolve_target("https://sqs.ap-south-1.amazonaws.com/123456789012/q", region=None, endpoint_url=None)
+    assert target.region == "ap-south-1" and region_mismatch(target) is None
+
+
+@pytest.mark.parametrize(("url", "region"), [
+    ("https://sqs.eu-west-1.amazonaws.com/123456789012/q", "eu-west-1"),
+    ("https://eu-west-1.queue.amazonaws.com/123456789012/q", "eu-west-1"),  # the legacy form
+    ("http://127.0.0.1:4566/queue/us-west-2/000000000000/q", "us-west-2"),  # LocalStack
+    ("http://127.0.0.1:4566/000000000000/q", None),
+])
+def test_region_from_queue_url(url: str, region: str | None) -> None:
+    assert region_from_queue_url(url) == region
+
+
+@pytest.mark.parametrize(("arn", "url"), [
+    ("arn:aws:sqs:us-east-1:123456789012:orders", "https://sqs.us-east-1.amazonaws.com/123456789012/orders"),
+    ("arn:aws:sqs:eu-west-1:123456789012:jobs.fifo", "https://sqs.eu-west-1.amazonaws.com/123456789012/jobs.fifo"),
+    ("arn:aws-cn:sqs:cn-north-1:123456789012:q", "https://sqs.cn-north-1.amazonaws.com.cn/123456789012/q"),
+    ("arn:aws:sns:us-east-1:123456789012:topic", None),
+    ("https://sqs.us-east-1.amazonaws.com/123456789012/q", None),
+])
+def test_queue_url_from_arn(arn: str, url: str | None) -> None:
+    assert queue_url_from_arn(arn) == url
 
 
 class OneShotServer:

@@ -44,7 +44,7 @@ def _beat_forever(heartbeat: Any, *, seconds: float = 3600.0) -> None:
         time.sleep(0.2)
 
 
-def fake_worker(slot: int, config: Any, stats: Any, parent_pid: int, heartbeat: Any) -> None:
+def fake_worker(slot: int, config: Any, stats: Any, parent_pid: int, heartbeat: Any, budget: Any = None) -> None:
     mode = os.environ["FAKE_WORKER_MODE"]
     previous_starts = _record_start(slot)
     if mode == "boot-fail":

@@ -200,7 +200,7 @@ async def test_reject_is_counted_released_and_never_deleted(caplog: pytest.LogCa
 
 @on_loop
 async def test_a_failed_delivery_is_retried_in_place_then_returned_with_backoff() -> None:
-    rig = make_rig(retries=2, nack_backoff_base=2.0, nack_backoff_max=100.0)
+    rig = make_rig(retries=2, nack_backoff=2.0, nack_backoff_max=100.0)
     await rig.receive([raw_message(1, receive_count=3)])
     rig.channel.report_last(Outcome.RETRY, "sink answered HTTP 503")
     assert rig.lanes.returned == [] and rig.held == 1  # not returned: retried in place
@@ -495,7 +495,7 @@ async def test_partial_receive_gives_back_its_reservation() -> None:
 
 @on_loop
 async def test_return_of_a_message_received_very_often_is_capped() -> None:
-    rig = make_rig(retries=0, nack_backoff_base=2.0, nack_backoff_max=300.0)
+    rig = make_rig(retries=0, nack_backoff=2.0, nack_backoff_max=300.0)
     await rig.receive([raw_message(1, receive_count=5000)])
     rig.channel.report_last(Outcome.RETRY, "sink down for days")
     assert rig.lanes.returned and rig.lanes.returned[0][1] <= 360

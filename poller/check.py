@@ -1,0 +1,129 @@
+"""``poller check``: what ``poller run`` would use, checked and reported in a few lines.
+
+The flags and the queue were checked already (``cli._plan``: credentials are proven by the
+queue's ``GetQueueAttributes``); this reports the queue and checks the channel: the sink answers
+an ``OPTIONS`` request (any HTTP status proves it is there), or the broker and the topic. The
+first failure is one line and exit 3, as a failed start of ``run``; warnings do not fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import ssl
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import click
+import orjson
+
+from channels.base import ChannelError
+from channels.http import HttpConfig, basic_auth, redact
+
+if TYPE_CHECKING:
+    from poller.cli import Plan
+
+__all__ = ["run_check"]
+
+EXIT_FAILED = 3
+
+
+def run_check(plan: Plan, opts: dict[str, Any]) -> int:
+    out = _Report()
+    attributes = plan.attributes
+    out.ok("credentials", f"SQS accepted them (region {plan.target.region}, endpoint {plan.target.endpoint_url})")
+    visibility = int(attributes.get("VisibilityTimeout", 30))
+    fifo = attributes.get("FifoQueue") == "true"
+    out.ok("queue", f"{plan.target.queue_url}{' (FIFO)' if fifo else ''}")
+    out.line(f"visibility timeout {visibility} s, retention {attributes.get('MessageRetentionPeriod', '?')} s, "
+             f"about {attributes.get('ApproximateNumberOfMessages', '?')} visible, "
+             f"{attributes.get('ApproximateNumberOfMessagesNotVisible', '?')} in flight, "
+             f"{attributes.get('ApproximateNumberOfMessagesDelayed', '?')} delayed")
+    redrive = _redrive(attributes.get("RedrivePolicy"))
+    if redrive:
+        out.line(f"redrive policy: to {redrive[0]} after {redrive[1]} receives")
+    else:
+        out.warn("the queue has no redrive policy (DLQ): a message the sink rejects comes back until "
+                 "its retention ends")
+    worker = plan.config.worker
+    effective = worker.effective_visibility_timeout
+    if isinstance(plan.channel, HttpConfig):
+        longest = plan.channel.timeout * worker.retries
+        if effective < longest:
+            out.warn(f"visibility timeout {effective} s is shorter than --http-timeout {plan.channel.timeout:g} s "
+                     f"x --retries {worker.retries} = {longest:g} s: a slow sink keeps messages invisible only "
+                     "through extensions (ChangeMessageVisibility calls); a longer timeout needs fewer")
+        status = _check_sink(plan.channel)
+        out.ok("sink", f"{redact(plan.channel.sink)} answered OPTIONS with HTTP {status}")
+    else:
+        _check_kafka(plan)
+        out.ok("kafka", f"{opts['kafka_bootstrap_servers']} answered; topic {opts['kafka_topic']!r} exists")
+    click.echo(out.text())
+    return 0
+
+
+class _Report:
+    def __init__(self) -> None:
+        self._lines: list[str] = []
+
+    def ok(self, what: str, detail: str) -> None:
+        self._lines.append(f"ok       {what}: {detail}")
+
+    def line(self, detail: str) -> None:
+        self._lines.append(f"         {detail}")
+
+    def warn(self, detail: str) -> None:
+        self._lines.append(f"warning  {detail}")
+
+    def text(self) -> str:
+        return "\n".join(self._lines)
+
+
+def _redrive(policy: str | None) -> tuple[str, str] | None:
+    if not policy:
+        return None
+    try:
+        doc = orjson.loads(policy)
+        return str(doc["deadLetterTargetArn"]), str(doc["maxReceiveCount"])
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return None
+
+
+def _check_sink(config: HttpConfig) -> int:
+    """The sink's status for OPTIONS; BootError (one line) if nothing answers in time."""
+    from poller.cli import BootError
+
+    url = urlsplit(config.sink)
+    https = url.scheme == "https"
+    conn_class = http.client.HTTPSConnection if https else http.client.HTTPConnection
+    kwargs: dict[str, Any] = {"timeout": min(config.timeout, 10.0)}
+    if https:
+        kwargs["context"] = ssl.create_default_context()
+    conn = conn_class(url.hostname or "", url.port, **kwargs)
+    headers = {"User-Agent": "sqs-poller check"}
+    auth = basic_auth(config.sink)
+    if auth:
+        headers["Authorization"] = auth
+    try:
+        conn.request("OPTIONS", (url.path or "/") + (f"?{url.query}" if url.query else ""), headers=headers)
+        return conn.getresponse().status
+    except (OSError, http.client.HTTPException) as exc:
+        raise BootError(f"sink {redact(config.sink)} does not answer: {type(exc).__name__}: {exc}") from None
+    finally:
+        conn.close()
+
+
+def _check_kafka(plan: Plan) -> None:
+    from poller.cli import BootError
+
+    async def check() -> None:
+        channel = plan.channel.create(plan.target.queue_url)
+        try:
+            channel.start()
+        finally:
+            await channel.aclose(timeout=5.0)
+
+    try:
+        asyncio.run(check())
+    except ChannelError as exc:
+        raise BootError(f"kafka channel: {exc}") from None

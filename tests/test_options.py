@@ -1,0 +1,92 @@
+"""poller.options (one declaration per option), poller.cpus (processes that fit the container),
+and the README's flag table, which must be exactly what the declarations make."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import click
+import pytest
+
+from channels.http import HttpConfig
+from poller.config import RunConfig, WorkerConfig
+from poller.cpus import cpu_quota, default_processes
+from poller.options import RUN_OPTIONS, markdown_table, option
+from poller.sqs import SqsTarget
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+TARGET = SqsTarget(queue_url="http://127.0.0.1:9/000000000000/q", region="us-east-1", endpoint_url="http://127.0.0.1:9")
+
+
+def test_the_readme_table_is_the_one_the_declarations_make() -> None:
+    text = README.read_text()
+    table = re.search(r"<!-- options:start -->\n(.*?)\n<!-- options:end -->", text, re.S)
+    assert table, "the README lost its options markers"
+    assert table.group(1) == markdown_table(), "README out of date: paste `python -m poller.options`"
+
+
+def test_every_declared_option_is_a_flag_of_run_with_its_env_var() -> None:
+    from poller.cli import check, run
+
+    for command in (run, check):
+        params = {p.name: p for p in command.params if isinstance(p, click.Option)}
+        for o in RUN_OPTIONS:
+            param = params[o.name]
+            assert o.flag in param.opts
+            assert o.env in param.envvar
+
+
+@pytest.mark.parametrize(("field", "value", "flag"), [
+    ("batch_size", 11, "--batch-size"), ("wait_time", 21, "--wait-time"), ("receivers", 0, "--receivers"),
+    ("max_processing_time", 0, "--max-processing-time"), ("retries", 101, "--retries"),
+])
+def test_the_config_is_held_to_the_declared_ranges(field: str, value: int, flag: str) -> None:
+    o = option(flag)
+    with pytest.raises(ValueError, match=f"{flag} must be between {o.low:g} and {o.high:g}"):
+        WorkerConfig(target=TARGET, channel=HttpConfig(sink="http://127.0.0.1:9/"), **{field: value})
+
+
+def test_the_run_config_too() -> None:
+    worker = WorkerConfig(target=TARGET, channel=HttpConfig(sink="http://127.0.0.1:9/"))
+    with pytest.raises(ValueError, match="--processes must be between 1 and 256"):
+        RunConfig(worker=worker, processes=0)
+    with pytest.raises(ValueError, match="--shutdown-timeout must be between 1 and 3600"):
+        RunConfig(worker=worker, shutdown_timeout=0.5)
+
+
+# -- processes that fit the container -------------------------------------------------------------
+
+
+def _cgroup(tmp_path: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return tmp_path
+
+
+@pytest.mark.parametrize(("files", "quota"), [
+    ({"cpu.max": "50000 100000\n"}, 0.5),  # cgroup v2, 500m
+    ({"cpu.max": "250000 100000\n"}, 2.5),
+    ({"cpu.max": "max 100000\n"}, None),  # no limit
+    ({"cpu/cpu.cfs_quota_us": "150000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1.5),  # cgroup v1
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+    ({}, None),
+])
+def test_cpu_quota(tmp_path: Path, files: dict[str, str], quota: float | None) -> None:
+    assert cpu_quota(_cgroup(tmp_path, files)) == quota
+
+
+def test_a_quota_below_the_cpus_decides_rounded_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(64)))  # a big node
+    n, why = default_processes(_cgroup(tmp_path, {"cpu.max": "50000 100000"}))
+    assert n == 1 and "quota is 0.5" in why  # a 500m sidecar: one worker, not 64
+    n, _ = default_processes(_cgroup(tmp_path, {"cpu.max": "250000 100000"}))
+    assert n == 3
+
+
+def test_without_a_quota_the_usable_cpus_decide(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    assert default_processes(_cgroup(tmp_path, {"cpu.max": "max 100000"}))[0] == 2
+    assert default_processes(_cgroup(tmp_path, {"cpu.max": "800000 100000"}))[0] == 2  # affinity is less
