@@ -47,6 +47,7 @@ __all__ = [
 ]
 
 MAX_INTERIM = 32  # 1xx answers before the final one
+_SWEEP = 0.05  # seconds between two checks of the requests' deadlines
 MAX_HEAD = 65536  # bytes before the final answer's headers end (counted by reads: a bound, not exact)
 # A header block is "name: value\r\n"*: names are RFC 9110 tokens; values have no CR, LF or NUL.
 # One fullmatch over the whole block, plus one count of its LFs (a value "a\r\nX: b" would match
@@ -133,7 +134,7 @@ def authority(host: str, port: int, tls: bool) -> str:
 
 
 class _Request:
-    __slots__ = ("attempts", "conn", "data", "done", "finished", "keep_body", "timeout", "timer")
+    __slots__ = ("attempts", "conn", "data", "deadline", "done", "finished", "keep_body", "timeout")
 
     def __init__(self, data: bytes, done: Done, timeout: float, keep_body: bool) -> None:
         self.data = data
@@ -143,21 +144,14 @@ class _Request:
         self.attempts = 0
         self.conn: _Connection | None = None
         self.finished = False
-        self.timer: asyncio.TimerHandle | None = None
+        self.deadline = 0.0  # loop time; 0: not started
 
     def finish(self, status: int, body: bytes | None, error: BaseException | None,
                retry_after: float = 0.0) -> None:
         if self.finished:
             return
         self.finished = True
-        if self.timer is not None:
-            self.timer.cancel()
         self.done(status, retry_after, body, error)
-
-    def arm(self, loop: asyncio.AbstractEventLoop, expire: Callable[[_Request], None]) -> None:
-        """Start the deadline (once: a retry on a new connection keeps it)."""
-        if self.timer is None:
-            self.timer = loop.call_at(loop.time() + self.timeout, expire, self)
 
 
 class _Connection(asyncio.Protocol):
@@ -277,7 +271,7 @@ class _Connection(asyncio.Protocol):
         self._framed = self._got_bytes = self._complete = self._stray = False
         self._retry_after = b""
         self._parts = [] if request.keep_body else None
-        request.arm(self._pool._loop, self._pool._expire)  # type: ignore[arg-type]
+        self._pool._arm(request)
         assert self._transport is not None
         self._transport.write(request.data)
 
@@ -339,6 +333,7 @@ class HttpPool:
         self._open = 0  # connections open or being opened
         self._connecting = 0
         self._connections: set[_Connection] = set()
+        self._sweeper: asyncio.TimerHandle | None = None
         self.aborted = False
 
     # -- requests ------------------------------------------------------------------------------
@@ -401,7 +396,7 @@ class HttpPool:
         self._waiting.append(request)
         self._queued += 1
         if self._open < self.limit and self._connecting < self._queued:
-            request.arm(self._loop, self._expire)  # type: ignore[arg-type]  # the connect counts
+            self._arm(request)  # the connect counts
             self._connect()
 
     def _connect(self) -> None:
@@ -465,7 +460,7 @@ class HttpPool:
             return
         while self._waiting[0].finished:  # expired while waiting: dropped here
             self._waiting.popleft()
-        self._waiting[0].arm(self._loop, self._expire)  # type: ignore[arg-type]  # the connect counts
+        self._arm(self._waiting[0])  # the connect counts
         self._connect()
 
     def _discard(self, conn: _Connection) -> None:
@@ -479,6 +474,40 @@ class HttpPool:
             self._open -= 1
         if conn in self._idle:
             self._idle.remove(conn)
+
+    def _arm(self, request: _Request) -> None:
+        """Start the request's deadline (once: a retry on a new connection keeps it).
+
+        Deadlines are enforced by one sweep every ``_SWEEP`` seconds while any runs, not by a
+        timer per request: a call_at and its cancel cost more than the rest of a request's
+        bookkeeping. A deadline is kept to within ``_SWEEP``."""
+        if request.deadline:
+            return
+        assert self._loop is not None
+        request.deadline = self._loop.time() + request.timeout
+        if self._sweeper is None:
+            self._sweeper = self._loop.call_later(_SWEEP, self._sweep)
+
+    def _sweep(self) -> None:
+        assert self._loop is not None
+        self._sweeper = None
+        now = self._loop.time()
+        running = False
+        for conn in list(self._connections):
+            request = conn._request
+            if request is not None and request.deadline:
+                if request.deadline <= now:
+                    self._expire(request)
+                else:
+                    running = True
+        for request in list(self._waiting):
+            if request.deadline and not request.finished:
+                if request.deadline <= now:
+                    self._expire(request)
+                else:
+                    running = True
+        if running or self._waiting:
+            self._sweeper = self._loop.call_later(_SWEEP, self._sweep)
 
     def _expire(self, request: _Request) -> None:
         if request.finished:
