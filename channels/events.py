@@ -190,7 +190,8 @@ class EventFormat:
         body, content_type = self.data(message)
         parts = [f"Content-Type: {content_type}\r\n"]
         for name, value in self.per_message_attributes(message).items():
-            parts.append(f"ce-{name}: {_header_value(value)}\r\n")
+            # ce-time is ours (digits, "-", ":", ".", "T", "Z"): nothing to percent-encode.
+            parts.append(f"ce-{name}: {value if name == 'time' else _header_value(value)}\r\n")
         return "".join(parts).encode("ascii"), body
 
     def structured(self, message: Message) -> bytes:

@@ -306,6 +306,13 @@ class SqsClient:
             frozen = await asyncio.get_running_loop().run_in_executor(None, credentials.get_frozen_credentials)
         else:
             frozen = credentials.get_frozen_credentials()
+        # They become header values: checked here, once, rather than on every request. The
+        # error never shows them.
+        try:
+            encode_headers({"X-Amz-Security-Token": frozen.token or "", "X-Key": frozen.access_key})
+        except ValueError:
+            raise SqsError("InvalidRequest", "the AWS access key or session token holds characters a "
+                           "header cannot carry (CR, LF, NUL or non-latin-1)", retryable=False) from None
         self._frozen, self._recheck_at = frozen, now + 1.0
         return frozen
 
@@ -315,14 +322,15 @@ class SqsClient:
         body = orjson.dumps(params)
         try:
             headers = self._signer.headers(action, body, creds=await self._frozen_credentials())
+        except SqsError:
+            raise
         except Exception as exc:  # a credential refresh failed (STS, instance metadata, a process)
             raise SqsError("CredentialError", f"{action}: cannot get AWS credentials: "
                            f"{type(exc).__name__}: {exc}", retryable=True) from None
+        # Encoded as they are: every value is ours (the session token was checked when frozen).
         del headers["Host"]  # the template sends it (the same value: the pool's authority)
-        try:
-            request = self._template.build(body, encode_headers(headers))
-        except ValueError as exc:  # a header that cannot be sent (CR/LF in a token?): nothing sent
-            raise SqsError("InvalidRequest", f"{action}: {exc}", retryable=False) from None
+        request = self._template.build(body, "".join(
+            [f"{name}: {value}\r\n" for name, value in headers.items()]).encode("latin-1"))
         # The pool resends once on a kept-alive connection the server closed while idle: all these
         # calls may be repeated safely.
         try:

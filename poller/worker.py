@@ -48,7 +48,7 @@ from collections.abc import Awaitable, Callable, MutableSequence, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from channels.base import Channel, ChannelError, Message, Outcome, Report
+from channels.base import Channel, ChannelError, Message, Outcome
 from poller.backoff import backoff, nack_visibility
 from poller.circuit import Circuit
 from poller.config import WorkerConfig
@@ -442,44 +442,37 @@ class Worker:
             else:
                 held.stage = Stage.WAITING
         assert self._channel is not None
-        report = self._reporter(run, run.attempt)
         messages = [held.message for held in run.entries[:window]]
         self._publishing = True
         try:
-            self._channel.publish(messages, report)
+            self._channel.publish(messages, self._report)
         except Exception as exc:  # the channel is broken: restart the process, lose nothing
             self.fail(f"channel failed: {_describe(exc)}")
         finally:
             self._publishing = False
 
-    def _reporter(self, run: Run, attempt: int) -> Report:
-        loop, loop_thread, on_report = self._loop, self._loop_thread, self._on_report
-        assert loop is not None
+    def _report(self, message: Message, outcome: Outcome, reason: str, retry_after: float = 0.0) -> None:
+        """What channels call with each verdict (``channels.base.Report``), from any thread.
 
-        def report(message: Message, outcome: Outcome, reason: str, retry_after: float = 0.0) -> None:
-            if threading.get_ident() != loop_thread:  # a channel's own thread (Kafka's poller)
-                loop.call_soon_threadsafe(on_report, run, attempt, message, outcome, reason, retry_after)
-            elif self._publishing:  # from within publish: decide once publish has returned
-                loop.call_soon(on_report, run, attempt, message, outcome, reason, retry_after)
-            else:
-                on_report(run, attempt, message, outcome, reason, retry_after)
-
-        return report
-
-    def _on_report(self, run: Run, attempt: int, message: Message, outcome: Outcome, reason: str,
-                   retry_after: float = 0.0) -> None:
-        """The channel's verdict on one message of a run's window; on the loop."""
-        if not run.live or run.attempt != attempt:
-            return  # a late report of an attempt that was given up
-        entries = run.entries
-        if run.window == 1:
-            held = entries[0] if entries[0].message is message else None
+        One bound method for every publish, not a closure per run: the ledger knows each
+        message's run."""
+        if threading.get_ident() != self._loop_thread:  # a channel's own thread (Kafka's poller)
+            self._loop.call_soon_threadsafe(self._on_report, message, outcome, reason, retry_after)  # type: ignore[union-attr]
+        elif self._publishing:  # from within publish: decide once publish has returned
+            self._loop.call_soon(self._on_report, message, outcome, reason, retry_after)  # type: ignore[union-attr]
         else:
-            held = next((h for h in entries[:run.window] if h.message is message), None)
-        if held is None or held.outcome is not None:
-            return  # not ours, or reported twice: the first verdict stands
+            self._on_report(message, outcome, reason, retry_after)
+
+    def _on_report(self, message: Message, outcome: Outcome, reason: str, retry_after: float = 0.0) -> None:
+        """The channel's verdict on one message of a run's window; on the loop."""
+        held = self._ledger.get(message.ack_id)
+        if held is None or held.message is not message or held.stage is not Stage.DELIVERING:
+            return  # an attempt given up (returned), not ours, or not out: ignored
+        if held.outcome is not None:
+            return  # reported twice: the first verdict stands
+        run = held.run
         self.counters.observe("publish", time.monotonic() - held.attempt_started)
-        if outcome is Outcome.ACK and len(entries) == 1 and not self._circuit.is_open:
+        if outcome is Outcome.ACK and len(run.entries) == 1 and not self._circuit.is_open:
             # The common case, without the general bookkeeping: one message, delivered.
             held.outcome, held.stage, run.live = outcome, Stage.DELETING, False
             self._circuit.success()
