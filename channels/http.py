@@ -12,6 +12,13 @@ connection errors -> RETRY (with the answer's ``Retry-After``, if any); any othe
 bounds the whole request (connect, send, the full answer), so a sink trickling its answer cannot
 hold a message.
 
+Modes: ``binary`` and ``structured`` send one event per request; ``batch`` (CloudEvents' batched
+content mode, ``application/cloudevents-batch+json``) sends up to ``batch_size`` events in one
+JSON array, gathered for at most a few milliseconds. A batch is all or nothing by its status,
+unless a 2xx answer lists ``batchItemFailures`` as EventBridge Pipes does
+(``{"batchItemFailures": [{"itemIdentifier": "<event id>"}]}``): those events are retried, the
+others acked.
+
 Credentials in the sink URL (``https://user:password@host/``) are sent as HTTP Basic auth, as
 curl, requests and httpx do, and never appear in logs or reasons: those show ``redact(sink)``.
 
@@ -34,15 +41,19 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
+import orjson
+
 from channels.base import Channel, Message, Outcome, Report
 from channels.events import EventError, EventFormat, is_extension_name
 from channels.transport.http import HttpPool, RequestTemplate
 
 __all__ = ["HttpChannel", "HttpConfig", "check_url", "redact"]
 
-MODES = ("binary", "structured")
+MODES = ("binary", "structured", "batch")
 _RETRY_STATUSES = frozenset({408, 425, 429})
 _STRUCTURED = "application/cloudevents+json; charset=utf-8"
+_BATCH = "application/cloudevents-batch+json; charset=utf-8"
+_BATCH_LINGER = 0.005  # seconds a batch waits to fill (the worker hands messages over one run at a time)
 _USER_AGENT = "sqs-poller"
 _PRINTABLE = re.compile(r"[\x21-\x7e]*")
 
@@ -60,6 +71,18 @@ def check_url(url: str, what: str = "sink") -> None:
         raise ValueError(f"{what} URL {redact(url)!r} must be an absolute http:// or https:// URL")
     if not _PRINTABLE.fullmatch(parts.path + parts.query):
         raise ValueError(f"{what} URL {redact(url)!r}: spaces and non-ASCII in the path must be percent-encoded")
+
+
+def _batch_item_failures(body: bytes | None) -> set[str] | None:
+    """The event ids a batch answer lists as failed, or None when the answer is not that shape."""
+    if not body:
+        return None
+    try:
+        doc = orjson.loads(body)
+        failures = doc["batchItemFailures"]
+        return {str(item["itemIdentifier"]) for item in failures}
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return None
 
 
 def redact(url: str) -> str:
@@ -96,6 +119,7 @@ class HttpConfig:
     # Requests in flight per process, each on its own keep-alive connection.
     concurrency: int = 64
     timeout: float = 30.0  # the whole request: connect, send, the full answer
+    batch_size: int = 10  # events per request in batch mode
 
     def __post_init__(self) -> None:
         check_url(self.sink)
@@ -109,6 +133,8 @@ class HttpConfig:
             raise ValueError(f"--http-concurrency must be between 1 and 1024, not {self.concurrency}")
         if not 0 < self.timeout <= 3600:
             raise ValueError(f"--http-timeout must be above 0 and at most 3600, not {self.timeout}")
+        if not 1 <= self.batch_size <= 1000:
+            raise ValueError(f"--http-batch-size must be between 1 and 1000, not {self.batch_size}")
 
     def create(self, source: str) -> HttpChannel:
         return HttpChannel(self, source)
@@ -126,7 +152,14 @@ class HttpChannel(Channel):
         auth = basic_auth(config.sink)
         if auth is not None:
             headers["Authorization"] = auth
-        headers.update(self._format.http_binary_constant() if self._binary else {"Content-Type": _STRUCTURED})
+        self._batched = config.mode == "batch"
+        if self._binary:
+            headers.update(self._format.http_binary_constant())
+        else:
+            headers["Content-Type"] = _BATCH if self._batched else _STRUCTURED
+        self._batch: list[tuple[Message, bytes]] = []  # batch mode: events waiting to go together
+        self._batch_report: Report | None = None
+        self._batch_timer: asyncio.TimerHandle | None = None
         url = urlsplit(config.sink)
         https = url.scheme == "https"
         self._pool = HttpPool(url.hostname or "", url.port or (443 if https else 80), tls=https,
@@ -139,6 +172,9 @@ class HttpChannel(Channel):
         self._idle: asyncio.Event | None = None  # set while nothing is in flight (for aclose)
 
     def publish(self, batch: Sequence[Message], report: Report) -> None:
+        if self._batched:
+            self._add_to_batch(batch, report)
+            return
         for message in batch:
             try:
                 if self._binary:
@@ -153,10 +189,11 @@ class HttpChannel(Channel):
             self._pool.send(request, functools.partial(self._answered, message, report), timeout=self._timeout)
 
     def _answered(self, message: Message, report: Report, status: int, retry_after: float,
-                  body: bytes | None, error: BaseException | None) -> None:
-        self._in_flight -= 1
-        if self._in_flight == 0 and self._idle is not None:
-            self._idle.set()
+                  body: bytes | None, error: BaseException | None, *, counted: bool = True) -> None:
+        if counted:
+            self._in_flight -= 1
+            if self._in_flight == 0 and self._idle is not None:
+                self._idle.set()
         if error is not None:
             report(message, Outcome.RETRY, f"sink {self._sink}: {type(error).__name__}: {error}")
         elif 200 <= status < 300:
@@ -166,8 +203,55 @@ class HttpChannel(Channel):
         else:
             report(message, Outcome.REJECT, f"sink {self._sink} answered HTTP {status}")
 
+    # -- batch mode: CloudEvents' batched content mode -------------------------------------------
+
+    def _add_to_batch(self, messages: Sequence[Message], report: Report) -> None:
+        for message in messages:
+            try:
+                event = self._format.structured(message)
+            except (EventError, TypeError, ValueError) as exc:
+                report(message, Outcome.REJECT, f"cannot make a CloudEvent: {exc}")
+                continue
+            self._batch.append((message, event))
+            self._batch_report = report
+            if len(self._batch) >= self.config.batch_size:
+                self._send_batch()
+        if self._batch and self._batch_timer is None:
+            self._batch_timer = asyncio.get_running_loop().call_later(_BATCH_LINGER, self._send_batch)
+
+    def _send_batch(self) -> None:
+        if self._batch_timer is not None:
+            self._batch_timer.cancel()
+            self._batch_timer = None
+        batch, self._batch = self._batch, []
+        if not batch:
+            return
+        report = self._batch_report
+        assert report is not None
+        self._in_flight += 1
+        request = self._template.build(b"[" + b",".join(event for _, event in batch) + b"]")
+        messages = [message for message, _ in batch]
+        self._pool.send(request, functools.partial(self._batch_answered, messages, report),
+                        timeout=self._timeout, keep_body=True)
+
+    def _batch_answered(self, messages: list[Message], report: Report, status: int, retry_after: float,
+                        body: bytes | None, error: BaseException | None) -> None:
+        """All or nothing, unless a 2xx answer lists ``batchItemFailures`` (EventBridge Pipes'
+        shape: ``{"batchItemFailures": [{"itemIdentifier": "<event id>"}]}``): those are retried,
+        the rest acked."""
+        self._in_flight -= 1
+        if self._in_flight == 0 and self._idle is not None:
+            self._idle.set()
+        failed = _batch_item_failures(body) if error is None and 200 <= status < 300 else None
+        for message in messages:
+            if failed is not None and message.id in failed:
+                report(message, Outcome.RETRY, f"sink {self._sink} listed it in batchItemFailures")
+            else:
+                self._answered(message, report, status, retry_after, None, error, counted=False)
+
     async def aclose(self, timeout: float = 30.0) -> None:
         """Wait for the answers in flight, up to ``timeout``; then break off the rest (RETRY)."""
+        self._send_batch()
         if self._in_flight:
             self._idle = asyncio.Event()
             try:

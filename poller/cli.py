@@ -208,7 +208,7 @@ def _channel_config(opts: dict[str, Any]) -> ChannelConfig:
             return HttpConfig(
                 sink=opts["sink"], mode=opts["http_mode"], data_mode=opts["data_mode"],
                 overrides=overrides, concurrency=opts["http_concurrency"],
-                timeout=opts["http_timeout"],
+                timeout=opts["http_timeout"], batch_size=opts["http_batch_size"],
             )
         from channels.kafka import KafkaConfig
 

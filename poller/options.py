@@ -166,8 +166,11 @@ RUN_OPTIONS: tuple[Option, ...] = (
     O(flag="--sink", envvars=("K_SINK",), channel="http",
       help="HTTP channel: the sink URL (Knative's K_SINK works too); user:password@ is sent as "
            "Basic auth."),
-    O(flag="--http-mode", choices=("binary", "structured"), default="binary", channel="http",
-      help="HTTP channel: CloudEvents content mode."),
+    O(flag="--http-mode", choices=("binary", "structured", "batch"), default="binary", channel="http",
+      help="HTTP channel: CloudEvents content mode; batch: up to --http-batch-size events per request."),
+    O(flag="--http-batch-size", kind=int, low=1, high=1000, default=10, channel="http",
+      help="HTTP channel, batch mode: events per request; a 2xx answer with batchItemFailures "
+           "retries just those."),
     O(flag="--http-concurrency", kind=int, low=1, high=1024, default=64, channel="http",
       help="HTTP channel: requests in flight per process at most, each on a keep-alive connection."),
     O(flag="--http-timeout", kind=float, low=0.001, high=3600, default=30.0, channel="http",

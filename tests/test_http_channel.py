@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import orjson
 import pytest
 
 from channels.base import Message, Outcome
@@ -225,3 +226,74 @@ async def test_aclose_keeps_its_deadline_with_every_request_stuck_and_reports_ev
         outcomes = await reports.wait(10, timeout=1)
     assert sorted(i for i, _, _ in outcomes) == sorted(f"m-{i}" for i in range(10))
     assert {o for _, o, _ in outcomes} == {Outcome.RETRY}
+
+
+class BatchSink:
+    """A CloudEvents batch sink on the loop: parses each batch with the cloudevents SDK, records
+    the ids, and answers with ``answer(ids)`` -> (status, body)."""
+
+    def __init__(self, answer: Callable[[list[str]], tuple[int, bytes]]) -> None:
+        self.answer = answer
+        self.batches: list[list[str]] = []
+        self.content_types: list[str] = []
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        from cloudevents.core.formats.json import JSONFormat
+
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                break
+            headers = dict(line.split(": ", 1) for line in head.decode().split("\r\n")[1:] if line)
+            body = await reader.readexactly(int(headers["Content-Length"]))
+            self.content_types.append(headers["Content-Type"])
+            # The SDK has no batch reader: each element must be a structured event it can read.
+            ids = [JSONFormat().read(None, orjson.dumps(doc)).get_id() for doc in orjson.loads(body)]
+            self.batches.append(ids)
+            status, answer = self.answer(ids)
+            writer.write(b"HTTP/1.1 %d X\r\nContent-Length: %d\r\n\r\n%s" % (status, len(answer), answer))
+            await writer.drain()
+        writer.close()
+
+
+async def _batch_run(sink: BatchSink, n: int, batch_size: int = 4) -> Reports:
+    server = await asyncio.start_server(sink.handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        channel = HttpConfig(sink=f"http://127.0.0.1:{port}/", mode="batch", batch_size=batch_size,
+                             concurrency=2).create(SOURCE)
+        reports = Reports()
+        for i in range(n):  # one message per publish, as the worker hands them over
+            channel.publish([message(i)], reports)
+        await reports.wait(n)
+        await channel.aclose(5)
+    return reports
+
+
+@on_loop
+async def test_batch_mode_sends_up_to_batch_size_events_per_request() -> None:
+    sink = BatchSink(lambda ids: (200, b""))
+    reports = await _batch_run(sink, 10, batch_size=4)
+    assert [len(b) for b in sink.batches] == [4, 4, 2]  # the last one after the linger
+    assert sorted(i for b in sink.batches for i in b) == sorted(f"m-{i}" for i in range(10))
+    assert set(sink.content_types) == {"application/cloudevents-batch+json; charset=utf-8"}
+    assert {o for _, o, _ in reports.items} == {Outcome.ACK}
+
+
+@on_loop
+async def test_batch_item_failures_retry_only_those_events() -> None:
+    sink = BatchSink(lambda ids: (200, orjson.dumps({"batchItemFailures": [
+        {"itemIdentifier": i} for i in ids if i in ("m-1", "m-6")]})))
+    reports = await _batch_run(sink, 8)
+    outcome = {i: o for i, o, _ in reports.items}
+    assert {i for i, o in outcome.items() if o is Outcome.RETRY} == {"m-1", "m-6"}
+    assert sum(o is Outcome.ACK for o in outcome.values()) == 6
+
+
+@pytest.mark.parametrize(("status", "expected"), [(503, Outcome.RETRY), (400, Outcome.REJECT), (200, Outcome.ACK)])
+@on_loop
+async def test_a_batch_without_item_failures_is_all_or_nothing(status: int, expected: Outcome) -> None:
+    sink = BatchSink(lambda ids: (status, b"not the batchItemFailures shape"))
+    reports = await _batch_run(sink, 4)
+    assert {o for _, o, _ in reports.items} == {expected}
