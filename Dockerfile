@@ -1,0 +1,67 @@
+# syntax=docker/dockerfile:1
+# sqs-poller: `docker build -t sqs-poller .` (BuildKit, the default builder since Docker 23).
+#
+# Two stages. `build` turns the project into a wheel and collects the wheels of every dependency
+# (confluent-kafka, uvloop, httptools and orjson ship manylinux wheels, so nothing is compiled);
+# the final stage installs them into a venv from that local wheelhouse, offline, and keeps no
+# compiler, no source tree and no wheel files.
+#
+# The base is pinned by Python version and Debian release. For byte-for-byte rebuilds pin the
+# digest too (python:3.11-slim-bookworm@sha256:...) and let Renovate/Dependabot move it.
+
+FROM python:3.11-slim-bookworm AS build
+WORKDIR /src
+# .dockerignore lets in only what the wheel needs: pyproject.toml, README.md (the package's long
+# description), LICENSE and the two packages.
+COPY . .
+# /dist: the project's own wheel; /wheels: it and all its dependencies with the msk extra
+# (aws-msk-iam-sasl-signer-python, for --kafka-auth iam). The glob keeps this working if the
+# distribution is renamed (sqs-poller is taken on PyPI by an unrelated project).
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /dist . \
+ && pip wheel --no-cache-dir --wheel-dir /wheels "$(echo /dist/*.whl)[msk]"
+
+
+FROM python:3.11-slim-bookworm
+
+# A fixed, numeric, non-root UID/GID: the manifests' runAsUser is the same number, and a numeric
+# USER lets Kubernetes' runAsNonRoot verify it without reading /etc/passwd.
+ARG UID=10001
+RUN groupadd --system --gid "${UID}" poller \
+ && useradd --system --uid "${UID}" --gid poller --no-create-home --home-dir /nonexistent \
+            --shell /usr/sbin/nologin poller
+
+# The venv has no pip of its own (the base image's pip installs into it through --python), and
+# the wheelhouse is bind-mounted from the build stage for this one step, so it is in no layer.
+# pip compiles the .pyc files here: at run time the root filesystem is read-only.
+RUN --mount=type=bind,from=build,source=/dist,target=/dist \
+    --mount=type=bind,from=build,source=/wheels,target=/wheels \
+    python -m venv --without-pip /opt/venv \
+ && pip --python /opt/venv/bin/python install --no-cache-dir --no-index --find-links /wheels \
+        "$(echo /dist/*.whl)[msk]" \
+ && /opt/venv/bin/poller --help > /dev/null
+
+# POLLER_HEALTH_PORT / POLLER_METRICS_HOST: /healthz and /readyz on 0.0.0.0:8081, the port the
+# deploy/ manifests probe and the HEALTHCHECK below asks. 127.0.0.1 (the poller's own default)
+# would hide them from the kubelet and from `docker run -p`.
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    POLLER_HEALTH_PORT=8081 \
+    POLLER_METRICS_HOST=0.0.0.0
+
+USER 10001:10001
+# health (/healthz, /readyz) and, with POLLER_METRICS_PORT=9090, Prometheus /metrics
+EXPOSE 8081 9090
+
+# slim has no curl: ask with Python. With POLLER_METRICS_PORT set the poller serves /healthz on
+# the metrics port, so ask there; else on POLLER_HEALTH_PORT. urlopen raises on a 503 or a refused
+# connection, so the exit code is the verdict. (Kubernetes ignores HEALTHCHECK: the manifests
+# have their own probes on the same endpoint and port.) Only `poller run` serves /healthz.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request as r; port = os.environ.get('POLLER_METRICS_PORT') or os.environ.get('POLLER_HEALTH_PORT') or '8081'; r.urlopen('http://127.0.0.1:%s/healthz' % port, timeout=4)"]
+
+# SIGTERM drains (finish what is held, give back the rest, delete what was acked) within
+# --shutdown-timeout; `docker stop -t` must allow that much.
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["poller"]
+CMD ["run"]
