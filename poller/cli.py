@@ -332,9 +332,15 @@ def demo_cmd(endpoint_url: str | None, messages: int, follow: bool, duration: fl
     DLQ, an in-memory channel, a message dumper and `poller run`; sends sample messages and
     prints each event as the dumper receives it. Ctrl-C stops everything it started.
     """
-    setup_logging("INFO")
     if endpoint_url:
         check_url(endpoint_url, "endpoint")
+        from poller.services import ServiceError, check_endpoint
+
+        try:  # before any log line: a dead endpoint is one line, as every bad input
+            check_endpoint(endpoint_url)
+        except ServiceError as exc:
+            raise BootError(str(exc)) from None
+    setup_logging("INFO")
     from poller.demo import DemoOptions, run_demo
 
     return run_demo(DemoOptions(endpoint_url=endpoint_url, messages=messages, follow=follow,
@@ -367,8 +373,10 @@ def channel_cmd(port: int, host: str, subscribers: tuple[str, ...]) -> int:
 
     try:
         serve_channel(port, list(subscribers), host=host)
-    except (OSError, ValueError, RuntimeError) as exc:  # port taken, bad address, server died
-        raise click.ClickException(f"in-memory channel: {exc}") from None
+    except OSError as exc:  # port taken, bad address
+        raise BootError(f"in-memory channel: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    except (ValueError, RuntimeError) as exc:  # server died
+        raise BootError(f"in-memory channel: {exc}") from None
     return 0
 
 
@@ -384,8 +392,10 @@ def dump_cmd(port: int, host: str, pretty: bool) -> int:
 
     try:
         serve_dumper(port, pretty, host=host)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise click.ClickException(f"message dumper: {exc}") from None
+    except OSError as exc:  # port taken, bad address
+        raise BootError(f"message dumper: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    except (ValueError, RuntimeError) as exc:
+        raise BootError(f"message dumper: {exc}") from None
     return 0
 
 

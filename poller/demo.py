@@ -140,6 +140,10 @@ def _send_samples(sqs: object, queue_url: str, options: DemoOptions) -> None:
         send()
     log.info("sent %d sample message(s)%s; Ctrl-C stops", sent,
              ", then one a second" if options.follow else "")
+    endpoint = sqs.meta.endpoint_url  # type: ignore[attr-defined]
+    log.info("send one of your own: AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test aws sqs send-message "
+             "--region us-east-1 --endpoint-url %s --queue-url %s --message-body '{\"hello\": \"world\"}'",
+             endpoint, queue_url)
     while options.duration is None or time.monotonic() - started < options.duration:
         time.sleep(1.0)
         if options.follow:

@@ -45,6 +45,7 @@ __all__ = [
     "Service",
     "ServiceError",
     "cache_root",
+    "check_endpoint",
     "create_bucket",
     "find_python313",
     "free_port",
@@ -491,9 +492,8 @@ def start_sqs(
     wanted = _service_list(services) or ["sqs"]
     if endpoint:
         endpoint = endpoint.rstrip("/")
+        check_endpoint(endpoint)
         log.info("using the SQS endpoint %s", endpoint)
-        if not _http_answers(f"{endpoint}/_localstack/health"):
-            raise ServiceError(f"nothing answers HTTP at the SQS endpoint {endpoint}")
         return Service("external", endpoint)
 
     port = port or free_port()
@@ -510,6 +510,13 @@ def start_sqs(
             log.warning("could not start %s: %s", label, exc)
             failures.append(f"{label}: {str(exc).splitlines()[0]}")
     raise ServiceError("no SQS service could be started (" + "; ".join(failures) + ")")
+
+
+def check_endpoint(endpoint: str) -> None:
+    """ServiceError unless something answers HTTP at ``endpoint`` (an SQS endpoint given)."""
+    endpoint = endpoint.rstrip("/")
+    if not _http_answers(f"{endpoint}/_localstack/health"):
+        raise ServiceError(f"nothing answers HTTP at the SQS endpoint {endpoint}")
 
 
 def _docker_available() -> bool:

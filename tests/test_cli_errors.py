@@ -249,6 +249,26 @@ def test_poller_alone_prints_its_help_not_an_error(run_poller: RunPoller, aws_en
     assert "Commands:" in result.stdout and "run" in result.stdout
 
 
+@pytest.mark.parametrize("command", ["dump", "channel"])
+def test_a_local_server_on_a_taken_port_is_one_line_naming_it(
+    run_poller: RunPoller, aws_env: Mapping[str, str], command: str
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        extra = ["--subscriber", SINK] if command == "channel" else []
+        result = run_poller([command, "--port", str(port), *extra], _env(aws_env))
+    assert_one_line_error(result, "cannot listen", f"127.0.0.1:{port}")
+    assert result.returncode == 3
+
+
+def test_demo_with_a_dead_endpoint_is_one_line(run_poller: RunPoller, aws_env: Mapping[str, str]) -> None:
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    result = run_poller(["demo", "--endpoint-url", endpoint, "--duration", "1"], _env(aws_env))
+    assert_one_line_error(result, "nothing answers", endpoint)
+
+
 # -- poller check ---------------------------------------------------------------------------------
 
 
