@@ -334,14 +334,14 @@ def demo_cmd(endpoint_url: str | None, messages: int, follow: bool, duration: fl
     """
     if endpoint_url:
         check_url(endpoint_url, "endpoint")
-        from poller.services import ServiceError, check_endpoint
+        from poller.kit.services import ServiceError, check_endpoint
 
         try:  # before any log line: a dead endpoint is one line, as every bad input
             check_endpoint(endpoint_url)
         except ServiceError as exc:
             raise BootError(str(exc)) from None
     setup_logging("INFO")
-    from poller.demo import DemoOptions, run_demo
+    from poller.kit.demo import DemoOptions, run_demo
 
     return run_demo(DemoOptions(endpoint_url=endpoint_url, messages=messages, follow=follow,
                                 duration=duration, processes=processes))
@@ -369,7 +369,7 @@ def channel_cmd(port: int, host: str, subscribers: tuple[str, ...]) -> int:
             check_url(url, "subscriber")
         except ValueError as exc:
             raise click.UsageError(str(exc)) from None
-    from channels.inmemory import serve_channel
+    from poller.kit.inmemory import serve_channel
 
     try:
         serve_channel(port, list(subscribers), host=host)
@@ -388,7 +388,7 @@ def channel_cmd(port: int, host: str, subscribers: tuple[str, ...]) -> int:
 def dump_cmd(port: int, host: str, pretty: bool) -> int:
     """The message dumper: prints every CloudEvent it receives and answers 2xx."""
     setup_logging("INFO")
-    from channels.dumper import serve_dumper
+    from poller.kit.dumper import serve_dumper
 
     try:
         serve_dumper(port, pretty, host=host)

@@ -19,7 +19,7 @@ import boto3
 import pytest
 from botocore.config import Config
 
-from poller.services import Service, create_bucket, start_sqs, start_tansu, tansu_s3_env
+from poller.kit.services import Service, create_bucket, start_sqs, start_tansu, tansu_s3_env
 
 # Re-exported so tests can take them from either module.
 from support import drain, drain_count, queue_counts, send_messages  # noqa: F401

@@ -23,8 +23,8 @@ from typing import Any, Protocol
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from channels.dumper import DumperServer
-from poller.services import free_port
+from poller.kit.dumper import DumperServer
+from poller.kit.services import free_port
 
 __all__ = [
     "BATCH_MAX_BYTES", "BATCH_MAX_ENTRIES", "CLK_TCK", "UNICODE", "Deliveries", "FaultCase", "PollerProcess",

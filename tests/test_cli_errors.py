@@ -275,7 +275,7 @@ def test_demo_with_a_dead_endpoint_is_one_line(run_poller: RunPoller, aws_env: M
 def test_check_reports_a_good_queue_and_a_reachable_sink(
     run_poller: RunPoller, aws_env: Mapping[str, str], sqs: Any, make_queue: Any
 ) -> None:
-    from channels.dumper import DumperServer
+    from poller.kit.dumper import DumperServer
 
     queue = make_queue(visibility_timeout=300, dlq_max_receive_count=4)
     with open(os.devnull, "w") as devnull, DumperServer("127.0.0.1", 0, out=devnull) as sink:
@@ -291,7 +291,7 @@ def test_check_reports_a_good_queue_and_a_reachable_sink(
 def test_check_warns_about_no_dlq_and_a_short_visibility(
     run_poller: RunPoller, aws_env: Mapping[str, str], make_queue: Any
 ) -> None:
-    from channels.dumper import DumperServer
+    from poller.kit.dumper import DumperServer
 
     queue = make_queue(visibility_timeout=5)
     with open(os.devnull, "w") as devnull, DumperServer("127.0.0.1", 0, out=devnull) as sink:
@@ -316,7 +316,7 @@ def test_check_fails_in_one_line_on_a_missing_queue_or_a_dead_sink(
 
 
 def test_check_takes_a_queue_arn(run_poller: RunPoller, aws_env: Mapping[str, str], queue_url: str) -> None:
-    from channels.dumper import DumperServer
+    from poller.kit.dumper import DumperServer
 
     name = queue_url.rsplit("/", 1)[1]
     with open(os.devnull, "w") as devnull, DumperServer("127.0.0.1", 0, out=devnull) as sink:

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from cloudevents.core.bindings.http import HTTPMessage, from_http_event
 
-from channels.dumper import DumperServer
+from poller.kit.dumper import DumperServer
 from support import PollerProcess, drain, free_port, make_body, queue_counts, send_messages, wait_until
 
 pytestmark = pytest.mark.integration

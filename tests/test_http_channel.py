@@ -19,7 +19,7 @@ import orjson
 import pytest
 
 from channels.base import Message, Outcome
-from channels.dumper import DumperServer
+from poller.kit.dumper import DumperServer
 from channels.http import HttpConfig, basic_auth, redact
 from support import silent_server
 

@@ -31,9 +31,9 @@ from cloudevents.core.bindings.http import (
 )
 from cloudevents.core.v1.event import CloudEvent
 
-from channels.cehttp import Reply, ServerOptions
-from channels.dumper import DumperServer
-from channels.inmemory import FanoutOptions, InMemoryChannelServer
+from poller.kit.cehttp import Reply, ServerOptions
+from poller.kit.dumper import DumperServer
+from poller.kit.inmemory import FanoutOptions, InMemoryChannelServer
 from support import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -571,11 +571,11 @@ def _spawn(code: str) -> tuple[subprocess.Popen[str], str]:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_serve_channel_and_dumper_stop_cleanly_on_signal(sig: signal.Signals) -> None:
-    dump_proc, dump_url = _spawn("from channels.dumper import serve_dumper; serve_dumper(0, False)")
+    dump_proc, dump_url = _spawn("from poller.kit.dumper import serve_dumper; serve_dumper(0, False)")
     chan_proc = None
     try:
         chan_proc, chan_url = _spawn(
-            f"from channels.inmemory import serve_channel; serve_channel(0, [{dump_url!r}])"
+            f"from poller.kit.inmemory import serve_channel; serve_channel(0, [{dump_url!r}])"
         )
         outputs = {}
         with requests.Session() as session:  # keep-alive connection left open on purpose
@@ -597,7 +597,7 @@ def test_serve_channel_and_dumper_stop_cleanly_on_signal(sig: signal.Signals) ->
 
 
 def test_serve_dumper_prints_events_to_stdout() -> None:
-    proc, url = _spawn("from channels.dumper import serve_dumper; serve_dumper(0, False)")
+    proc, url = _spawn("from poller.kit.dumper import serve_dumper; serve_dumper(0, False)")
     try:
         assert post(url, to_binary_event(sample_event("stdout-1"))).status_code == 200
         proc.send_signal(signal.SIGTERM)

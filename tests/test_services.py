@@ -16,7 +16,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from support import drain_count, queue_counts, send_messages
-from poller.services import (
+from poller.kit.services import (
     Service,
     ServiceError,
     free_port,
@@ -204,7 +204,7 @@ def test_stop_escalates_to_sigkill_for_the_whole_group(tmp_path: Path) -> None:
 
 _OWNER = """
 import sys
-from poller.services import start_tansu
+from poller.kit.services import start_tansu
 broker = start_tansu(log_dir=sys.argv[1])
 print(broker.pid, flush=True)
 input()  # never stops the broker itself: it is SIGKILLed while waiting here

@@ -29,7 +29,7 @@ import pytest
 import uvloop
 
 from channels.base import Message, Outcome
-from channels.dumper import DumperServer
+from poller.kit.dumper import DumperServer
 from channels.events import EventFormat
 from channels.http import HttpConfig
 from channels.transport.http import (

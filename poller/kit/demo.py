@@ -23,13 +23,13 @@ from dataclasses import dataclass
 import boto3
 import orjson
 
-from channels.dumper import DumperServer
-from channels.inmemory import InMemoryChannelServer
-from poller.services import ServiceError, start_sqs
+from poller.kit.dumper import DumperServer
+from poller.kit.inmemory import InMemoryChannelServer
+from poller.kit.services import ServiceError, start_sqs
 
 __all__ = ["DemoOptions", "run_demo"]
 
-log = logging.getLogger("poller.demo")
+log = logging.getLogger("poller.kit.demo")
 
 _LOCAL_CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "test",

@@ -30,7 +30,7 @@ from typing import Any, TextIO
 
 import orjson
 
-from channels.cehttp import (
+from poller.kit.cehttp import (
     CloudEventServer,
     NotACloudEvent,
     Reply,

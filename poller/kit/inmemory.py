@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 
 import urllib3
 
-from channels.cehttp import (
+from poller.kit.cehttp import (
     CloudEventServer,
     NotACloudEvent,
     Reply,

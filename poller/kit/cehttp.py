@@ -1,7 +1,7 @@
 """Receiving CloudEvents over HTTP: the parser and the small server base of the local sinks.
 
-Used by the in-memory channel (``channels.inmemory``) and the message dumper
-(``channels.dumper``); nothing here is on the poller's hot path.
+Used by the in-memory channel (``poller.kit.inmemory``) and the message dumper
+(``poller.kit.dumper``); nothing here is on the poller's hot path.
 
 ``parse_event(headers, body)`` turns one HTTP request into an event dict, following the
 CloudEvents 1.0 HTTP binding:
