@@ -101,6 +101,12 @@ class Channel(abc.ABC):
         """Hand over a batch; ``report`` is called once per message, now or later."""
         raise NotImplementedError("The 'publish' method must be implemented.")
 
+    def shed(self) -> None:
+        """The worker's circuit opened: report RETRY now for what has not reached the sink yet
+        (queued behind the channel's own in-flight limit), so it waits for the circuit instead
+        of going into the outage. What is already out runs on. By default nothing is shed (a
+        producer queue cannot take messages back)."""
+
     def close(self, timeout: float = 30.0) -> None:
         """Deliver what is pending within ``timeout``; report the rest as RETRY. Returns within
         ``timeout`` (plus a fraction of a second), however stuck the sink is. May block."""

@@ -60,6 +60,13 @@ _PRINTABLE = re.compile(r"[\x21-\x7e]*")
 log = logging.getLogger(__name__)
 
 
+_HELD_BACK = "held back: the circuit opened before it was sent"
+
+
+class _NotSent(OSError):
+    """A request withdrawn before it was written (``HttpChannel.shed``)."""
+
+
 def check_url(url: str, what: str = "sink") -> None:
     """A one-line ValueError unless ``url`` is an absolute http(s) URL with a host."""
     try:
@@ -248,6 +255,20 @@ class HttpChannel(Channel):
                 report(message, Outcome.RETRY, f"sink {self._sink} listed it in batchItemFailures")
             else:
                 self._answered(message, report, status, retry_after, None, error, counted=False)
+
+    def shed(self) -> None:
+        """Requests waiting for one of the ``concurrency`` connections, and a batch still being
+        gathered, were never sent: RETRY now (the worker parks them until the circuit closes)."""
+        if self._batch_timer is not None:
+            self._batch_timer.cancel()
+            self._batch_timer = None
+        gathered, self._batch = self._batch, []
+        for message, _ in gathered:
+            assert self._batch_report is not None
+            self._batch_report(message, Outcome.RETRY, _HELD_BACK)
+        shed = self._pool.shed(_NotSent(_HELD_BACK))
+        if shed or gathered:
+            log.info("circuit open: %d request(s) not yet sent held back", shed + bool(gathered))
 
     async def aclose(self, timeout: float = 30.0) -> None:
         """Wait for the answers in flight, up to ``timeout``; then break off the rest (RETRY)."""

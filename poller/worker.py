@@ -527,6 +527,8 @@ class Worker:
                         "%d held message(s) kept and retried in place",
                         self._circuit.threshold, reason, len(self._ledger))
             self.counters.set("circuit_open", 1)
+            # Not from within this verdict: the shed requests' verdicts come back through it.
+            self._loop.call_soon(self._shed)  # type: ignore[union-attr]
         if self._stopping:
             self._return_run(run, effects, visibility=0)
         elif self._circuit.is_open:
@@ -544,6 +546,12 @@ class Worker:
                 self._schedule(run, self._loop.time() + delay)
         self._room_changed()
         return effects
+
+    def _shed(self) -> None:
+        """The circuit is open: what the channel has not sent yet is parked, not sent into the
+        outage (else every request queued behind the in-flight limit becomes a duplicate)."""
+        if self._circuit.is_open and self._channel is not None:
+            self._channel.shed()
 
     def _close_circuit(self, now: float) -> None:
         """The channel delivers again; everything parked goes out now."""

@@ -40,7 +40,7 @@ def test_one_probe_at_a_time_after_a_growing_backoff() -> None:
         now = circuit.next_probe_at
         assert circuit.take_probe(now)
     assert gaps[0] < gaps[2]  # grows (jitter is 20%: 2 s and 8 s cannot cross)
-    assert max(gaps) <= 8.0 and gaps[-1] >= 8.0 * 0.8  # and reaches the cap
+    assert max(gaps) <= 8.0 + 1e-9 and gaps[-1] >= 8.0 * 0.8  # reaches the cap ((now + 8) - now may be 8 + 1 ulp)
     assert circuit.success()  # the probe went through: closed
     assert not circuit.is_open and not circuit.take_probe(now + 100)
 

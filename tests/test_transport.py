@@ -1281,6 +1281,38 @@ def test_abort_breaks_off_requests_in_flight_and_refuses_later_ones(
     assert isinstance(Aborted(), OSError)  # the channel treats it as a transport failure
 
 
+def test_shed_fails_only_the_requests_never_sent(run: Run, serve: Serve) -> None:
+    """What the circuit breaker relies on: requests queued beyond the limit are withdrawn with
+    the given error (the server never sees them); the one on a connection runs on."""
+    hold = threading.Event()
+
+    def slow(server_: RawServer, conn: socket.socket, reader: Reader) -> None:
+        while (request := reader.request()) is not None:
+            server_.record(request)
+            hold.wait(10)
+            conn.sendall(OK)
+
+    server = serve(slow)
+
+    async def main() -> None:
+        async with pool_for(server.port, limit=1) as pool:
+            done = Answers()
+            pool.send(build(pool, b"sent"), done, timeout=30)
+            for body in (b"queued-1", b"queued-2"):
+                pool.send(build(pool, body), done, timeout=30)
+            await until(lambda: server.requests, "the first request to reach the server")
+            assert pool.shed(ConnectionError("held back")) == 2
+            shed = await done.wait(2)
+            assert [str(a.error) for a in shed] == ["held back", "held back"]
+            hold.set()
+            answers = await done.wait(3)
+            assert answers[-1].status == 200 and answers[-1].error is None
+            assert pool.shed(ConnectionError("nothing waits")) == 0
+
+    run(main())
+    assert server.bodies() == [b"sent"]
+
+
 def test_abort_before_any_request_never_connects(run: Run, serve: Serve) -> None:
     server = serve(answering(OK))
 

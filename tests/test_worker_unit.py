@@ -374,6 +374,38 @@ async def test_an_outage_opens_the_circuit_parks_everything_and_returns_nothing(
     assert rig.lanes.returned == []
 
 
+class SheddingChannel(FakeChannel):
+    """Holds the first ``limit`` messages "on the wire"; the rest wait until ``shed``."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+        self.shed_calls = 0
+
+    def shed(self) -> None:
+        self.shed_calls += 1
+        waiting = [(m, r) for batch, r in self.published for m in batch][self.limit:]
+        for message, report in waiting:
+            report(message, Outcome.RETRY, "held back")
+
+
+@on_loop
+async def test_when_the_circuit_opens_what_the_channel_has_not_sent_is_shed_and_parked() -> None:
+    rig = make_rig(circuit_threshold=5, retries=1, max_in_flight=100)
+    channel = rig.worker._channel = SheddingChannel(limit=5)
+    await rig.receive([raw_message(i) for i in range(30)])
+    on_wire = [m for batch, _ in channel.published for m in batch][:5]
+    for message in on_wire:  # what was sent fails: the circuit opens
+        channel.published[0][1](message, Outcome.RETRY, "TimeoutError")
+    assert rig.worker._circuit.is_open
+    await asyncio.sleep(0)  # the shed is called once this verdict is done
+    assert channel.shed_calls == 1
+    # Parked: the 25 shed and the failure that opened the circuit; the 4 before it wait for
+    # their in-place retry (parked when it comes). Nothing was sent again, nothing returned.
+    assert len(rig.worker._parked) == 26 and rig.held == 30
+    assert len(channel.published) == 30 and rig.lanes.returned == []  # one publish per message
+
+
 @on_loop
 async def test_successes_in_between_keep_the_circuit_closed() -> None:
     rig = make_rig(circuit_threshold=3)

@@ -364,6 +364,13 @@ class HttpPool:
         self.send(data, done, timeout=timeout, keep_body=keep_body)
         return await future
 
+    def shed(self, error: BaseException) -> int:
+        """Fail with ``error`` every request still waiting for a connection: never written, so
+        the server never saw it. Requests on connections run on. Returns how many were shed."""
+        waiting = self._queued
+        self._fail_waiting(error, everything=True)
+        return waiting
+
     def abort(self) -> None:
         """Break off every request (``Aborted``) and refuse later ones. From the loop's thread."""
         self.aborted = True

@@ -442,6 +442,9 @@ _TOO_MANY_CONNECTIONS = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: tex
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True  # a stuck connection never keeps the process alive
     allow_reuse_address = True
+    # socketserver's default backlog is 5: a burst of new connections (a poller opening its
+    # pool) overflows it, and a dropped SYN is retried by the client's kernel only after 1 s, 3 s.
+    request_queue_size = 1024
 
     def __init__(self, address: tuple[str, int], app: CloudEventServer, options: ServerOptions) -> None:
         self.app = app

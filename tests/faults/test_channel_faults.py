@@ -181,9 +181,10 @@ def test_trickling_sink(
     keep coming; a connection that trickled keeps trickling), then new connections are healthy.
     With --http-timeout 2 bounding the whole request, the poller gives up on those requests and
     everything arrives. Every request given up was recorded by the sink: a duplicate. After the
-    first failures the circuit opens and only one probe per process goes out at a time (1 s apart
-    at least), so duplicates <= what was in flight when the trickle began (2 processes x 64
-    requests, the default --http-concurrency) + probes (2 x 15)."""
+    first failures the circuit opens: requests still queued behind the connection limit are held
+    back, not sent, and only one probe per process goes out at a time (1 s apart at least). So
+    duplicates <= what was on the wire (2 processes x 64 requests, the default
+    --http-concurrency) + probes (2 x 15)."""
     case = fault_case("trickling sink 15 s", "http", max_duplicates=2 * 64 + 2 * 15)
     queue = make_queue(visibility_timeout=30)
     with dumper_sink() as server, FaultProxy(server.url) as proxy:

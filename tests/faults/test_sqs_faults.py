@@ -29,6 +29,11 @@ def wait_empty(sqs: Any, url: str, timeout: float) -> None:
     wait_until(lambda: queue_counts(sqs, url) == (0, 0), timeout, "the queue to be empty")
 
 
+# 600 messages at 25 msg/s take ~24 s: the flow is still going when a 10 s fault ends (the
+# sink's own pace does not bound it: the poller has 64 requests in flight per process).
+PACED = ("--max-rate", "25")
+
+
 def steady_sink(seconds: float = 0.03) -> Callable[[dict[str, Any], Any], None]:
     """A sink taking ``seconds`` per event: the flow lasts a few seconds, deliveries are in
     progress when the fault starts."""
@@ -53,7 +58,7 @@ def test_sqs_failing_for_10s(
         deliveries = SinkDeliveries(server)
         ids = send_messages(sqs, queue.url, [f"sqs-down-{i}" for i in range(600)])
         case.count_with(lambda wait: tally(sqs, ids, deliveries, wait=wait))
-        poller = start_poller(queue.url, deliveries.poller_args(), "--endpoint-url", proxy.url)
+        poller = start_poller(queue.url, deliveries.poller_args(), "--endpoint-url", proxy.url, *PACED)
         wait_until(lambda: len(server.received) >= 100, 60, "the flow to start")
         for fault in (HttpError(SQS_INTERNAL_ERROR), HttpError(SQS_THROTTLING), Fault.RESET):
             proxy.set(fault)
@@ -150,7 +155,7 @@ def test_failing_credential_refresh(
         ids = send_messages(sqs, queue.url, [f"credentials-{i}" for i in range(600)])
         case.count_with(lambda wait: tally(sqs, ids, deliveries, wait=wait))
         poller = start_poller(queue.url, deliveries.poller_args(), "--profile", "faulty", "--endpoint-url",
-                              sqs_endpoint, env=env, unset=_AWS_UNSET)
+                              sqs_endpoint, *PACED, env=env, unset=_AWS_UNSET)
         wait_until(lambda: len(server.received) >= 100, 60, "the flow to start")
         calls_before = lines(calls)
         flag.touch()
