@@ -3,18 +3,18 @@
 Used by the in-memory channel (``poller.kit.inmemory``) and the message dumper
 (``poller.kit.dumper``); nothing here is on the poller's hot path.
 
-``parse_event(headers, body)`` turns one HTTP request into an event dict, following the
-CloudEvents 1.0 HTTP binding:
+``parse_event(headers, body)`` turns one HTTP request into an event dict with the
+``cloudevents`` SDK (CloudEvents 1.0 HTTP binding; off the hot path, so the reference
+implementation rather than our own):
 
 - *structured* mode: ``Content-Type: application/cloudevents+json``; the body is the event.
 - *binary* mode: a ``ce-specversion`` header; attributes are the ``ce-*`` headers (values
-  percent-decoded, binding 3.1.3.2), ``datacontenttype`` is ``Content-Type``, data is the body.
+  percent-decoded), ``datacontenttype`` is ``Content-Type``, data is the body.
 - anything else (including batched mode) is not a CloudEvent: ``NotACloudEvent`` with a
-  one-line reason, which the servers answer as 400.
+  one-line reason, which the servers answer as 400; so is an event the SDK does not validate.
 
-In the dict, ``data`` is the JSON value when the content type is JSON (``application/json``,
-``*/*+json``), else the text; a body that is not UTF-8 becomes ``data_base64``, as in the JSON
-event format. Structured events are returned as their JSON document.
+The dict is the event's JSON document (the JSON event format): ``data`` is the JSON value when
+the content type is JSON, else the text; a body that is not UTF-8 becomes ``data_base64``.
 
 ``CloudEventServer`` is a ``ThreadingHTTPServer`` (HTTP/1.1 keep-alive, one daemon thread per
 connection) with ``start()`` / ``serve_forever()`` / ``stop()`` and a context manager;
@@ -40,7 +40,6 @@ Limits (``ServerOptions``), so that no client can hold the server's threads or m
 from __future__ import annotations
 
 import abc
-import base64
 import io
 import logging
 import re
@@ -54,9 +53,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Generic, Self, TypeVar
-from urllib.parse import unquote
-
 import orjson
+from cloudevents.core.bindings.http import HTTPMessage, from_binary, from_structured
+from cloudevents.core.exceptions import CloudEventValidationError
+from cloudevents.core.formats.json import JSONFormat
 
 C = TypeVar("C")
 
@@ -67,7 +67,6 @@ __all__ = [
     "NotACloudEvent",
     "Reply",
     "ServerOptions",
-    "is_json_content_type",
     "parse_event",
     "run_until_signalled",
 ]
@@ -75,10 +74,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 STRUCTURED_CONTENT_TYPE = "application/cloudevents+json"
-REQUIRED_ATTRIBUTES = ("specversion", "id", "source", "type")
-# Spec 1.0: attribute names are lower-case ASCII letters and digits (headers arrive lower-cased).
-_ATTRIBUTE_NAME = re.compile(r"[a-z0-9]+")
-_HEADER_ORDER = {name: i for i, name in enumerate((*REQUIRED_ATTRIBUTES, "time", "subject"))}
+_FORMAT = JSONFormat()
+_REQUIRED = ("specversion", "id", "source", "type")
 # A chunk size is hex digits and nothing else: no sign, no "0x", no "_" (all of which int() takes).
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 MAX_TRAILERS = 100  # trailer lines of a chunked request
@@ -98,86 +95,64 @@ def is_json_content_type(content_type: str | None) -> bool:
 
 
 def parse_event(headers: Mapping[str, str], body: bytes, *, decode_data: bool = True) -> dict[str, Any]:
-    """Turn one HTTP request (header names lower-cased) into an event dict.
+    """Turn one HTTP request (header names lower-cased) into an event dict: the event's JSON
+    document (the JSON event format), parsed and validated by the ``cloudevents`` SDK.
 
-    With ``decode_data=False`` only the attributes are parsed and validated (binary mode: no
-    ``data`` key), for the channel, which forwards the body untouched anyway.
-    Raises ``NotACloudEvent``.
+    With ``decode_data=False`` the dict has the attributes only (no ``data``), for the channel,
+    which forwards the body untouched anyway. Raises ``NotACloudEvent``.
     """
-    content_type = headers.get("content-type")
-    media = media_type(content_type)
+    media = media_type(headers.get("content-type"))
     if media.startswith("application/cloudevents"):
         if media == "application/cloudevents-batch+json":
             raise NotACloudEvent("batched content mode is not supported; send one event per request")
         if media != STRUCTURED_CONTENT_TYPE:
             raise NotACloudEvent(f"unsupported event format {media!r}; use {STRUCTURED_CONTENT_TYPE}")
-        return _parse_structured(body)
-    if "ce-specversion" in headers:
-        return _parse_binary(headers, body, content_type, decode_data)
-    raise NotACloudEvent(
-        f"not a CloudEvent: no ce-specversion header and content type is not {STRUCTURED_CONTENT_TYPE}"
-    )
+        sent = _structured_attributes(body)
+        parse = from_structured
+    elif "ce-specversion" in headers:
+        sent = {name[3:] for name in headers if name.startswith("ce-")}
+        parse = from_binary
+    else:
+        raise NotACloudEvent(
+            f"not a CloudEvent: no ce-specversion header and content type is not {STRUCTURED_CONTENT_TYPE}"
+        )
+    # The SDK fills a missing id (a UUID) and time ("now"): a sink must see what was sent.
+    missing = [name for name in _REQUIRED if name not in sent]
+    if missing:
+        raise NotACloudEvent(f"missing required attribute(s): {', '.join(missing)}")
+    try:
+        event = parse(HTTPMessage(dict(headers), body), _FORMAT)
+        document: dict[str, Any] = orjson.loads(_FORMAT.write(event))
+    except CloudEventValidationError as exc:
+        raise NotACloudEvent(_validation_reason(exc)) from None
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:  # the SDK's JSON and time parsing
+        raise NotACloudEvent(f"not a valid CloudEvent: {_one_line(exc)}") from None
+    if "time" not in sent:
+        document.pop("time", None)
+    if not decode_data:
+        document.pop("data", None)
+        document.pop("data_base64", None)
+    return document
 
 
-def _parse_structured(body: bytes) -> dict[str, Any]:
+def _structured_attributes(body: bytes) -> set[str]:
     try:
         event = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise NotACloudEvent(f"structured event is not valid JSON: {exc}") from None
     if not isinstance(event, dict):
         raise NotACloudEvent("structured event must be a JSON object")
-    for name in event:
-        if name not in ("data", "data_base64") and not _ATTRIBUTE_NAME.fullmatch(name):
-            raise NotACloudEvent(f"invalid attribute name {name!r}")
-    if "data" in event and "data_base64" in event:
-        raise NotACloudEvent("structured event has both data and data_base64")
-    _validate(event)
-    return event
+    return set(event)
 
 
-def _parse_binary(
-    headers: Mapping[str, str], body: bytes, content_type: str | None, decode_data: bool
-) -> dict[str, Any]:
-    attributes: dict[str, Any] = {}
-    for header, value in headers.items():
-        if not header.startswith("ce-"):
-            continue
-        name = header[3:]
-        if not _ATTRIBUTE_NAME.fullmatch(name):
-            raise NotACloudEvent(f"invalid attribute name {name!r} in header {header!r}")
-        attributes[name] = unquote(value)  # binding 3.1.3.2: values are percent-encoded
-    _validate(attributes)
-    # Stable, readable order for the dumper: required attributes first, then the rest by name.
-    event = {k: attributes[k] for k in sorted(attributes, key=lambda k: (_HEADER_ORDER.get(k, 99), k))}
-    if content_type is not None:
-        event["datacontenttype"] = content_type
-    if decode_data and body:
-        event.update(decode_data_field(body, content_type))
-    return event
+def _validation_reason(exc: CloudEventValidationError) -> str:
+    """The SDK's errors, one line: ``source: Missing required attribute: 'source'; ...``."""
+    reasons = [f"{name}: {errors[0]}" for name, errors in exc.errors.items() if errors]
+    return _one_line("; ".join(reasons) or str(exc))
 
 
-def decode_data_field(body: bytes, content_type: str | None) -> dict[str, Any]:
-    """``{"data": ...}`` (JSON value or text) or ``{"data_base64": ...}`` for a binary-mode body."""
-    if is_json_content_type(content_type):
-        try:
-            return {"data": orjson.loads(body)}
-        except orjson.JSONDecodeError:
-            pass  # claims JSON but is not: show it as it is rather than refuse the event
-    try:
-        return {"data": body.decode("utf-8")}
-    except UnicodeDecodeError:
-        return {"data_base64": base64.b64encode(body).decode("ascii")}
-
-
-def _validate(event: Mapping[str, Any]) -> None:
-    missing = [name for name in REQUIRED_ATTRIBUTES if not event.get(name)]
-    if missing:
-        raise NotACloudEvent(f"missing required attribute(s): {', '.join(missing)}")
-    for name in REQUIRED_ATTRIBUTES:
-        if not isinstance(event[name], str):
-            raise NotACloudEvent(f"attribute {name!r} must be a string")
-    if event["specversion"] != "1.0":
-        raise NotACloudEvent(f"unsupported specversion {event['specversion']!r}; only 1.0 is accepted")
+def _one_line(exc: object) -> str:
+    return " ".join(str(exc).split())[:300]
 
 
 # --------------------------------------------------------------------------------------------
