@@ -8,7 +8,6 @@ first failure is one line and exit 3, as a failed start of ``run``; warnings do 
 
 from __future__ import annotations
 
-import asyncio
 import http.client
 import ssl
 from typing import TYPE_CHECKING, Any
@@ -17,7 +16,6 @@ from urllib.parse import urlsplit
 import click
 import orjson
 
-from channels.base import ChannelError
 from channels.http import HttpConfig, basic_auth, redact
 
 if TYPE_CHECKING:
@@ -56,7 +54,8 @@ def run_check(plan: Plan, opts: dict[str, Any]) -> int:
         status = _check_sink(plan.channel)
         out.ok("sink", f"{redact(plan.channel.sink)} answered OPTIONS with HTTP {status}")
     else:
-        _check_kafka(plan)
+        from poller.cli import check_channel
+        check_channel(plan.channel, plan.target.queue_url)
         out.ok("kafka", f"{opts['kafka_bootstrap_servers']} answered; topic {opts['kafka_topic']!r} exists")
     click.echo(out.text())
     return 0
@@ -111,19 +110,3 @@ def _check_sink(config: HttpConfig) -> int:
         raise BootError(f"sink {redact(config.sink)} does not answer: {type(exc).__name__}: {exc}") from None
     finally:
         conn.close()
-
-
-def _check_kafka(plan: Plan) -> None:
-    from poller.cli import BootError
-
-    async def check() -> None:
-        channel = plan.channel.create(plan.target.queue_url)
-        try:
-            channel.start()
-        finally:
-            await channel.aclose(timeout=5.0)
-
-    try:
-        asyncio.run(check())
-    except ChannelError as exc:
-        raise BootError(f"kafka channel: {exc}") from None

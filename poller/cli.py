@@ -97,7 +97,7 @@ def run(**opts: Any) -> int:
     retried in place, a rejected one is left to the queue's redrive policy (DLQ).
     """
     plan = _plan(opts)
-    _check_channel(plan.channel, plan.target.queue_url)
+    check_channel(plan.channel, plan.target.queue_url)
     from poller.supervisor import Supervisor  # imported late: keeps --help fast
 
     supervisor = Supervisor(plan.config)
@@ -272,7 +272,8 @@ def _check_queue(target: SqsTarget) -> dict[str, str]:
         client.close()
 
 
-def _check_channel(config: ChannelConfig, source: str) -> None:
+def check_channel(config: ChannelConfig, source: str) -> None:
+    """Start the channel once and close it (``run``'s check before it starts, and ``check``)."""
     async def check() -> None:
         channel = config.create(source)
         try:

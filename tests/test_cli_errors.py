@@ -315,6 +315,19 @@ def test_check_fails_in_one_line_on_a_missing_queue_or_a_dead_sink(
     assert result.returncode == 3
 
 
+def test_check_kafka_finds_the_broker_and_the_topic(
+    run_poller: RunPoller, aws_env: Mapping[str, str], queue_url: str, kafka_broker: str
+) -> None:
+    topic = f"check-{uuid.uuid4().hex[:8]}"
+    kafka = ["check", "--queue-url", queue_url, "--channel", "kafka", "--kafka-bootstrap-servers", kafka_broker]
+    result = run_poller([*kafka, "--kafka-topic", topic], _env(aws_env))
+    assert_one_line_error(result, f"topic '{topic}' does not exist", "--kafka-create-topic")
+    assert result.returncode == 3
+    result = run_poller([*kafka, "--kafka-topic", topic, "--kafka-create-topic"], _env(aws_env))
+    assert result.returncode == 0, result.stderr
+    assert f"ok       kafka: {kafka_broker} answered; topic '{topic}' exists" in result.stdout
+
+
 def test_check_takes_a_queue_arn(run_poller: RunPoller, aws_env: Mapping[str, str], queue_url: str) -> None:
     from poller.kit.dumper import DumperServer
 
