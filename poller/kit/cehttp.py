@@ -588,27 +588,27 @@ class CloudEventServer(abc.ABC):
 
 
 def run_until_signalled(server: CloudEventServer, started: str, stopped: Callable[[], str]) -> None:
-    """Serve until SIGTERM, SIGINT (KeyboardInterrupt) or the server dies, then stop cleanly.
+    """Serve until SIGTERM, SIGINT or the server dies, then stop cleanly.
 
     ``started`` is logged once serving; ``stopped()`` gives the line logged after the stop.
-    The SIGTERM handler only sets an event: the stop runs in this (the main) thread, never in
-    the handler and never in the serving thread.
+    The signal handlers only set an event: the stop runs in this (the main) thread, never in a
+    handler and never in the serving thread. SIGINT too: a KeyboardInterrupt raised wherever the
+    main thread happens to be (inside a lock of logging or of the event itself) can hang the stop.
     """
     stop_requested = threading.Event()
-    previous = None
+    previous: dict[signal.Signals, Any] = {}
     if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop_requested.set())
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous[signum] = signal.signal(signum, lambda signum, frame: stop_requested.set())
     try:
         server.start()
         log.info("%s", started)
-        # A timed wait, so that SIGINT's KeyboardInterrupt and a dead server are noticed.
+        # A timed wait, so that a dead server is noticed.
         while not stop_requested.wait(0.5):
             if not server.serving:
                 raise RuntimeError(f"{type(server).__name__}: server thread ended unexpectedly")
-    except KeyboardInterrupt:
-        pass
     finally:
         server.stop()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     log.info("%s", stopped())
