@@ -21,8 +21,10 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -ra $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
+# The full preset (~10 minutes on 2 cores; also rewrites benchmarks/RESULTS.md); BENCH_ARGS=--quick: ~2.
 bench: setup
-	$(BIN)/python -m benchmarks.run
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

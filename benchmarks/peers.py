@@ -1,141 +1,45 @@
-"""The benchmark's peers: SQS queues (create, pre-load, count), the HTTP sink process, Kafka topics."""
+"""The benchmark's peers in their own processes: HTTP sinks (``benchmarks.sink``) and the SQS delay
+proxy (``benchmarks.proxy``), each started once per run and stopped by pid; Kafka topics (create,
+read back)."""
 
 from __future__ import annotations
 
 import http.client
-import importlib.util
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-import boto3
 import orjson
-from botocore.config import Config
 
-from poller.services import HOST, free_port, wait_for
+from benchmarks.keys import order_of
+from poller.kit.services import HOST, free_port, wait_for
 
-__all__ = [
-    "REGION",
-    "Sink",
-    "consume_count",
-    "create_queue",
-    "create_topic",
-    "load_test_module",
-    "make_bodies",
-    "preload",
-    "queue_total",
-    "sqs_client",
-]
+__all__ = ["DelayProxy", "Sink", "consume_count", "create_topic"]
 
 log = logging.getLogger(__name__)
 
-REGION = "us-east-1"
 ROOT = Path(__file__).resolve().parent.parent
-# Long enough that no message comes back while a case runs: every delivery is counted once.
-VISIBILITY_TIMEOUT = 300
 
 
-def load_test_module(name: str) -> ModuleType:
-    """A module of tests/ (``support``) by path: tests/ is not a package."""
-    cached = sys.modules.get(f"_bench_{name}")
-    if cached is not None:
-        return cached
-    spec = importlib.util.spec_from_file_location(f"_bench_{name}", ROOT / "tests" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+class _Child:
+    """A helper process of ours in its own session, output to ``log_dir/<name>.log``, stopped by pid."""
 
-
-def sqs_client(endpoint: str, *, pool: int = 32) -> Any:
-    return boto3.client(
-        "sqs", endpoint_url=endpoint, region_name=REGION,
-        aws_access_key_id="test", aws_secret_access_key="test",
-        config=Config(retries={"max_attempts": 5, "mode": "standard"}, max_pool_connections=pool),
-    )
-
-
-def create_queue(sqs: Any, label: str) -> str:
-    name = f"bench-{label}-{uuid.uuid4().hex[:8]}"
-    return str(sqs.create_queue(QueueName=name, Attributes={"VisibilityTimeout": str(VISIBILITY_TIMEOUT)})["QueueUrl"])
-
-
-def make_bodies(count: int, size: int) -> list[str]:
-    """``count`` distinct ASCII bodies of ``size`` bytes (a JSON-ish order, like real traffic)."""
-    bodies = []
-    for i in range(count):
-        head = f'{{"order":{i},"customer":"c-{i % 997}","note":"'
-        bodies.append((head + "x" * max(0, size - len(head) - 2) + '"}')[:max(size, 1)])
-    return bodies
-
-
-def preload(sqs: Any, url: str, bodies: Sequence[str], *, threads: int = 8) -> float:
-    """SendMessageBatch every body (8 threads); returns the seconds it took."""
-    helpers = load_test_module("support")
-    size = -(-len(bodies) // threads)
-    chunks = [bodies[i:i + size] for i in range(0, len(bodies), size)]
-    started = time.monotonic()
-    with ThreadPoolExecutor(threads) as pool:
-        sent = sum(len(ids) for ids in pool.map(lambda c: helpers.send_messages(sqs, url, c), chunks))
-    seconds = time.monotonic() - started
-    log.info("pre-loaded %d messages in %.1f s (%.0f msg/s)", sent, seconds, sent / seconds)
-    return seconds
-
-
-def queue_total(sqs: Any, url: str) -> int:
-    """Visible + in flight + delayed messages."""
-    attrs = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=[
-        "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible",
-        "ApproximateNumberOfMessagesDelayed",
-    ])["Attributes"]
-    return sum(int(v) for v in attrs.values())
-
-
-# --------------------------------------------------------------------------- HTTP sink
-
-
-class Sink:
-    """``benchmarks.sink`` in its own process (own session), stopped by pid."""
-
-    def __init__(self, log_dir: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://{HOST}:{self.port}/"
-        self._log = open(log_dir / "sink.log", "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.sink", "--port", str(self.port)],
-            cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        wait_for(self.stats, 15, f"sink on {self.url}", process=self.proc)  # type: ignore[arg-type]
-        log.info("HTTP sink ready on %s (pid %d)", self.url, self.proc.pid)
+    def __init__(self, name: str, argv: list[str], log_dir: Path) -> None:
+        self.name = name
+        self._log = open(log_dir / f"{name}.log", "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
 
     @property
     def pid(self) -> int:
         return self.proc.pid
-
-    def _get(self, path: str) -> bytes:
-        conn = http.client.HTTPConnection(HOST, self.port, timeout=5)
-        try:
-            conn.request("GET", path)
-            return conn.getresponse().read()
-        finally:
-            conn.close()
-
-    def stats(self) -> dict[str, int]:
-        return dict(orjson.loads(self._get("/stats")))
-
-    def reset(self) -> None:
-        self._get("/reset")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -146,6 +50,66 @@ class Sink:
                 os.kill(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self._log.close()
+
+
+class Sink(_Child):
+    """``benchmarks.sink``: answers at once, after ``delay_ms``, or never (``stall``)."""
+
+    def __init__(self, name: str, log_dir: Path, *, delay_ms: float = 0.0, stall: bool = False) -> None:
+        self.port = free_port()
+        self.url = f"http://{HOST}:{self.port}/"
+        argv = [sys.executable, "-m", "benchmarks.sink", "--port", str(self.port)]
+        if stall:
+            argv.append("--stall")
+        elif delay_ms:
+            argv += ["--delay-ms", str(delay_ms)]
+        super().__init__(name, argv, log_dir)
+        wait_for(self.stats, 15, f"sink on {self.url}", process=self.proc)  # type: ignore[arg-type]
+        log.debug("%s ready on %s (pid %d)", name, self.url, self.pid)
+
+    def _get(self, path: str) -> bytes:
+        conn = http.client.HTTPConnection(HOST, self.port, timeout=10)
+        try:
+            conn.request("GET", path)
+            return conn.getresponse().read()
+        finally:
+            conn.close()
+
+    def stats(self) -> dict[str, int]:
+        return dict(orjson.loads(self._get("/stats")))
+
+    def unique(self) -> int:
+        return int(self.stats()["unique"])
+
+    def latencies_us(self) -> list[int]:
+        return list(orjson.loads(self._get("/latencies")))
+
+    def reset(self) -> None:
+        self._get("/reset")
+
+
+class DelayProxy(_Child):
+    """``benchmarks.proxy`` in front of ``upstream`` (host:port): ``rtt_ms`` added per round trip."""
+
+    def __init__(self, upstream: str, rtt_ms: float, log_dir: Path) -> None:
+        self.port = free_port()
+        self.rtt_ms = rtt_ms
+        super().__init__("sqs-proxy", [sys.executable, "-m", "benchmarks.proxy", "--port", str(self.port),
+                                       "--upstream", upstream, "--rtt-ms", str(rtt_ms)], log_dir)
+        wait_for(lambda: _port_open(HOST, self.port), 15, f"delay proxy on {self.port}", process=self.proc)  # type: ignore[arg-type]
+        log.debug("delay proxy ready on %d -> %s (+%g ms)", self.port, upstream, rtt_ms)
+
+    def url(self, url: str) -> str:
+        """``url`` (the SQS endpoint or a queue URL) with its host:port replaced by the proxy's."""
+        scheme, _, rest = url.partition("://")
+        _hostport, slash, path = rest.partition("/")
+        return f"{scheme}://{HOST}:{self.port}{slash}{path}"
+
+
+def _port_open(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
 
 
 # --------------------------------------------------------------------------- Kafka
@@ -161,8 +125,10 @@ def create_topic(bootstrap: str, partitions: int = 3) -> str:
 
 
 def consume_count(bootstrap: str, topic: str, expected: int, *, timeout: float = 60.0) -> tuple[int, int]:
-    """(records, distinct ``ce_id``s) of every partition of ``topic``, read from offset 0.
+    """(records, distinct event ids) in every partition of ``topic``, read from offset 0.
 
+    The id is the ``ce_id`` header (the poller's binary CloudEvents: the SQS message id), else the
+    ``order`` in the record's value (mq-bridge writes the bare body and no id).
     Counted by consuming, never with watermarks (tansu's are not exact, see SERVICES.md).
     """
     from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
@@ -174,7 +140,8 @@ def consume_count(bootstrap: str, topic: str, expected: int, *, timeout: float =
     try:
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
-        records, ids = 0, set()
+        records = 0
+        keys: set[bytes | int | None] = set()
         deadline = time.monotonic() + timeout
         idle_since = time.monotonic()
         while time.monotonic() < deadline:
@@ -188,7 +155,10 @@ def consume_count(bootstrap: str, topic: str, expected: int, *, timeout: float =
                 if record.error():
                     continue
                 records += 1
-                ids.add(dict(record.headers() or ()).get("ce_id"))
-        return records, len(ids)
+                value: Any = record.value() or b""
+                event_id = dict(record.headers() or []).get("ce_id")
+                keys.add(event_id if event_id else order_of(value))
+        keys.discard(None)
+        return records, len(keys)
     finally:
         consumer.close()

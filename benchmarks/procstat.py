@@ -1,4 +1,4 @@
-"""CPU time of processes from ``/proc`` (Linux): utime + stime, children walked by pid."""
+"""Processes from ``/proc`` (Linux): CPU (utime + stime), RSS, the tree below a pid, a port's owner."""
 
 from __future__ import annotations
 
@@ -6,9 +6,23 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["CLK_TCK", "cpu_seconds", "descendants", "is_stopped", "process_cpu", "total_cpu"]
+__all__ = [
+    "CLK_TCK",
+    "children",
+    "cmdline",
+    "cpu_seconds",
+    "descendants",
+    "is_stopped",
+    "listener_pid",
+    "process_cpu",
+    "rss_bytes",
+    "total_cpu",
+    "tree",
+    "tree_rss",
+]
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def _stat_fields(pid: int) -> list[str] | None:
@@ -73,3 +87,47 @@ def process_cpu(pids: Iterable[int]) -> dict[int, float]:
 def total_cpu(root: int) -> float:
     """CPU seconds of ``root`` and all its descendants alive now."""
     return sum(process_cpu([root, *descendants(root)]).values())
+
+
+def tree(root: int) -> list[int]:
+    return [root, *descendants(root)]
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set of one process (``/proc/<pid>/statm``); 0 if it is gone."""
+    try:
+        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def tree_rss(root: int) -> int:
+    """RSS summed over ``root`` and its descendants (shared pages counted in each: an upper bound)."""
+    return sum(rss_bytes(pid) for pid in tree(root))
+
+
+def listener_pid(port: int) -> int | None:
+    """The pid holding a listening TCP socket on ``port`` (an external LocalStack's), if visible."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            # local_address is HEX_IP:HEX_PORT; state 0A is LISTEN
+            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{fields[9]}]")
+    if not inodes:
+        return None
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            for fd in (entry / "fd").iterdir():
+                if os.readlink(fd) in inodes:
+                    return int(entry.name)
+        except OSError:
+            continue
+    return None

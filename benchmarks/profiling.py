@@ -1,14 +1,19 @@
 """``--profile``: one poller worker in-process, SQS -> HTTP sink, under cProfile; where the CPU goes.
 
-Every thread the worker starts (receivers, HTTP senders, delete batchers, ...) gets its own
-``cProfile.Profile`` timed with ``time.thread_time`` (that thread's CPU time, so time blocked in
-``recv`` or on a lock is not counted), and the profiles are merged. Profiling slows Python
+The one place the benchmarks import poller internals (``Worker``, ``WorkerConfig``): it profiles
+the worker, not the CLI, so it follows the worker's API (today: ``async Worker.run`` on a uvloop
+event loop, run here in a thread of its own). Every thread started meanwhile (the loop's, and any
+executor thread) gets its own ``cProfile.Profile`` timed with ``time.thread_time`` (that thread's
+CPU time, so time blocked in ``epoll`` or on a lock is not counted), and the profiles are merged.
+With an event loop, coroutines' cumulative times count each resume separately: read the own
+times and the callbacks' rows. Profiling slows Python
 code down (every call is timed), so read the shares, not the absolute numbers; the benchmark
 proper gives the real CPU per message.
 """
 
 from __future__ import annotations
 
+import asyncio
 import cProfile
 import io
 import logging
@@ -22,13 +27,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import uvloop
+
+from benchmarks.peers import Sink
+from benchmarks.procstat import CLK_TCK
+from benchmarks.sqs import (
+    REGION,
+    VISIBILITY_TIMEOUT,
+    create_queue,
+    preload,
+    queue_total,
+)
 from channels.http import HttpConfig
 from poller.config import WorkerConfig
 from poller.sqs import SqsTarget
 from poller.worker import Worker
-
-from benchmarks.procstat import CLK_TCK
-from benchmarks.peers import REGION, VISIBILITY_TIMEOUT, Sink, create_queue, preload, queue_total
 
 __all__ = ["HOT_PATH", "profile_http_worker"]
 
@@ -37,26 +50,20 @@ log = logging.getLogger(__name__)
 # (label, file suffix, function name; for C functions "~" and a part of the name): cumulative
 # CPU of these per message answers "where does it go". Indented rows are part of the row above.
 HOT_PATH: tuple[tuple[str, str, str], ...] = (
-    ("receive loop (Worker._receive_loop)", "poller/worker.py", "_receive_loop"),
+    ("receive loop, per resume (Worker._receive_loop)", "poller/worker.py", "_receive_loop"),
     ("  hand-over to the channel (Worker._hand_over)", "poller/worker.py", "_hand_over"),
-    ("HTTP channel send loop (HttpChannel._send_loop)", "channels/http.py", "_send_loop"),
-    ("  event building (EventFormat.http_binary_message)", "channels/events.py", "http_binary_message"),
-    ("    orjson.dumps (all: events and SQS requests)", "~", "orjson.dumps"),
+    ("HTTP channel publish (HttpChannel.publish)", "channels/http.py", "publish"),
+    ("  event head (EventFormat.http_binary_head)", "channels/events.py", "http_binary_head"),
     ("    time attribute (rfc3339_from_millis)", "channels/events.py", "rfc3339_from_millis"),
-    ("  POST to the sink (_Connection.post)", "channels/http.py", "post"),
-    ("  outcome bookkeeping (Worker.report)", "poller/worker.py", "report"),
-    ("delete batching (Batcher._run)", "poller/batcher.py", "_run"),
-    ("SQS calls, all threads (SqsClient._call)", "poller/sqs.py", "_call"),
-    ("  SigV4 signing (SigV4Signer.headers)", "poller/sqs.py", "headers"),
-    ("  orjson.loads", "~", "orjson.loads"),
-    # SQS and the sink both go through channels.wire (no http.client left on the hot path).
-    ("channels.wire, SQS + sink (HttpConnection._exchange)", "channels/wire.py", "_exchange"),
-    ("  header checks and encoding (encode_headers)", "channels/wire.py", "encode_headers"),
-    ("  socket sendall (one per request)", "~", "'sendall'"),
-    ("  response parsing (HttpConnection._read_response)", "channels/wire.py", "_read_response"),
-    ("  socket recv (all)", "~", "'recv'"),
-    ("lock acquire (all)", "~", "'acquire' of '_thread.lock'"),
-    ("queue get/put (all)", "~", "of '_queue.SimpleQueue'"),
+    ("  request bytes (RequestTemplate.build)", "channels/transport/http.py", "build"),
+    ("answers read and parsed (_Connection.data_received)", "channels/transport/http.py", "data_received"),
+    ("  sink answer handling (HttpChannel._answered)", "channels/http.py", "_answered"),
+    ("outcome bookkeeping (Worker._on_report)", "poller/worker.py", "_on_report"),
+    ("deletes queued (Deleter.add)", "poller/deleter.py", "add"),
+    ("SigV4 signing (SigV4Signer.headers)", "poller/sqs.py", "headers"),
+    ("orjson.loads (SQS answers)", "~", "orjson.loads"),
+    ("orjson.dumps (events and SQS requests)", "~", "orjson.dumps"),
+    ("transport writes (uvloop)", "~", "'write' of 'uvloop"),
     ("counters (Counters.add)", "poller/stats.py", "add"),
 )
 
@@ -122,7 +129,7 @@ def run_worker(sqs: Any, endpoint: str, sink: Sink, bodies: Sequence[str],
     With ``profiles``, every thread it starts is profiled (into that list).
     """
     url = create_queue(sqs, "profile")
-    preload(sqs, url, bodies)
+    preload(sqs, url, bodies, label="profile")
     sink.reset()
     config = WorkerConfig(
         target=SqsTarget(queue_url=url, region=REGION, endpoint_url=endpoint),
@@ -130,9 +137,18 @@ def run_worker(sqs: Any, endpoint: str, sink: Sink, bodies: Sequence[str],
     )
     worker = Worker(config)
     expected = len(bodies)
+    loops: list[asyncio.AbstractEventLoop] = []
+
+    def run_loop() -> None:
+        async def main() -> None:
+            loops.append(asyncio.get_running_loop())
+            await worker.run()
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(main())
+
     with profile_threads(profiles) if profiles is not None else nullcontext():
         # The patch stays on until the worker is done: it starts its threads inside run().
-        runner = threading.Thread(target=worker.run, name="worker-main")
+        runner = threading.Thread(target=run_loop, name="worker-loop")
         began, began_cpu = time.monotonic(), _cpu()
         runner.start()
         deadline = began + 60 + expected / 50
@@ -142,7 +158,8 @@ def run_worker(sqs: Any, endpoint: str, sink: Sink, bodies: Sequence[str],
             time.sleep(0.05)
         seconds, cpu = time.monotonic() - began, _cpu() - began_cpu
         threads = thread_cpu()  # before stop(): the worker's threads are still alive
-        worker.stop()
+        if loops:
+            loops[0].call_soon_threadsafe(worker.stop)  # stop() belongs on the loop
         runner.join(60)
     threads.pop("MainThread", None)
     return WorkerRun(messages=expected, seconds=seconds, cpu_seconds=cpu, threads=threads)
