@@ -89,11 +89,6 @@ def media_type(content_type: str | None) -> str:
     return (content_type or "").split(";", 1)[0].strip().lower()
 
 
-def is_json_content_type(content_type: str | None) -> bool:
-    media = media_type(content_type)
-    return media in ("application/json", "text/json") or media.endswith("+json")
-
-
 def parse_event(headers: Mapping[str, str], body: bytes, *, decode_data: bool = True) -> dict[str, Any]:
     """Turn one HTTP request (header names lower-cased) into an event dict: the event's JSON
     document (the JSON event format), parsed and validated by the ``cloudevents`` SDK.
