@@ -53,6 +53,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Generic, Self, TypeVar
+
 import orjson
 from cloudevents.core.bindings.http import HTTPMessage, from_binary, from_structured
 from cloudevents.core.exceptions import CloudEventValidationError
@@ -107,6 +108,8 @@ def parse_event(headers: Mapping[str, str], body: bytes, *, decode_data: bool = 
     elif "ce-specversion" in headers:
         sent = {name[3:] for name in headers if name.startswith("ce-")}
         parse = from_binary
+        if not decode_data:
+            body = b""  # the attributes are all in the headers: the data need not be decoded
     else:
         raise NotACloudEvent(
             f"not a CloudEvent: no ce-specversion header and content type is not {STRUCTURED_CONTENT_TYPE}"
@@ -124,7 +127,7 @@ def parse_event(headers: Mapping[str, str], body: bytes, *, decode_data: bool = 
         raise NotACloudEvent(f"not a valid CloudEvent: {_one_line(exc)}") from None
     if "time" not in sent:
         document.pop("time", None)
-    if not decode_data:
+    if not decode_data:  # structured: the data came with the attributes
         document.pop("data", None)
         document.pop("data_base64", None)
     return document
