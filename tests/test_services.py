@@ -161,6 +161,35 @@ def test_stop_kills_the_broker_and_is_idempotent(tansu_factory: Any) -> None:
 
 
 @pytest.mark.integration
+def test_a_tansu_that_never_gets_ready_is_started_once_more(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from poller.kit import services
+
+    attempts: list[Path] = []
+
+    def start(launch: Any, ready: Any, timeout: float, cleanup: Any) -> str:
+        attempts.append(launch.log_path)
+        if len(attempts) == 1:
+            raise services.ServiceError("tansu on 127.0.0.1:1: not ready after 30 s")
+        return "second"
+
+    monkeypatch.setattr(services, "_tansu_binary", lambda cache_dir: tmp_path / "tansu")
+    monkeypatch.setattr(services, "_start", start)
+    assert services.start_tansu(port=free_port(), log_dir=tmp_path) == "second"
+    assert len(attempts) == 2 and attempts[0] != attempts[1]  # each start has its own log
+
+    def never_ready(launch: Any, ready: Any, timeout: float, cleanup: Any) -> str:
+        attempts.append(launch.log_path)
+        raise services.ServiceError("tansu on 127.0.0.1:1: not ready after 30 s")
+
+    attempts.clear()
+    monkeypatch.setattr(services, "_start", never_ready)
+    with pytest.raises(services.ServiceError, match="not ready"):
+        services.start_tansu(port=free_port(), log_dir=tmp_path)
+    assert len(attempts) == 2  # twice at most
+
+
 def test_tansu_on_s3_keeps_records_across_a_restart(sqs_service: Service, tansu_factory: Any) -> None:
     health = localstack_health(sqs_service.endpoint)
     if health is not None and health.get("s3") not in ("available", "running"):
