@@ -139,7 +139,7 @@ def drain_count(sqs: Any, url: str, **kwargs: Any) -> int:
 
 
 def consume_topic(bootstrap: str, topic: str, until: Callable[[list[Any]], bool], timeout: float = 60,
-                  settle: float = 2.0) -> list[Any]:
+                  settle: float = 2.0, isolation: str = "read_committed") -> list[Any]:
     """Every record of the topic, reading each partition from offset 0 (no consumer group).
 
     Reads until ``until(records)`` holds, then until ``settle`` seconds pass without a new record
@@ -147,7 +147,8 @@ def consume_topic(bootstrap: str, topic: str, until: Callable[[list[Any]], bool]
     watermarks (tansu's are off, see SERVICES.md).
     """
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"t-{uuid.uuid4().hex[:6]}",
-                         "enable.auto.commit": False, "logger": logging.getLogger("consumer")})
+                         "enable.auto.commit": False, "isolation.level": isolation,
+                         "logger": logging.getLogger("consumer")})
     try:
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
@@ -504,4 +505,15 @@ def tally(sqs: Any, ids: Sequence[str], deliveries: Deliveries, *, wait: float =
     if drain_url:  # idle long enough for messages of broken-off receives to come back
         queued.update(m["MessageId"] for m in drain(sqs, drain_url, idle_receives=3, wait_seconds=3))
     expected = set(ids) - dead_ids.keys() - queued.keys()
-    return Tally(frozenset(ids), deliveries.ids(expected, timeout=wait), dead_ids, queued)
+    result = Tally(frozenset(ids), deliveries.ids(expected, timeout=wait), dead_ids, queued)
+    if result.lost and isinstance(deliveries, TopicDeliveries):
+        # Evidence for the failure, not a second chance: the count stays read_committed (what a
+        # default consumer sees). Once in CI two acked records were missing after tansu fenced
+        # the producer; were they in the log, hidden from read_committed?
+        uncommitted = {ce_id(r) for r in consume_topic(deliveries.bootstrap, deliveries.topic,
+                                                        lambda records: False, timeout=5,
+                                                        isolation="read_uncommitted")}
+        logging.getLogger(__name__).warning(
+            "%d lost in a read_committed read; read_uncommitted, %d of them are in the topic: %s",
+            len(result.lost), len(result.lost & uncommitted), sorted(result.lost & uncommitted)[:5])
+    return result
