@@ -510,10 +510,15 @@ def tally(sqs: Any, ids: Sequence[str], deliveries: Deliveries, *, wait: float =
         # Evidence for the failure, not a second chance: the count stays read_committed (what a
         # default consumer sees). Once in CI two acked records were missing after tansu fenced
         # the producer; were they in the log, hidden from read_committed?
-        uncommitted = {ce_id(r) for r in consume_topic(deliveries.bootstrap, deliveries.topic,
-                                                        lambda records: False, timeout=5,
-                                                        isolation="read_uncommitted")}
+        records = consume_topic(deliveries.bootstrap, deliveries.topic, lambda records: False, timeout=5,
+                                isolation="read_uncommitted")
+        uncommitted = {ce_id(r) for r in records}
+        offsets: dict[int, list[int]] = {}
+        for record in records:
+            offsets.setdefault(record.partition(), []).append(record.offset())
         logging.getLogger(__name__).warning(
-            "%d lost in a read_committed read; read_uncommitted, %d of them are in the topic: %s",
-            len(result.lost), len(result.lost & uncommitted), sorted(result.lost & uncommitted)[:5])
+            "%d lost in a read_committed read; read_uncommitted, %d of them are in the topic: %s; "
+            "offsets read per partition (a gap is a record the broker removed): %s",
+            len(result.lost), len(result.lost & uncommitted), sorted(result.lost & uncommitted)[:5],
+            {p: (min(o), max(o), len(o)) for p, o in sorted(offsets.items())})
     return result
