@@ -462,6 +462,7 @@ class KafkaChannel(Channel):
         self._poller: threading.Thread | None = None
         self._last_poll = time.monotonic()
         self._queue_wait = _message_timeout(config.producer_config())
+        self._acks = str(config.producer_config().get("acks", "all")) not in ("0", "none")
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -742,8 +743,10 @@ class KafkaChannel(Channel):
                 self._settle(entry, outcome, _error_text(exc))
                 return ""
 
-    def _delivered(self, entry: _Entry, err: KafkaError | None) -> None:
+    def _delivered(self, entry: _Entry, err: KafkaError | None, msg: Any = None) -> None:
         if err is None:
+            if msg is not None:
+                self._log_delivery(entry, msg)
             if entry.alone and entry.later_in_group:
                 # Delivered, but after later records of its group: those must go again after it.
                 self._settle(entry, Outcome.RETRY, _GROUP_OVERTAKEN)
@@ -759,6 +762,17 @@ class KafkaChannel(Channel):
             self._fatal = err  # the next publish raises: the worker restarts with a new producer
             log.error("Kafka producer fenced by the broker: %s", err.str())
         self._settle(entry, _outcome(err), err.str())
+
+    def _log_delivery(self, entry: _Entry, msg: Any) -> None:
+        offset = msg.offset()
+        if offset < 0 and self._acks:
+            # librdkafka reports DUPLICATE_SEQUENCE_NUMBER as delivered, with no offset: the broker
+            # says an earlier send of the batch was stored. Rare on Kafka (a retry after a lost
+            # answer); a broker that says it wrongly has dropped the record, so say it once each.
+            log.warning("Kafka acked message %s as stored by an earlier send (a duplicate sequence "
+                        "number, no offset given)", entry.message.id)
+        elif log.isEnabledFor(logging.DEBUG):
+            log.debug("message %s delivered to partition %s at offset %s", entry.message.id, msg.partition(), offset)
 
     def _send_alone(self) -> None:
         """Produce the queued records one per request (poll thread only: it alone takes from the
@@ -842,8 +856,8 @@ def _report_each(batch: Sequence[Message], report: Report, outcome: Outcome, rea
 
 
 def _callback(channel: KafkaChannel, entry: _Entry) -> Any:
-    def on_delivery(err: KafkaError | None, _msg: object) -> None:
-        channel._delivered(entry, err)
+    def on_delivery(err: KafkaError | None, msg: Any) -> None:
+        channel._delivered(entry, err, msg)
 
     return on_delivery
 

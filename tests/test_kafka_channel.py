@@ -381,6 +381,23 @@ def test_binary_events_round_trip(bootstrap: str) -> None:
         assert dict(record.headers())["tenant"] == f"t{i % 3}".encode()
 
 
+def test_debug_log_names_where_each_message_went(bootstrap: str, caplog: pytest.LogCaptureFixture) -> None:
+    """At DEBUG, each delivered message's partition and offset: what an operator needs to find a
+    message in the topic, checked against where the records really are."""
+    topic, n = topic_name(), 20
+    channel = make_channel(bootstrap, topic, partitions=3)
+    reports = Reports()
+    with caplog.at_level(logging.DEBUG, logger="channels.kafka"):
+        channel.publish([msg(i) for i in range(n)], reports)
+        reports.wait(n)
+    channel.close(5)
+    logged = {record.args[0]: record.args[1:] for record in caplog.records  # type: ignore[index]
+              if record.msg == "message %s delivered to partition %s at offset %s"}
+    stored = {ce_kafka.from_binary_event(as_kafka_message(r)).get_id(): (r.partition(), r.offset())
+              for r in consume(bootstrap, topic, n)}
+    assert len(stored) == n and logged == stored
+
+
 def test_structured_events_round_trip(bootstrap: str) -> None:
     topic, n = topic_name(), 50
     channel = make_channel(bootstrap, topic, format="structured", data_mode="body")

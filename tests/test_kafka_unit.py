@@ -306,8 +306,8 @@ class FakeProducer:
     def purge(self, in_queue: bool = True, in_flight: bool = True, blocking: bool = True) -> None:
         self.purged = True
 
-    def deliver(self, index: int, err: KafkaError | None = None) -> None:
-        self.callbacks[index][1](err, None)
+    def deliver(self, index: int, err: KafkaError | None = None, msg: Any = None) -> None:
+        self.callbacks[index][1](err, msg)
 
 
 def channel_with(producer: FakeProducer, **kw: Any) -> tuple[KafkaChannel, list[tuple[str, Outcome]]]:
@@ -315,6 +315,35 @@ def channel_with(producer: FakeProducer, **kw: Any) -> tuple[KafkaChannel, list[
     channel._producer = producer  # type: ignore[assignment]  # skip start(): no broker here
     reports: list[tuple[str, Outcome]] = []
     return channel, reports
+
+
+class DeliveredRecord:
+    """What a delivery report carries besides the error: where the record landed."""
+
+    def __init__(self, partition: int, offset: int) -> None:
+        self._partition, self._offset = partition, offset
+
+    def partition(self) -> int:
+        return self._partition
+
+    def offset(self) -> int:
+        return self._offset
+
+
+def test_an_ack_without_an_offset_is_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """librdkafka acks a DUPLICATE_SEQUENCE_NUMBER answer with offset -1: still an ACK (the
+    broker says it holds the record), but said in the log; a normal ack is said only at DEBUG."""
+    producer = FakeProducer()
+    channel, reports = channel_with(producer)
+    channel.publish([message(i) for i in range(2)], lambda m, o, r: reports.append((m.id, o)))
+    with caplog.at_level(logging.DEBUG, logger="channels.kafka"):
+        producer.deliver(0, msg=DeliveredRecord(2, 41))
+        producer.deliver(1, msg=DeliveredRecord(2, -1))
+    assert reports == [("id-0", Outcome.ACK), ("id-1", Outcome.ACK)]
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if "id-" in r.getMessage()]
+    assert lines == [("DEBUG", "message id-0 delivered to partition 2 at offset 41"),
+                     ("WARNING", "Kafka acked message id-1 as stored by an earlier send (a duplicate "
+                                 "sequence number, no offset given)")]
 
 
 def test_standard_messages_are_reported_as_their_reports_arrive() -> None:
