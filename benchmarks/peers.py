@@ -129,9 +129,10 @@ def consume_count(bootstrap: str, topic: str, expected: int, *, timeout: float =
 
     The id is the ``ce_id`` header (the poller's binary CloudEvents: the SQS message id), else the
     ``order`` in the record's value (mq-bridge writes the bare body and no id).
-    Counted by consuming, never with watermarks (tansu's are not exact, see SERVICES.md).
+    Counted by consuming, never with watermarks (tansu's are not exact, see SERVICES.md), and from
+    offset 0 itself: tansu resolves ``OFFSET_BEGINNING`` to the batch written first, not offset 0.
     """
-    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+    from confluent_kafka import Consumer, TopicPartition
 
     consumer = Consumer({
         "bootstrap.servers": bootstrap, "group.id": f"bench-{uuid.uuid4().hex[:6]}",
@@ -139,7 +140,7 @@ def consume_count(bootstrap: str, topic: str, expected: int, *, timeout: float =
     })
     try:
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+        consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
         records = 0
         keys: set[bytes | int | None] = set()
         deadline = time.monotonic() + timeout
