@@ -31,6 +31,8 @@ Faults (one at a time; ``set`` replaces the current one):
   canned ``response`` instead of being forwarded; the connection stays open.
 - ``SlowActions(actions, seconds)``: (``http=True``) requests of those SQS actions are held
   ``seconds`` before they are forwarded (SQS is slow to act on them).
+- ``SlowPaths(method, fragment, seconds)``: (``http=True``) requests of that method whose target
+  contains ``fragment`` are held ``seconds`` (one S3 object written late, say).
 
 With ``http=True`` the proxy parses the client's requests (head, then a ``Content-Length`` body;
 our clients never pipeline and never send chunked requests), so it knows where each one starts;
@@ -58,7 +60,7 @@ from urllib.parse import urlsplit
 
 __all__ = [
     "HTTP_429", "HTTP_500", "SQS_INTERNAL_ERROR", "SQS_THROTTLING", "CannedResponse", "Delay",
-    "Fault", "FaultProxy", "FaultSpec", "HttpError", "ProxyStats", "SlowActions", "Trickle",
+    "Fault", "FaultProxy", "FaultSpec", "HttpError", "ProxyStats", "SlowActions", "SlowPaths", "Trickle",
 ]
 
 log = logging.getLogger(__name__)
@@ -161,8 +163,19 @@ class SlowActions:
             raise ValueError("slow actions need some actions and a delay >= 0")
 
 
-FaultSpec = Fault | Delay | Trickle | HttpError | SlowActions
-_HTTP_ONLY = (HttpError, SlowActions)
+@dataclass(frozen=True, slots=True)
+class SlowPaths:
+    method: str
+    fragment: str
+    seconds: float
+
+    def __post_init__(self) -> None:
+        if self.seconds < 0 or not self.fragment:
+            raise ValueError("slow paths need a path fragment and a delay >= 0")
+
+
+FaultSpec = Fault | Delay | Trickle | HttpError | SlowActions | SlowPaths
+_HTTP_ONLY = (HttpError, SlowActions, SlowPaths)
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,7 +188,7 @@ class ProxyStats:
     trickled: int = 0  # connections that got at least one trickled piece
     requests: Counter[str] = field(default_factory=Counter)  # http mode: per action ("" = none)
     canned: Counter[str] = field(default_factory=Counter)  # http mode: canned answers per action
-    slowed: Counter[str] = field(default_factory=Counter)  # http mode: held requests per action
+    slowed: Counter[str] = field(default_factory=Counter)  # http mode: held requests per action (or path fragment)
 
 
 class _ProtocolError(Exception):
@@ -186,6 +199,8 @@ class _ProtocolError(Exception):
 class _Request:
     raw: bytes
     action: str
+    method: str
+    target: str
 
 
 # -- one relayed connection ---------------------------------------------------------------------
@@ -482,6 +497,9 @@ class FaultProxy:
             if isinstance(fault, SlowActions) and request.action in fault.actions:
                 self._count_action("slowed", request.action)
                 await asyncio.sleep(fault.seconds)
+            if isinstance(fault, SlowPaths) and request.method == fault.method and fault.fragment in request.target:
+                self._count_action("slowed", fault.fragment)
+                await asyncio.sleep(fault.seconds)
             conn.upstream.write(request.raw)
             await conn.upstream.drain()
 
@@ -564,7 +582,8 @@ async def _read_request(reader: asyncio.StreamReader) -> _Request | None:
         elif name == b"x-amz-target":
             action = value.strip().decode("latin-1").rpartition(".")[2]
     body = await reader.readexactly(length) if length else b""
-    return _Request(head + body, action)
+    method, _, rest = head.partition(b"\r\n")[0].decode("latin-1").partition(" ")
+    return _Request(head + body, action, method, rest.rpartition(" ")[0])
 
 
 def _matches(actions: frozenset[str] | None, action: str) -> bool:

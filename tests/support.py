@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from confluent_kafka import Consumer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
 
 from poller.kit.dumper import DumperServer
 from poller.kit.services import free_port
@@ -356,15 +356,15 @@ def ce_id(record: Any) -> str:
 
 
 def earliest_offsets(bootstrap: str, topic: str) -> dict[int, int]:
-    """Per partition, the offset the broker answers to ListOffsets(earliest): where a consumer
-    starting at ``OFFSET_BEGINNING`` (or ``auto.offset.reset=earliest``) begins."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"t-{uuid.uuid4().hex[:6]}",
-                         "logger": logging.getLogger("consumer")})
-    try:
-        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[0] for p in partitions}
-    finally:
-        consumer.close()
+    """Per partition, the broker's answer to ListOffsets(earliest): where a consumer starting at
+    ``OFFSET_BEGINNING`` (or ``auto.offset.reset=earliest``) begins. Asked for alone, through the
+    admin client: ``get_watermark_offsets`` asks for earliest and latest together, and on tansu,
+    whose latest can be below its earliest, its low end is not the earliest."""
+    admin = AdminClient({"bootstrap.servers": bootstrap, "logger": logging.getLogger("admin")})
+    partitions = admin.list_topics(topic, timeout=10).topics[topic].partitions
+    futures = admin.list_offsets({TopicPartition(topic, p): OffsetSpec.earliest() for p in partitions},
+                                 request_timeout=10)
+    return {tp.partition: future.result(timeout=15).offset for tp, future in futures.items()}
 
 
 def has_ids(ids: Collection[str]) -> Callable[[list[Any]], bool]:

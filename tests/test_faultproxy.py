@@ -23,7 +23,8 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from faultproxy import (
-    HTTP_500, SQS_INTERNAL_ERROR, SQS_THROTTLING, Delay, Fault, FaultProxy, HttpError, SlowActions, Trickle,
+    HTTP_500, SQS_INTERNAL_ERROR, SQS_THROTTLING, Delay, Fault, FaultProxy, HttpError, SlowActions, SlowPaths,
+    Trickle,
 )
 
 TIMEOUT = 5.0
@@ -324,11 +325,24 @@ def test_slow_actions_hold_only_those_requests(http_proxy: FaultProxy) -> None:
     assert http_proxy.stats().slowed == Counter({"DeleteMessageBatch": 1})
 
 
+def test_slow_paths_hold_only_that_method_and_path(http_proxy: FaultProxy) -> None:
+    http_proxy.set(SlowPaths("POST", "/records/000.batch", 0.5))
+    conn = connect(http_proxy)
+    started = time.monotonic()
+    conn.request("POST", "/bucket/records/000.batch", body=b"{}")
+    assert conn.getresponse().read() and time.monotonic() - started >= 0.5
+    conn.request("POST", "/bucket/records/010.batch", body=b"{}")
+    assert conn.getresponse().status == 200
+    assert http_proxy.stats().slowed == Counter({"/records/000.batch": 1})
+
+
 def test_http_faults_need_http_mode(tcp_proxy: FaultProxy) -> None:
     with pytest.raises(ValueError):
         tcp_proxy.set(HttpError(HTTP_500))
     with pytest.raises(ValueError):
         tcp_proxy.set(SlowActions(frozenset({"DeleteMessageBatch"}), 1))
+    with pytest.raises(ValueError):
+        tcp_proxy.set(SlowPaths("PUT", "/records/", 1))
 
 
 def test_chunked_requests_drop_the_connection(http_proxy: FaultProxy) -> None:

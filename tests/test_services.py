@@ -15,7 +15,8 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from support import drain_count, queue_counts, send_messages
+from faultproxy import FaultProxy, SlowPaths
+from support import consume_topic, drain_count, earliest_offsets, queue_counts, send_messages, wait_until
 from poller.kit.services import (
     Service,
     ServiceError,
@@ -24,6 +25,7 @@ from poller.kit.services import (
     localstack_health,
     start_moto,
     start_sqs,
+    tansu_s3_env,
 )
 
 
@@ -203,6 +205,41 @@ def test_tansu_on_s3_keeps_records_across_a_restart(sqs_service: Service, tansu_
     time.sleep(1)
     again = tansu_factory(port=port, storage=storage, env=env)
     assert len(_consume(again.endpoint, "durable", 3, 100)) == 100
+
+
+def test_counts_read_from_offset_0_since_tansu_earliest_follows_write_order(
+    sqs_service: Service, tansu_factory: Any,
+) -> None:
+    """tansu answers ListOffsets(earliest) with the batch it *wrote* first. Here the S3 write of
+    the batch at offset 0 is held 2 s, so the one at offset 10 is written first: every record is
+    acked, a reader from OFFSET_BEGINNING starts at 10, and the suite's count (from offset 0
+    itself) still finds all 20. On the memory engine the same happens when two producers race for
+    a partition's first offsets; it is why ``consume_topic`` does not use OFFSET_BEGINNING."""
+    health = localstack_health(sqs_service.endpoint)
+    if health is not None and health.get("s3") not in ("available", "running"):
+        pytest.skip(f"the SQS endpoint has no S3 (s3: {health.get('s3')})")
+    storage, _ = tansu_factory.s3_storage()
+    with FaultProxy(sqs_service.endpoint, http=True) as s3_proxy:
+        s3_proxy.set(SlowPaths("PUT", "/records/00000000000000000000.batch", 2.0))
+        broker = tansu_factory(storage=storage, env=tansu_s3_env(s3_proxy.url))
+        _create_topic(broker.endpoint, "raced", 1)
+        conf = {"bootstrap.servers": broker.endpoint, "enable.idempotence": True, "acks": "all"}
+        first, second = Producer(conf), Producer(conf)
+        errors: list[Any] = []
+        for producer in (first, second):
+            producer.list_topics("raced", timeout=10)  # connected: the produce goes out at once
+        for i in range(10):
+            first.produce("raced", f"first-{i}", partition=0, on_delivery=lambda err, _m: errors.append(err))
+        first.poll(0)
+        wait_until(lambda: bool(s3_proxy.stats().slowed), 10, "the write of offset 0 to be held")
+        for i in range(10):
+            second.produce("raced", f"second-{i}", partition=0, on_delivery=lambda err, _m: errors.append(err))
+        assert second.flush(15) == 0 and first.flush(15) == 0
+        assert errors == [None] * 20
+        assert earliest_offsets(broker.endpoint, "raced") == {0: 10}
+        counted = consume_topic(broker.endpoint, "raced", lambda records: len(records) >= 20, timeout=20, settle=1)
+        assert sorted(r.value().decode() for r in counted) == sorted(
+            [f"first-{i}" for i in range(10)] + [f"second-{i}" for i in range(10)])
 
 
 # --------------------------------------------------------------------------- process and install plumbing
