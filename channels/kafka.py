@@ -768,7 +768,7 @@ class KafkaChannel(Channel):
         if offset < 0 and self._acks:
             # librdkafka reports DUPLICATE_SEQUENCE_NUMBER as delivered, with no offset: the broker
             # says an earlier send of the batch was stored. Rare on Kafka (a retry after a lost
-            # answer); a broker that says it wrongly has dropped the record, so say it once each.
+            # answer); a broker that says it wrongly has dropped the record, so each one gets a line.
             log.warning("Kafka acked message %s as stored by an earlier send (a duplicate sequence "
                         "number, no offset given)", entry.message.id)
         elif log.isEnabledFor(logging.DEBUG):
