@@ -442,9 +442,10 @@ class KafkaChannel(Channel):
     def __init__(self, config: KafkaConfig, source: str) -> None:
         self.config = config
         self.source = source
+        settings = config.producer_config()
         # One partition per group and the idempotent producer's order: a group's messages given
         # together land in that order. (With another key a group may span partitions.)
-        self.keeps_order = config.key == "group" and config.producer_config().get("enable.idempotence") in (True, "true")
+        self.keeps_order = config.key == "group" and settings.get("enable.idempotence") in (True, "true")
         self._builder = RecordBuilder(config, source)
         self._producer: Producer | None = None
         self._conf: dict[str, Any] = {}  # the main producer's, for the single-record one
@@ -461,8 +462,8 @@ class KafkaChannel(Channel):
         self._stop = threading.Event()  # the poll thread ends
         self._poller: threading.Thread | None = None
         self._last_poll = time.monotonic()
-        self._queue_wait = _message_timeout(config.producer_config())
-        self._acks = str(config.producer_config().get("acks", "all")) not in ("0", "none")
+        self._queue_wait = _message_timeout(settings)
+        self._acks = str(settings.get("acks", "all")) not in ("0", "none")
 
     # -- lifecycle -----------------------------------------------------------------------------
 
