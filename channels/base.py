@@ -136,6 +136,14 @@ class ChannelConfig(Protocol):
 
     name: str
 
+    @property
+    def attempt_timeout(self) -> float:
+        """Seconds one delivery attempt of this channel can take at most, by its own deadline
+        (the HTTP request's, the record's ``message.timeout.ms``). The worker's give-up bound
+        (``--max-processing-time``) must be above it, or a slow but working channel would have
+        every attempt given up before it could answer."""
+        ...
+
     def create(self, source: str) -> Channel:
         """Build the channel for events whose CloudEvents ``source`` is ``source`` (the queue URL)."""
         ...

@@ -143,6 +143,10 @@ class HttpConfig:
         if not 1 <= self.batch_size <= 1000:
             raise ValueError(f"--http-batch-size must be between 1 and 1000, not {self.batch_size}")
 
+    @property
+    def attempt_timeout(self) -> float:
+        return self.timeout
+
     def create(self, source: str) -> HttpChannel:
         return HttpChannel(self, source)
 

@@ -278,6 +278,11 @@ class KafkaConfig:
         conf.update(self.extra)
         return conf
 
+    @property
+    def attempt_timeout(self) -> float:
+        """A record waits for the broker at most ``message.timeout.ms``."""
+        return _message_timeout(self.producer_config())
+
     def create(self, source: str) -> KafkaChannel:
         return KafkaChannel(self, source)
 

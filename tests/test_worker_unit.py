@@ -63,6 +63,7 @@ class FakeChannel(Channel):
 @dataclass(frozen=True)
 class FakeChannelConfig:
     name: ClassVar[str] = "fake"
+    attempt_timeout: float = 30.0
 
     def create(self, source: str) -> FakeChannel:
         return FakeChannel()
