@@ -9,7 +9,9 @@ The mapping follows Knative's ``AwsSqsSource`` receive adapter:
 ``time``            ``SentTimestamp`` as RFC 3339 (UTC, milliseconds)
 ``specversion``     ``1.0``
 ``datacontenttype`` ``application/json`` for ``data=message``; for ``data=body`` the
-                    ``content-type`` message attribute if there is one, else ``text/plain``
+                    ``content-type`` message attribute if there is one (never an
+                    ``application/cloudevents*`` one: ``check_content_type``), else
+                    ``text/plain``
 data                ``data=message``: the message as JSON (``MessageId``, ``Body``,
                     ``Attributes``, ``MessageAttributes``, ``MD5OfBody``; never the
                     receipt handle, which would let a subscriber delete it);
@@ -40,7 +42,7 @@ import orjson
 
 from channels.base import Message
 
-__all__ = ["EVENT_TYPE", "EventError", "EventFormat", "is_extension_name", "parse_overrides"]
+__all__ = ["EVENT_TYPE", "EventError", "EventFormat", "check_content_type", "is_extension_name", "parse_overrides"]
 
 EVENT_TYPE = "aws.sqs.message"
 SPEC_ATTRIBUTES = frozenset(
@@ -60,6 +62,23 @@ _HEADER_SAFE_CHARS = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in 
 
 class EventError(ValueError):
     """This message cannot be made a CloudEvent; the channel rejects it (one line reason)."""
+
+
+def check_content_type(content_type: str) -> str:
+    """A ``content-type`` message attribute that may become a content type we send; else EventError.
+
+    Untrusted: anyone who may send to the queue writes it. Besides being a well-formed ASCII media
+    type, it must not be an event format of its own (``application/cloudevents``, any suffix,
+    case or parameters): a receiver that follows the CloudEvents HTTP binding (3.3: the
+    ``application/cloudevents`` prefix marks structured and batched mode) or the Kafka binding
+    (3.1) would read the body as the whole event, and the sender, not the queue, would choose its
+    id, source and type."""
+    if not _MEDIA_TYPE.fullmatch(content_type):
+        raise EventError(f"content-type attribute {content_type!r} is not a media type")
+    if content_type.split(";", 1)[0].strip().lower().startswith("application/cloudevents"):
+        raise EventError(f"content-type attribute {content_type!r} would make the receiver read the body "
+                         "as an event of its own (its id, source and type chosen by the sender): refused")
+    return content_type
 
 
 def is_extension_name(name: str) -> bool:
@@ -156,10 +175,7 @@ class EventFormat:
     def body_content_type(message: Message) -> str:
         for name, value in message.message_attributes.items():
             if name.lower() == "content-type":
-                content_type = value.get("StringValue", "")
-                if not _MEDIA_TYPE.fullmatch(content_type):
-                    raise EventError(f"content-type attribute {content_type!r} is not a media type")
-                return content_type
+                return check_content_type(str(value.get("StringValue", "")))
         return "text/plain"
 
     def http_binary(self, message: Message) -> tuple[dict[str, str], bytes]:

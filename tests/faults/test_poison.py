@@ -50,7 +50,10 @@ def at_the_limit(label: str, attributes: dict[str, Any], filler: Callable[[int],
 
 def poison_entries() -> dict[str, dict[str, Any]]:
     """label -> SendMessageBatch entry; each body starts with ``poison <label>``."""
-    spoofed_event = '{"specversion":"1.0","id":"spoofed-id","source":"/spoofed","type":"spoofed"}'
+    # A whole structured event as the body: a receiver that took the attribute as the request's
+    # content type would deliver it under these attributes (seen before the fix: id spoofed-id).
+    spoofed_event = ('{"specversion":"1.0","id":"spoofed-id","source":"https://payments.example/ledger",'
+                     '"type":"com.example.payment.approved","data":"poison %s"}')
     attrs: dict[str, dict[str, Any]] = {
         "binary": {"bin": binary(b"\x00\xff\xfe\x80" + bytes(range(256))),
                    "Bin.gz": binary(gzip.compress(b"hello", mtime=0), "Binary.gzip")},
@@ -69,15 +72,17 @@ def poison_entries() -> dict[str, dict[str, Any]]:
         "content-type-crlf": {"content-type": string("text/plain\r\nX-Injected: yes")},
         "content-type-not-json": {"content-type": string("application/json")},
         "content-type-cloudevents": {"content-type": string("application/cloudevents+json")},
+        "content-type-cloudevents-mixed-case": {"Content-Type": string("Application/CloudEvents+JSON; charset=utf-8")},
         "content-type-batch": {"content-type": string("application/cloudevents-batch+json")},
         "content-type-unicode": {"content-type": string("tëxt/plain; charset=utf-8")},
         "content-type-long": {"content-type": string("text/" + "x" * 2000)},
         "content-type-number": {"content-type": string("1", "Number")},
     }
-    bodies = {"content-type-not-json": "{not json", "content-type-cloudevents": spoofed_event,
-              "content-type-batch": "[]", "unicode": UNICODE_BODY}
+    bodies = {"content-type-not-json": "{not json", "content-type-batch": "[]", "unicode": UNICODE_BODY}
     entries = {label: {"MessageBody": f"poison {label} {bodies.get(label, 'body')}", "MessageAttributes": a}
                for label, a in attrs.items()}
+    for label in ("content-type-cloudevents", "content-type-cloudevents-mixed-case"):
+        entries[label]["MessageBody"] = spoofed_event % label  # valid JSON, as a forger would send
     entries["control-body"] = {"MessageBody": "poison control-body \t\r\n\u00a0\ufffd"}
     entries["astral-body"] = {"MessageBody": "poison astral-body " + "🙂" * 1000}
     entries["json-spoof-body"] = {"MessageBody": 'poison json-spoof-body {"MessageId":"spoofed","ReceiptHandle":"x"}'}
@@ -145,6 +150,8 @@ def test_poison_messages(
     result = case.finish()
     in_dlq = sorted(label_of[mid] for mid in result.dead)
     case.note(f"DLQ: {', '.join(in_dlq) or 'none'}")
+    forged = {"content-type-cloudevents", "content-type-cloudevents-mixed-case"}
+    assert forged <= set(in_dlq), f"a body with an event-format content type was delivered: {forged - set(in_dlq)}"
     problems = check_intact(deliveries, bodies, ids)
     assert not problems, "; ".join(problems)
     text = poller.log_text()
