@@ -6,18 +6,37 @@ one) and every answer is a callback that reports the message. Hundreds of reques
 cost no more CPU per message than a few: no thread per request, no task per request.
 
 One attempt per message: the worker owns retries, their backoff and FIFO order (it hands over a
-group's messages one at a time). Outcomes: 2xx -> ACK; 408, 425, 429, 5xx, timeouts and
-connection errors -> RETRY (with the answer's ``Retry-After``, if any); any other status (400,
-413, redirects, ...) -> REJECT; a message that cannot be made an event -> REJECT. ``timeout``
-bounds the whole request (connect, send, the full answer), so a sink trickling its answer cannot
-hold a message.
+group's messages one at a time). ``timeout`` bounds the whole attempt, from ``publish`` (waiting
+for a free connection included) to the last byte of the answer, so neither a sink trickling its
+answer nor a queue behind a slow sink can hold a message past it, and a request whose attempt
+ran out is never sent late.
+
+What an answer means (``outcome_of``) follows Knative's data-plane contract
+(https://github.com/knative/specs/blob/main/specs/eventing/data-plane.md, "Event Acknowledgement
+and Delivery Retry"), where "not retried" would mean the queue's DLQ for us:
+
+- 2xx: ACK.
+- 400, 413, 415, 422, 431: the sink refuses this one event (unparsable, too large, a type or
+  content it cannot take, headers too large): REJECT, left to the queue's redrive policy. But
+  a refusal is held (``_Refusals``) until the sink shows it works (a 2xx), for at most the
+  attempt's deadline; when ``REFUSAL_RUN`` different events in a row get the same refusal, it
+  is the sink's problem, not theirs (a sink that answers 400 to everything), and they and the
+  next ones with that answer are RETRY until a 2xx: the worker's circuit pauses receiving.
+- 401, 403, 407: the sink refuses our credentials: RETRY (logged once), never a per-message
+  reject: a rotated token must not send a backlog to the DLQ.
+- everything else (3xx, 404 and 409 as Knative says, 408, 429, 5xx, other 4xx, timeouts,
+  connection errors): RETRY, with the answer's ``Retry-After`` if any. Knative does not retry
+  "other 4xx", but those are about the endpoint (405, 410, 414, ...), not the event; and its
+  rule for codes it does not list is to retry.
 
 Modes: ``binary`` and ``structured`` send one event per request; ``batch`` (CloudEvents' batched
 content mode, ``application/cloudevents-batch+json``) sends up to ``batch_size`` events in one
-JSON array, gathered for at most a few milliseconds. A batch is all or nothing by its status,
-unless a 2xx answer lists ``batchItemFailures`` as EventBridge Pipes does
+JSON array, gathered for at most a few milliseconds. A batch's status applies to each of its
+events, unless a 2xx answer lists ``batchItemFailures`` as EventBridge Pipes does
 (``{"batchItemFailures": [{"itemIdentifier": "<event id>"}]}``): those events are retried, the
-others acked.
+others acked. A batch refused with a refusal status is split in halves, sent again, down to the
+one event the sink refuses alone: a sink's size limit must not reject events that fit alone.
+A 2xx answer's body is read up to ``MAX_BATCH_ANSWER`` bytes; a longer one lists no failures.
 
 Credentials in the sink URL (``https://user:password@host/``) are sent as HTTP Basic auth, as
 curl, requests and httpx do, and never appear in logs or reasons: those show ``redact(sink)``.
@@ -47,13 +66,22 @@ from channels.base import Channel, Message, Outcome, Report
 from channels.events import EventError, EventFormat, is_extension_name
 from channels.transport.http import HttpPool, RequestTemplate
 
-__all__ = ["HttpChannel", "HttpConfig", "check_url", "redact"]
+__all__ = ["REFUSAL_RUN", "HttpChannel", "HttpConfig", "check_url", "outcome_of", "redact"]
 
 MODES = ("binary", "structured", "batch")
-_RETRY_STATUSES = frozenset({408, 425, 429})
+# The sink refuses this one event (Knative: 400 "unparsable event"; RFC 9110: 413 content too
+# large, 415 unsupported media type, 422 unprocessable content; RFC 6585: 431 header fields too
+# large, our extension attributes being headers).
+_REFUSED = frozenset({400, 413, 415, 422, 431})
+# The sink refuses the poller itself (RFC 9110: 401 unauthenticated, 403 forbidden, 407 proxy
+# authentication): a problem of the sink's configuration, never of the message.
+_CREDENTIALS = frozenset({401, 403, 407})
+# Different events refused in a row with the same status, no 2xx between: the sink's problem.
+REFUSAL_RUN = 10
 _STRUCTURED = "application/cloudevents+json; charset=utf-8"
 _BATCH = "application/cloudevents-batch+json; charset=utf-8"
 _BATCH_LINGER = 0.005  # seconds a batch waits to fill (the worker hands messages over one run at a time)
+MAX_BATCH_ANSWER = 1024 * 1024  # bytes of a batch answer's body read for batchItemFailures
 _USER_AGENT = "sqs-poller"
 _PRINTABLE = re.compile(r"[\x21-\x7e]*")
 
@@ -61,6 +89,13 @@ log = logging.getLogger(__name__)
 
 
 _HELD_BACK = "held back: the circuit opened before it was sent"
+
+
+def outcome_of(status: int) -> Outcome:
+    """What the sink's final status means for an event (see the module docstring)."""
+    if 200 <= status < 300:
+        return Outcome.ACK
+    return Outcome.REJECT if status in _REFUSED else Outcome.RETRY
 
 
 class _NotSent(OSError):
@@ -151,6 +186,87 @@ class HttpConfig:
         return HttpChannel(self, source)
 
 
+class _SinkAnswers:
+    """What the sink's refusals mean, decided across events (on the loop).
+
+    A refusal (``_REFUSED``) sends its message to the DLQ in the end, so it is reported only once
+    the sink has shown it takes other events (the next 2xx), or when the attempt's deadline comes.
+    ``REFUSAL_RUN`` different events refused in a row with the same status, and no 2xx between,
+    make it the sink's problem: those held and the next ones answered so are RETRY until a 2xx,
+    and the worker's circuit pauses receiving. A sink that refuses the poller's credentials is
+    logged once, until it accepts again. The hot path (a 2xx, nothing pending) is one test.
+    """
+
+    def __init__(self, sink: str) -> None:
+        self._sink = sink
+        self._held: dict[Message, tuple[Report, str, asyncio.TimerHandle]] = {}
+        self._status = 0  # the status of the current run of refusals, 0: none
+        self._run: set[str] = set()  # the different events in it
+        self.broken = 0  # a refusal status that means "the sink's problem" until a 2xx, or 0
+        self._credentials = 0  # a credentials status logged since the last 2xx, or 0
+        self.quiet = True  # nothing above is set: a 2xx has nothing to do here
+
+    def accepted(self) -> None:
+        """A 2xx: the sink works, so what it refused was about the events."""
+        if self.broken or self._credentials:
+            log.warning("sink %s accepts events again", self._sink)
+        self._status, self.broken, self._credentials, self.quiet = 0, 0, 0, True
+        self._run.clear()
+        for message in list(self._held):
+            self._confirm(message)
+
+    def credentials_refused(self, status: int) -> None:
+        self.quiet = False
+        if not self._credentials:
+            self._credentials = status
+            log.warning("sink %s answered HTTP %d: it refuses the poller's credentials; deliveries are "
+                        "retried and the circuit pauses receiving, no message is rejected for it",
+                        self._sink, status)
+
+    def refused(self, message: Message, report: Report, status: int, reason: str, deadline: float) -> None:
+        self.quiet = False
+        if status == self.broken:
+            report(message, Outcome.RETRY, self._broken_reason(status))
+            return
+        if status != self._status:  # the sink tells events apart: what it refused before stands
+            for held in list(self._held):
+                self._confirm(held)
+            self._status = status
+            self._run.clear()
+        self._run.add(message.id)
+        if len(self._run) < REFUSAL_RUN:
+            timer = asyncio.get_running_loop().call_at(deadline, self._confirm, message)
+            self._held[message] = (report, reason, timer)
+            return
+        self.broken = status
+        log.warning("sink %s answered HTTP %d to %d different events in a row: taken for a problem of the "
+                    "sink, not of the events; they are retried, not rejected, until it accepts one",
+                    self._sink, status, REFUSAL_RUN)
+        held, self._held = self._held, {}
+        for other, (other_report, _, timer) in held.items():
+            timer.cancel()
+            other_report(other, Outcome.RETRY, self._broken_reason(status))
+        report(message, Outcome.RETRY, self._broken_reason(status))
+
+    def close(self) -> None:
+        """The channel closes: refusals not confirmed yet are not rejections (RETRY)."""
+        held, self._held = self._held, {}
+        for message, (report, reason, timer) in held.items():
+            timer.cancel()
+            report(message, Outcome.RETRY, f"{reason}, not confirmed before the channel closed")
+
+    def _confirm(self, message: Message) -> None:
+        entry = self._held.pop(message, None)
+        if entry is not None:
+            report, reason, timer = entry
+            timer.cancel()
+            report(message, Outcome.REJECT, reason)
+
+    def _broken_reason(self, status: int) -> str:
+        return (f"sink {self._sink} answered HTTP {status} to {REFUSAL_RUN} different events in a row "
+                "(a problem of the sink)")
+
+
 class HttpChannel(Channel):
     """Lives on the worker's event loop: ``publish`` sends at once, answers come as callbacks."""
 
@@ -178,7 +294,9 @@ class HttpChannel(Channel):
         target = (url.path or "/") + (f"?{url.query}" if url.query else "")
         self._template = RequestTemplate(self._pool.authority, target, headers)
         self._sink = redact(config.sink)
+        self._answers = _SinkAnswers(self._sink)
         self._timeout = config.timeout
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._in_flight = 0
         self._idle: asyncio.Event | None = None  # set while nothing is in flight (for aclose)
 
@@ -186,6 +304,7 @@ class HttpChannel(Channel):
         if self._batched:
             self._add_to_batch(batch, report)
             return
+        deadline = (self._loop or self._bind()).time() + self._timeout
         for message in batch:
             try:
                 if self._binary:
@@ -197,9 +316,15 @@ class HttpChannel(Channel):
                 report(message, Outcome.REJECT, f"cannot make a CloudEvent request: {exc}")
                 continue
             self._in_flight += 1
-            self._pool.send(request, functools.partial(self._answered, message, report), timeout=self._timeout)
+            self._pool.send(request, functools.partial(self._answered, message, report, deadline),
+                            timeout=self._timeout)
 
-    def _answered(self, message: Message, report: Report, status: int, retry_after: float,
+    def _bind(self) -> asyncio.AbstractEventLoop:
+        # Looked up once: asyncio.get_running_loop() makes a getpid() syscall each time on 3.11.
+        self._loop = asyncio.get_running_loop()
+        return self._loop
+
+    def _answered(self, message: Message, report: Report, deadline: float, status: int, retry_after: float,
                   body: bytes | None, error: BaseException | None, *, counted: bool = True) -> None:
         if counted:
             self._in_flight -= 1
@@ -209,10 +334,14 @@ class HttpChannel(Channel):
             report(message, Outcome.RETRY, f"sink {self._sink}: {type(error).__name__}: {error}")
         elif 200 <= status < 300:
             report(message, Outcome.ACK, "")
-        elif status >= 500 or status in _RETRY_STATUSES:
-            report(message, Outcome.RETRY, f"sink {self._sink} answered HTTP {status}", retry_after)
+            if not self._answers.quiet:
+                self._answers.accepted()
+        elif status in _REFUSED:
+            self._answers.refused(message, report, status, f"sink {self._sink} answered HTTP {status}", deadline)
         else:
-            report(message, Outcome.REJECT, f"sink {self._sink} answered HTTP {status}")
+            if status in _CREDENTIALS:
+                self._answers.credentials_refused(status)
+            report(message, Outcome.RETRY, f"sink {self._sink} answered HTTP {status}", retry_after)
 
     # -- batch mode: CloudEvents' batched content mode -------------------------------------------
 
@@ -228,7 +357,7 @@ class HttpChannel(Channel):
             if len(self._batch) >= self.config.batch_size:
                 self._send_batch()
         if self._batch and self._batch_timer is None:
-            self._batch_timer = asyncio.get_running_loop().call_later(_BATCH_LINGER, self._send_batch)
+            self._batch_timer = (self._loop or self._bind()).call_later(_BATCH_LINGER, self._send_batch)
 
     def _send_batch(self) -> None:
         if self._batch_timer is not None:
@@ -239,26 +368,42 @@ class HttpChannel(Channel):
             return
         report = self._batch_report
         assert report is not None
+        self._send_events(batch, report, (self._loop or self._bind()).time() + self._timeout)
+
+    def _send_events(self, batch: list[tuple[Message, bytes]], report: Report, deadline: float) -> None:
+        """One batch request, within what is left of the attempt's deadline."""
+        left = deadline - (self._loop or self._bind()).time()
+        if left <= 0:
+            for message, _ in batch:
+                report(message, Outcome.RETRY, f"sink {self._sink}: no time left in the attempt to send it again")
+            return
         self._in_flight += 1
         request = self._template.build(b"[" + b",".join(event for _, event in batch) + b"]")
-        messages = [message for message, _ in batch]
-        self._pool.send(request, functools.partial(self._batch_answered, messages, report),
-                        timeout=self._timeout, keep_body=True)
+        self._pool.send(request, functools.partial(self._batch_answered, batch, report, deadline),
+                        timeout=left, keep_body=True, max_body=MAX_BATCH_ANSWER)
 
-    def _batch_answered(self, messages: list[Message], report: Report, status: int, retry_after: float,
-                        body: bytes | None, error: BaseException | None) -> None:
-        """All or nothing, unless a 2xx answer lists ``batchItemFailures`` (EventBridge Pipes'
-        shape: ``{"batchItemFailures": [{"itemIdentifier": "<event id>"}]}``): those are retried,
-        the rest acked."""
+    def _batch_answered(self, batch: list[tuple[Message, bytes]], report: Report, deadline: float, status: int,
+                        retry_after: float, body: bytes | None, error: BaseException | None) -> None:
+        """The status applies to every event, unless a 2xx answer lists ``batchItemFailures``
+        (EventBridge Pipes' shape: ``{"batchItemFailures": [{"itemIdentifier": "<event id>"}]}``):
+        those are retried, the rest acked. A refused batch is split and sent again in halves."""
         self._in_flight -= 1
         if self._in_flight == 0 and self._idle is not None:
             self._idle.set()
+        if error is None and status in _REFUSED and len(batch) > 1 and status != self._answers.broken:
+            # A sink's limit on the request (413 above its size) is not a verdict on each event.
+            half = len(batch) // 2
+            log.debug("sink %s refused a batch of %d with HTTP %d: sending it again in halves",
+                      self._sink, len(batch), status)
+            self._send_events(batch[:half], report, deadline)
+            self._send_events(batch[half:], report, deadline)
+            return
         failed = _batch_item_failures(body) if error is None and 200 <= status < 300 else None
-        for message in messages:
+        for message, _ in batch:
             if failed is not None and message.id in failed:
                 report(message, Outcome.RETRY, f"sink {self._sink} listed it in batchItemFailures")
             else:
-                self._answered(message, report, status, retry_after, None, error, counted=False)
+                self._answered(message, report, deadline, status, retry_after, None, error, counted=False)
 
     def shed(self) -> None:
         """Requests waiting for one of the ``concurrency`` connections, and a batch still being
@@ -285,6 +430,7 @@ class HttpChannel(Channel):
                 pass
         self._pool.abort()  # what is still in flight reports RETRY (Aborted)
         await asyncio.sleep(0)  # let the transports' callbacks run
+        self._answers.close()
         self._pool.close()
 
     def close(self, timeout: float = 30.0) -> None:

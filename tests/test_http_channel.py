@@ -129,16 +129,92 @@ async def test_one_attempt_per_publish_the_worker_retries() -> None:
 
 @on_loop
 async def test_statuses_decide_the_outcome() -> None:
-    answers = {"m-0": 200, "m-1": 400, "m-2": 429, "m-3": 503, "m-4": 408, "m-5": 301}
+    """Knative's table, with "not retried" meaning the DLQ for us: only what is about the one event
+    refuses it; the endpoint's or the credentials' problems (3xx, 401, 403, 404, 405, 407, 409,
+    410) are retried, never rejected."""
+    answers = {"m-0": 200, "m-1": 400, "m-2": 429, "m-3": 503, "m-4": 408, "m-5": 301, "m-6": 401,
+               "m-7": 403, "m-8": 404, "m-9": 409, "m-10": 405, "m-11": 407, "m-12": 410, "m-13": 413,
+               "m-14": 415, "m-15": 422, "m-16": 431, "m-17": 202}
     with dumper(respond=lambda event, headers: answers[event["id"]]) as d:
+        channel = HttpConfig(sink=d.url, concurrency=4, timeout=2.0).create(SOURCE)
+        reports = Reports()
+        channel.publish([message(i) for i in range(18)], reports)
+        await reports.wait(18)
+        await channel.aclose(5)
+    refused = {"m-1", "m-13", "m-14", "m-15", "m-16"}
+    acked = {"m-0", "m-17"}
+    assert {i: o for i, o, _ in reports.items} == {
+        i: Outcome.ACK if i in acked else Outcome.REJECT if i in refused else Outcome.RETRY for i in answers}
+
+
+@on_loop
+async def test_a_refusal_waits_for_a_2xx_that_shows_the_sink_works() -> None:
+    """A 400 alone is not yet a verdict on the event: it is reported once the sink accepted
+    another event; never later than the attempt's deadline."""
+    with dumper(respond=lambda event, headers: 400 if event["id"] == "m-1" else 200) as d:
+        channel = HttpConfig(sink=d.url, concurrency=2, timeout=10.0).create(SOURCE)
+        reports = Reports()
+        channel.publish([message(1)], reports)
+        await asyncio.sleep(0.5)
+        assert reports.items == [] and d.counts.refused == 1  # answered, held
+        channel.publish([message(2)], reports)
+        outcomes = await reports.wait(2)
+        await channel.aclose(5)
+    assert dict((i, o) for i, o, _ in outcomes) == {"m-1": Outcome.REJECT, "m-2": Outcome.ACK}
+
+    with dumper(respond=lambda event, headers: 422) as d:
+        channel = HttpConfig(sink=d.url, concurrency=2, timeout=0.5).create(SOURCE)
+        reports = Reports()
+        started = time.monotonic()
+        channel.publish([message(1)], reports)
+        (_, outcome, reason), = await reports.wait(1)
+        assert outcome is Outcome.REJECT and "422" in reason
+        assert 0.4 < time.monotonic() - started < 3  # at the attempt's deadline, not before
+        await channel.aclose(5)
+
+
+@on_loop
+async def test_the_same_refusal_for_many_different_events_is_the_sinks_problem() -> None:
+    """A sink answering 400 to everything (a wrong endpoint, a broken deploy) must not send a
+    backlog to the DLQ: REFUSAL_RUN different events refused alike are retried, and so is every
+    later one, until the sink accepts an event; then refusals are about events again."""
+    from channels.http import REFUSAL_RUN
+
+    broken = [True]
+    with dumper(respond=lambda event, headers: 400 if broken[0] or event["id"] == "m-99" else 200) as d:
+        channel = HttpConfig(sink=d.url, concurrency=4, timeout=30).create(SOURCE)
+        reports = Reports()
+        n = REFUSAL_RUN + 5
+        channel.publish([message(i) for i in range(n)], reports)
+        outcomes = await reports.wait(n, timeout=10)  # long before the 30 s deadline
+        assert {o for _, o, _ in outcomes} == {Outcome.RETRY}
+        assert all("problem of the sink" in r for _, _, r in outcomes)
+        broken[0] = False
+        channel.publish([message(99)], reports)  # still a problem of the sink: retried
+        await reports.wait(n + 1)
+        assert reports.items[-1][1] is Outcome.RETRY
+        channel.publish([message(100)], reports)  # the sink works again
+        await reports.wait(n + 2)
+        channel.publish([message(99)], reports)  # now its refusal is about it
+        await asyncio.sleep(0.3)  # answered and held: the 2xx that confirms it must come after
+        channel.publish([message(101)], reports)
+        await reports.wait(n + 4)
+        await channel.aclose(5)
+    last = {i: o for i, o, _ in reports.items[n + 1:]}
+    assert last == {"m-100": Outcome.ACK, "m-99": Outcome.REJECT, "m-101": Outcome.ACK}
+
+
+@on_loop
+async def test_credentials_refused_are_retried_and_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    with dumper(respond=lambda event, headers: 401) as d:
         channel = HttpConfig(sink=d.url, concurrency=4).create(SOURCE)
         reports = Reports()
-        channel.publish([message(i) for i in range(6)], reports)
-        await reports.wait(6)
+        channel.publish([message(i) for i in range(20)], reports)
+        outcomes = await reports.wait(20)
         await channel.aclose(5)
-    assert {i: o for i, o, _ in reports.items} == {
-        "m-0": Outcome.ACK, "m-1": Outcome.REJECT, "m-2": Outcome.RETRY, "m-3": Outcome.RETRY,
-        "m-4": Outcome.RETRY, "m-5": Outcome.REJECT}
+    assert {o for _, o, _ in outcomes} == {Outcome.RETRY}
+    lines = [r for r in caplog.records if "refuses the poller's credentials" in r.getMessage()]
+    assert len(lines) == 1
 
 
 @on_loop
@@ -291,9 +367,56 @@ async def test_batch_item_failures_retry_only_those_events() -> None:
     assert sum(o is Outcome.ACK for o in outcome.values()) == 6
 
 
-@pytest.mark.parametrize(("status", "expected"), [(503, Outcome.RETRY), (400, Outcome.REJECT), (200, Outcome.ACK)])
+@pytest.mark.parametrize(("status", "expected"), [(503, Outcome.RETRY), (404, Outcome.RETRY), (200, Outcome.ACK)])
 @on_loop
 async def test_a_batch_without_item_failures_is_all_or_nothing(status: int, expected: Outcome) -> None:
     sink = BatchSink(lambda ids: (status, b"not the batchItemFailures shape"))
     reports = await _batch_run(sink, 4)
     assert {o for _, o, _ in reports.items} == {expected}
+    assert len(sink.batches) == 1
+
+
+@on_loop
+async def test_a_refused_batch_is_split_until_each_event_fits_or_is_refused_alone() -> None:
+    """A sink that refuses requests above its size limit (413) takes every event that fits alone:
+    the batch is sent again in halves, down to the one event refused alone (seen before: ~30 KB
+    events, a 48 KiB limit, every one in the DLQ)."""
+    sizes: dict[str, int] = {}
+
+    def answer(ids: list[str]) -> tuple[int, bytes]:
+        too_big = sum(sizes[i] for i in ids) > 2500 or "m-5" in ids
+        return (413, b"") if too_big else (200, b"")
+
+    sink = BatchSink(answer)
+    server = await asyncio.start_server(sink.handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        channel = HttpConfig(sink=f"http://127.0.0.1:{port}/", mode="batch", batch_size=8,
+                             concurrency=2, timeout=2.0).create(SOURCE)
+        reports = Reports()
+        batch = []
+        for i in range(8):
+            m = Message(id=f"m-{i}", body="x" * 900, ack_id=f"rh-{i}", attributes={"SentTimestamp": "1700000000000"})
+            sizes[m.id] = 900
+            batch.append(m)
+        channel.publish(batch, reports)
+        outcomes = await reports.wait(8, timeout=10)
+        await channel.aclose(5)
+    outcome = {i: o for i, o, _ in outcomes}
+    assert outcome.pop("m-5") is Outcome.REJECT
+    assert set(outcome.values()) == {Outcome.ACK}
+    # 8 -> 4 + 4 -> 2 + 2 + 2 + 2 (fit, but the one holding m-5) -> 1 + 1
+    assert [len(b) for b in sink.batches].count(1) == 2 and len(sink.batches) == 9
+    assert ["m-5"] in sink.batches
+
+
+@on_loop
+async def test_a_batch_answer_body_is_read_only_up_to_a_bound() -> None:
+    """A 2xx answer of many MiB is not kept (a 300 MiB one grew a worker by 900 MiB): it lists no
+    failures, and the status decides."""
+    from channels.http import MAX_BATCH_ANSWER
+
+    huge = b"[" + b" " * (MAX_BATCH_ANSWER + 10) + b"]"
+    sink = BatchSink(lambda ids: (200, huge))
+    reports = await _batch_run(sink, 4)
+    assert {o for _, o, _ in reports.items} == {Outcome.ACK}

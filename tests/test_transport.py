@@ -1107,7 +1107,10 @@ def test_requests_waiting_for_a_connection_get_one_when_a_connection_closes(
     assert server.connections == 3 and sorted(server.bodies()) == [b"1", b"2", b"bad"]
 
 
-def test_waiting_for_a_free_connection_is_not_part_of_the_deadline(run: Run, serve: Serve) -> None:
+def test_waiting_for_a_free_connection_counts_and_an_expired_request_is_never_sent(run: Run, serve: Serve) -> None:
+    """The deadline starts at send: a request that waited its whole deadline behind a slow one
+    fails, and is not written later, when its caller has long given up on it (a congested pool
+    sent such stale requests, and their messages were received and queued again)."""
     release = threading.Event()
     server = serve(held_until(release))
 
@@ -1115,15 +1118,37 @@ def test_waiting_for_a_free_connection_is_not_part_of_the_deadline(run: Run, ser
         async with pool_for(server.port, limit=1) as pool:
             done = Answers()
             pool.send(build(pool, b"first"), done, timeout=10)
-            pool.send(build(pool, b"second"), done, timeout=1.0)  # waits behind the first
+            pool.send(build(pool, b"second"), done, timeout=0.5)  # waits behind the first
+            pool.send(build(pool, b"third"), done, timeout=10)
             await until(lambda: len(server.requests) == 1)
-            await asyncio.sleep(1.5)  # longer than the second one's deadline
-            assert done.items == []
+            [late] = await done.wait(1)
+            assert isinstance(late.error, TimeoutError) and "no connection" in str(late.error)
             release.set()
-            assert [(a.status, a.error) for a in await done.wait(2)] == [(200, None)] * 2
+            answers = await done.wait(3)
+            assert [(a.status, a.error) for a in answers[1:]] == [(200, None)] * 2
 
     run(main())
-    assert server.connections == 1 and server.bodies() == [b"first", b"second"]
+    assert server.connections == 1 and server.bodies() == [b"first", b"third"]
+
+
+def test_a_kept_body_past_max_body_is_dropped_and_its_connection_closed(run: Run, serve: Serve) -> None:
+    """A 2xx answer with an endless body: the status stands, the body is not kept (None), and the
+    connection is not read to its end (a 300 MiB answer had grown a worker to 940 MiB)."""
+    big = b"x" * 200_000
+    server = serve(answering(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(big), big),
+                             OK, OK))
+
+    async def main() -> None:
+        async with pool_for(server.port) as pool:
+            done = Answers()
+            pool.send(build(pool), done, timeout=5, keep_body=True, max_body=1000)
+            [answer] = await done.wait(1)
+            assert (answer.status, answer.body, answer.error) == (200, None, None)
+            with pytest.raises(ProtocolError, match="longer than 10 bytes"):
+                await settle(pool.request(build(pool), timeout=5, max_body=10))
+
+    run(main())
+    assert server.connections >= 2  # the first connection was closed, not reused
 
 
 def test_done_is_called_once_from_the_loop_never_from_within_send(run: Run, serve: Serve) -> None:

@@ -9,9 +9,13 @@ with them (threads paid for each one in GIL hand-offs).
 - A request is one bytes object, written at once (``RequestTemplate`` encodes the constant part
   once). ``send`` takes a callback: no task or coroutine per request on the hot path;
   ``request`` awaits a future, for callers that want one.
-- One deadline per request, from the moment a connection takes it (or starts connecting for it)
-  to the last byte of the answer: a server that trickles its answer cannot hold it. Waiting for
-  a free connection (the pool's ``limit``) is not part of it: the requests ahead are bounded.
+- One deadline per request, from ``send`` to the last byte of the answer: a server that trickles
+  its answer cannot hold it, and the time a request waits for a free connection (the pool's
+  ``limit``) counts too, so a queue behind a slow server cannot hold a request past its deadline
+  either. A request whose deadline passes while it waits is failed and never written: nothing
+  is sent late for a caller that has given up on it.
+- A kept body (``keep_body``) is bounded by ``max_body``: past it the answer's status stands, its
+  body is dropped (``None``) and the connection is closed rather than read to its end.
 - A connection goes back to the pool only after a complete answer that allows keep-alive; any
   byte beyond that answer (in the same read, or while it is idle: a stray answer, a close)
   discards it, so an answer is never taken for another request's (httpcore does the same with a
@@ -49,6 +53,8 @@ __all__ = [
 MAX_INTERIM = 32  # 1xx answers before the final one
 _SWEEP = 0.05  # seconds between two checks of the requests' deadlines
 MAX_HEAD = 65536  # bytes before the final answer's headers end (counted by reads: a bound, not exact)
+# A kept body's default bound: SQS answers (ten messages of up to 1 MiB each, JSON-escaped) fit.
+MAX_BODY = 64 * 1024 * 1024
 # A header block is "name: value\r\n"*: names are RFC 9110 tokens; values have no CR, LF or NUL.
 # One fullmatch over the whole block, plus one count of its LFs (a value "a\r\nX: b" would match
 # as two headers), checks every header of a request.
@@ -67,6 +73,10 @@ class ProtocolError(OSError):
 
 class Aborted(OSError):
     """``HttpPool.abort()`` was called: the request was broken off, or refused."""
+
+
+class _TooLarge(Exception):
+    """The answer's body is longer than the request's ``max_body``: parsing stops."""
 
 
 class _Stray(Exception):
@@ -134,13 +144,14 @@ def authority(host: str, port: int, tls: bool) -> str:
 
 
 class _Request:
-    __slots__ = ("attempts", "conn", "data", "deadline", "done", "finished", "keep_body", "timeout")
+    __slots__ = ("attempts", "conn", "data", "deadline", "done", "finished", "keep_body", "max_body", "timeout")
 
-    def __init__(self, data: bytes, done: Done, timeout: float, keep_body: bool) -> None:
+    def __init__(self, data: bytes, done: Done, timeout: float, keep_body: bool, max_body: int) -> None:
         self.data = data
         self.done = done
         self.timeout = timeout
         self.keep_body = keep_body
+        self.max_body = max_body
         self.attempts = 0
         self.conn: _Connection | None = None
         self.finished = False
@@ -165,6 +176,9 @@ class _Connection(asyncio.Protocol):
         self._status = 0
         self._interim = 0
         self._parts: list[bytes] | None = None
+        self._kept = 0  # bytes in _parts
+        self._max_body = 0
+        self._too_large = False
         self._framed = False  # the answer has a Content-Length or Transfer-Encoding
         self._got_bytes = False
         self._complete = False  # the answer to _request is complete (released after feed_data)
@@ -190,7 +204,14 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             self._fail(ProtocolError("unexpected protocol upgrade"))
             return
-        except httptools.HttpParserError as exc:
+        except httptools.HttpParserError as exc:  # a callback's exception comes wrapped in one
+            if self._too_large:  # the status stands; the rest of the body is not worth reading
+                request, self._request = self._request, None
+                self._pool._discard(self)
+                if request is not None:
+                    request.finish(self._status, None, None,
+                                   _seconds(self._retry_after) if self._retry_after else 0.0)
+                return
             if not self._complete:
                 self._fail(ProtocolError(f"invalid HTTP answer: {exc}"))
                 return
@@ -253,6 +274,10 @@ class _Connection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         if self._parts is not None:
+            self._kept += len(body)
+            if self._kept > self._max_body:
+                self._parts, self._too_large = None, True
+                raise _TooLarge
             self._parts.append(body)
 
     def on_message_complete(self) -> None:
@@ -271,6 +296,7 @@ class _Connection(asyncio.Protocol):
         self._framed = self._got_bytes = self._complete = self._stray = False
         self._retry_after = b""
         self._parts = [] if request.keep_body else None
+        self._kept, self._max_body, self._too_large = 0, request.max_body, False
         self._pool._arm(request)
         assert self._transport is not None
         self._transport.write(request.data)
@@ -338,30 +364,38 @@ class HttpPool:
 
     # -- requests ------------------------------------------------------------------------------
 
-    def send(self, data: bytes, done: Done, *, timeout: float, keep_body: bool = False) -> None:
+    def send(self, data: bytes, done: Done, *, timeout: float, keep_body: bool = False,
+             max_body: int = MAX_BODY) -> None:
         """Send one request (``RequestTemplate.build``); ``done`` is called once, from the loop,
-        never from within ``send``."""
+        never from within ``send``. ``timeout`` starts now: waiting for a connection counts.
+        ``keep_body``: pass the answer's body to ``done``, up to ``max_body`` bytes (past that:
+        ``None``, and the connection is closed)."""
         loop = self._loop or self._bind()
-        request = _Request(data, done, timeout, keep_body)
+        request = _Request(data, done, timeout, keep_body, max_body)
         if self.aborted:
             loop.call_soon(request.finish, 0, None, Aborted("the pool was aborted"))
             return
+        self._arm(request)
         self._dispatch(request)
 
-    async def request(self, data: bytes, *, timeout: float, keep_body: bool = True) -> tuple[int, bytes]:
-        """``send`` as a coroutine: (status, body); raises the error."""
+    async def request(self, data: bytes, *, timeout: float, keep_body: bool = True,
+                      max_body: int = MAX_BODY) -> tuple[int, bytes]:
+        """``send`` as a coroutine: (status, body); raises the error (``ProtocolError`` for a
+        kept body longer than ``max_body``)."""
         loop = self._loop or self._bind()
         future: asyncio.Future[tuple[int, bytes]] = loop.create_future()
 
         def done(status: int, retry_after: float, body: bytes | None, error: BaseException | None) -> None:
             if future.done():
                 return
+            if error is None and keep_body and body is None:
+                error = ProtocolError(f"the answer's body is longer than {max_body} bytes")
             if error is not None:
                 future.set_exception(error)
             else:
                 future.set_result((status, body or b""))
 
-        self.send(data, done, timeout=timeout, keep_body=keep_body)
+        self.send(data, done, timeout=timeout, keep_body=keep_body, max_body=max_body)
         return await future
 
     def shed(self, error: BaseException) -> int:
@@ -403,7 +437,6 @@ class HttpPool:
         self._waiting.append(request)
         self._queued += 1
         if self._open < self.limit and self._connecting < self._queued:
-            self._arm(request)  # the connect counts
             self._connect()
 
     def _connect(self) -> None:
@@ -467,7 +500,6 @@ class HttpPool:
             return
         while self._waiting[0].finished:  # expired while waiting: dropped here
             self._waiting.popleft()
-        self._arm(self._waiting[0])  # the connect counts
         self._connect()
 
     def _discard(self, conn: _Connection) -> None:
@@ -483,7 +515,7 @@ class HttpPool:
             self._idle.remove(conn)
 
     def _arm(self, request: _Request) -> None:
-        """Start the request's deadline (once: a retry on a new connection keeps it).
+        """Start the request's deadline (once, in ``send``: a retry on a new connection keeps it).
 
         Deadlines are enforced by one sweep every ``_SWEEP`` seconds while any runs, not by a
         timer per request: a call_at and its cancel cost more than the rest of a request's
