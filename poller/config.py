@@ -65,6 +65,14 @@ class WorkerConfig:
             raise ValueError(f"the circuit threshold must be between 1 and 10000, not {self.circuit_threshold}")
         if not 0 < self.shutdown_timeout <= 3600:
             raise ValueError(f"a worker's shutdown timeout must be above 0, not {self.shutdown_timeout}")
+        attempt = self.channel.attempt_timeout
+        if self.max_processing_time <= attempt:
+            # Else every slow but working attempt is given up before the channel could answer,
+            # and its request may still reach the sink after the message went back to SQS.
+            raise ValueError(
+                f"--max-processing-time {self.max_processing_time:g} s must be above the {self.channel.name} "
+                f"channel's own deadline for one attempt ({attempt:g} s: --http-timeout, or the Kafka "
+                "producer's message.timeout.ms)")
 
     @property
     def effective_visibility_timeout(self) -> int:

@@ -9,7 +9,7 @@ rejected (left to the redrive policy).
 A ``Run`` is what is delivered and settled together, in order: one message on a standard queue,
 the messages of one FIFO group from one receive on a FIFO queue.
 
-Not thread-safe: the worker uses it under its own lock.
+Not thread-safe: it lives on the worker's event loop.
 """
 
 from __future__ import annotations
@@ -20,7 +20,13 @@ from dataclasses import dataclass, field
 
 from channels.base import Message, Outcome
 
-__all__ = ["Held", "Ledger", "Run", "Stage"]
+__all__ = ["VISIBILITY_LIMIT", "Held", "Ledger", "Run", "Stage"]
+
+# SQS: a message's visibility cannot be extended past 12 hours from its receipt
+# (https://docs.aws.amazon.com/AWSSimpleQueueService/latest/SQSDeveloperGuide/sqs-visibility-timeout.html).
+VISIBILITY_LIMIT = 43_200
+# Our receipt time is a little after SQS's (the answer's way back): stop this much short of it.
+_LIMIT_MARGIN = 60.0
 
 
 class Stage(enum.Enum):
@@ -34,6 +40,7 @@ class Held:
     message: Message
     run: Run
     visible_until: float  # monotonic: when SQS would hand the message out again
+    received_at: float = 0.0  # monotonic: when the receive that brought it returned
     stage: Stage = Stage.DELIVERING
     attempt_started: float = 0.0
     outcome: Outcome | None = None
@@ -93,15 +100,21 @@ class Ledger:
             self.reserved -= 1
         return held
 
-    def due_for_extension(self, now: float, margin: float, timeout: float) -> list[str]:
-        """Handles whose visibility ends within ``margin``; marked as extended to ``now + timeout``
-        (a failed extension calls ``extension_failed`` to be tried again)."""
-        due = []
-        for handle, held in self._held.items():
+    def due_for_extension(self, now: float, margin: float, timeout: float) -> tuple[list[Held], list[Held]]:
+        """Messages whose visibility ends within ``margin``: those that may be extended by
+        ``timeout`` (marked as extended to ``now + timeout``; a failed extension calls
+        ``extension_failed`` to be tried again), and those that may not, because SQS refuses
+        any visibility past ``VISIBILITY_LIMIT`` seconds from the receipt."""
+        due, at_limit = [], []
+        limit = VISIBILITY_LIMIT - _LIMIT_MARGIN - timeout  # held longer than this: no extension fits
+        for held in self._held.values():
             if held.visible_until - now < margin:
+                if now - held.received_at > limit:
+                    at_limit.append(held)
+                    continue
                 held.visible_until = now + timeout
-                due.append(handle)
-        return due
+                due.append(held)
+        return due, at_limit
 
     def extension_failed(self, handles: list[str], now: float) -> None:
         for handle in handles:

@@ -1,11 +1,16 @@
 """``ChangeMessageVisibilityBatch`` for the worker: extensions of held messages and returns.
 
 Changes are sent in batches of up to 10 from a few lanes, so extension keeps up with any
-``--max-in-flight``. A message always goes through the same lane (picked by its receipt handle)
-and a lane has one call in flight at a time, in the order changes were asked for, so a return is
-never overtaken by an extension asked for before it. An extension is dropped if, when its batch
-is formed, the message is no longer held (returned, deleted, rejected): an extension can never
-undo a return.
+``--max-in-flight``. A message always goes through the same lane (picked by its FIFO message
+group, else by its receipt handle) and a lane has one call in flight at a time, in the order
+changes were asked for, so a return is never overtaken by an extension asked for before it. An
+extension is dropped if, when its batch is formed, the message is no longer held (returned,
+deleted, rejected): an extension can never undo a return.
+
+FIFO order: the messages of one group go through one lane, so a group's messages given back
+together (one timeout, head first) become visible head first, and never while an extension of
+another of them is still on its way. SQS hands out a group's next message as soon as any of
+its held ones is visible again, so a later message visible before its head breaks the order.
 
 Runs on the worker's event loop.
 """
@@ -30,6 +35,10 @@ log = logging.getLogger(__name__)
 # (or was deleted); it will be redelivered, which at-least-once allows.
 _GONE_CODES = frozenset({"ReceiptHandleIsInvalid", "InvalidReceiptHandle", "MessageNotInflight",
                          "AWS.SimpleQueueService.MessageNotInflight"})
+
+
+Item = tuple[str, "str | None"]
+"""(receipt handle, FIFO message group or None): the group picks the lane."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,13 +74,14 @@ class VisibilityLanes:
             log, "%d message(s) were visible again before their visibility could be changed "
                  "(they will be redelivered); last: %s")
 
-    def extend(self, handles: Iterable[str], timeout: int) -> None:
-        for handle in handles:
-            self._add(_Change(handle, timeout, True))
+    def extend(self, items: Iterable[Item], timeout: int) -> None:
+        for handle, group in items:
+            self._add(_Change(handle, timeout, True), group)
 
-    def give_back(self, handles: Iterable[str], timeout: int) -> None:
-        for handle in handles:
-            self._add(_Change(handle, timeout, False))
+    def give_back(self, items: Iterable[Item], timeout: int) -> None:
+        """Make these visible again after ``timeout`` seconds, in this order within a group."""
+        for handle, group in items:
+            self._add(_Change(handle, timeout, False), group)
 
     async def close(self, timeout: float) -> bool:
         """Wait until what was asked so far is sent. False if that did not finish in time."""
@@ -86,8 +96,8 @@ class VisibilityLanes:
             await asyncio.wait(pending, timeout=0.1)
         return not pending
 
-    def _add(self, change: _Change) -> None:
-        index = hash(change.handle) % len(self._lanes)
+    def _add(self, change: _Change, group: str | None) -> None:
+        index = hash(change.handle if group is None else group) % len(self._lanes)
         self._lanes[index].append(change)
         if self._draining[index] is None:
             self._draining[index] = asyncio.get_running_loop().create_task(self._drain(index))
@@ -108,7 +118,9 @@ class VisibilityLanes:
     async def _send(self, batch: list[_Change]) -> None:
         latest: dict[str, _Change] = {}
         for change in batch:  # the last change asked for a message wins (a return after an extension)
-            latest.pop(change.handle, None)
+            earlier = latest.pop(change.handle, None)
+            if change.extension and earlier is not None and not earlier.extension:
+                change = earlier  # but an extension never undoes a return
             latest[change.handle] = change
         extensions = [c.handle for c in latest.values() if c.extension]
         held = self._still_held(extensions) if extensions else set()

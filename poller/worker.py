@@ -28,10 +28,12 @@ channel counts as down. Receiving stops, held messages stay invisible (extended)
 one probe at a time; the first success closes the circuit. An outage therefore costs no receive
 counts, and healthy messages do not reach the DLQ.
 
-Shutdown (SIGTERM / SIGINT), within ``shutdown_timeout``: stop receiving (long polls in progress
-are broken off), return what waits for a retry (visibility 0, so it comes back at once), let the
-channel finish or give back what it holds (``aclose``), return the rest, flush the deletes of
-everything acknowledged, exit 0. The extender runs until the channel has closed.
+Shutdown (SIGTERM / SIGINT), within ``shutdown_timeout``: stop receiving, return what waits for
+a retry (visibility 0, so it comes back at once), let the channel finish or give back what it
+holds (``aclose``), return the rest, flush the deletes of everything acknowledged, exit 0. Long
+polls in progress are let finish (within ``--wait-time``), because SQS still hands messages to
+a poll until it returns: one broken off would leave them invisible for the visibility timeout;
+what they bring is given back at once. The extender runs until the channel has closed.
 """
 
 from __future__ import annotations
@@ -67,6 +69,16 @@ EXIT_FAILED = 1  # the channel or a task broke: the supervisor replaces the proc
 EXIT_BOOT = 3  # the worker cannot start (channel start failed); see the supervisor for what it does
 
 _LOOP_LIMIT = 60.0  # longest healthy gap between two beats of a housekeeping loop
+# A Retry-After is honoured up to this (seconds): an hour-long one would hold messages, and the
+# worker's room for others, for that hour. The circuit's probes pace an outage anyway.
+RETRY_AFTER_CAP = 60.0
+# --until-empty: after an empty receive, a receiver polls this long, so that once the queue is
+# drained the poller stops within about this, not within a whole --wait-time.
+_DRAINING_WAIT = 1
+# At shutdown, this much of the deadline is kept for what comes after the long polls.
+_AFTER_POLLS = 2.0
+# The circuit is open, nothing is left to probe with and no receive brings one: never for long.
+_WEDGE_AFTER = 30.0
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +88,14 @@ class _Effects:
     """What a decision asks the SQS side for, done once the decision is complete."""
 
     deletes: list[str] = field(default_factory=list)
-    returns: dict[int, list[str]] = field(default_factory=dict)  # visibility -> handles
+    # visibility -> (handle, FIFO group): a run's messages in order, with one visibility
+    returns: dict[int, list[tuple[str, str | None]]] = field(default_factory=dict)
     rejected: list[Held] = field(default_factory=list)
     returned_because: str = ""  # the last failure of what was returned
 
     def give_back(self, held: Held, visibility: int) -> None:
-        self.returns.setdefault(visibility, []).append(held.message.ack_id)
+        message = held.message
+        self.returns.setdefault(visibility, []).append((message.ack_id, message.group_id))
 
 
 class Worker:
@@ -120,6 +134,16 @@ class Worker:
         self._returned_log = RateLimitedLog(log, "returned %d message(s) to SQS undelivered; last: %s")
         self._retry_log = RateLimitedLog(log, "%d delivery attempt(s) failed, retrying in place; last: %s")
         self._receive_log = RateLimitedLog(log, "%d ReceiveMessage call(s) failed, retrying; last: %s")
+        self._retry_after_log = RateLimitedLog(
+            log, f"%d time(s) the channel asked to wait longer than {RETRY_AFTER_CAP:g} s before the next "
+                 f"attempt (Retry-After); waited {RETRY_AFTER_CAP:g} s; last asked: %s")
+        self._give_up_log = RateLimitedLog(log, "%d delivery attempt(s) given up after --max-processing-time; "
+                                                "last: %s")
+        self._limit_log = RateLimitedLog(
+            log, "%d message(s) held for SQS's 12 hours of visibility after a receive given back "
+                 "(visible again now, as they would be soon anyway); last: %s")
+        self._wedged_since = 0.0  # the circuit open with nothing to probe with, since (monotonic)
+        self._probes_since_receive = 0  # while the circuit is open: probes since new messages came
         self._stall_logged = ""
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -213,6 +237,9 @@ class Worker:
         stalled = self._channel.stalled()
         if stalled:
             problems.append(stalled)
+        wedged = self._wedged()
+        if wedged:
+            problems.append(wedged)
         self.counters.set("in_flight", len(self._ledger))
         self.counters.set("drained", int(self._drained()))
         if problems:
@@ -257,11 +284,8 @@ class Worker:
         loop = self._loop
         deadline = loop.time() + self.config.shutdown_timeout
         self._deleter.deadline = deadline
-        log.info("stopping: %d message(s) held", len(self._ledger))
-        self._wake_receivers()
-        assert self._receive_sqs is not None
-        self._receive_sqs.abort()  # long polls in progress end now
-        await asyncio.wait(receivers, timeout=max(0.0, deadline - loop.time()))
+        log.info("stopping: %d message(s) held, %d long poll(s) in flight", len(self._ledger), self._receiving)
+        self._wake_receivers()  # those waiting for room stop; those polling hand back what they get
         # What waits for a retry, for pacing or for the circuit goes back at once.
         effects = _Effects()
         waiting = list(self._parked) + list(self._timers)
@@ -275,10 +299,19 @@ class Worker:
             self._return_run(run, effects, visibility=0)
         self._apply(effects)
         # Leave a third of the time for the deletes and returns that closing produces.
-        await self._channel.aclose(timeout=max(0.5, (deadline - loop.time()) * 2 / 3))
+        closing = loop.create_task(self._channel.aclose(timeout=max(0.5, (deadline - loop.time()) * 2 / 3)))
+        polls_end = deadline - min(_AFTER_POLLS, self.config.shutdown_timeout / 4)
+        _, polling = await asyncio.wait(receivers, timeout=max(0.0, polls_end - loop.time()))
+        if polling:
+            log.warning("%d long poll(s) broken off at the shutdown deadline: messages SQS handed them "
+                        "come back after their visibility timeout", len(polling))
+            assert self._receive_sqs is not None
+            self._receive_sqs.abort()
+            await asyncio.wait(polling, timeout=1.0)
+        await closing
         # Anything the channel did not report (it broke, or ran out of time) goes back too.
         effects = _Effects()
-        for held in list(self._ledger):
+        for held in list(self._ledger):  # in receipt order: a FIFO group's head first
             if held.stage is not Stage.DELETING:
                 held.run.live = False
                 self._ledger.release(held.message.ack_id)
@@ -304,7 +337,7 @@ class Worker:
         """Wait until ``n`` more messages fit below ``max_in_flight`` and the circuit is closed;
         False when stopping."""
         ledger = self._ledger
-        while not ledger.fits(n) or self._circuit.is_open:
+        while not ledger.fits(n) or self._circuit_holds_receiving():
             if self._stopping:
                 return False
             await self._wait_for_room(0.5)
@@ -313,6 +346,35 @@ class Worker:
             return False
         ledger.reserve(n)
         return True
+
+    def _circuit_holds_receiving(self) -> bool:
+        """While the circuit is open, receiving waits, one receive at a time excepted when:
+        nothing is left to probe the channel with (else an open circuit with nothing parked
+        would never close), or every parked run was probed since the last new messages and
+        none got through. Messages the sink refuses alike because of themselves (poison, the
+        last ones on the queue) look like a broken sink; a new message lets the sink show it
+        works. In a real outage this brings at most one batch per round of probes."""
+        if not self._circuit.is_open:
+            return False
+        if self._receiving:
+            return True
+        if not any(h.stage is not Stage.DELETING for h in self._ledger):
+            return False
+        return self._probes_since_receive <= len(self._parked)
+
+    def _wedged(self) -> str:
+        """A reason when the circuit has been open for long with nothing to probe with and no
+        receive under way (cannot happen: ``_circuit_holds_receiving``; a failed heartbeat if
+        it ever does, so that the supervisor replaces the worker)."""
+        now = time.monotonic()
+        if self._circuit.is_open and not self._receiving and not self._parked and not self._timers \
+                and not self._stopping and not any(h.stage is Stage.DELIVERING for h in self._ledger):
+            self._wedged_since = self._wedged_since or now
+            if now - self._wedged_since > _WEDGE_AFTER:
+                return f"the circuit has been open for {now - self._wedged_since:.0f}s with nothing to probe with"
+        else:
+            self._wedged_since = 0.0
+        return ""
 
     async def _wait_for_room(self, timeout: float) -> None:
         assert self._loop is not None
@@ -337,6 +399,7 @@ class Worker:
         sqs = self._receive_sqs
         assert sqs is not None
         failures = 0
+        wait_time = config.wait_time
         try:
             while not self._stopping:
                 if not await self._reserve(config.batch_size, beat):
@@ -351,7 +414,7 @@ class Worker:
                 try:
                     raw = await sqs.receive(
                         max_messages=asked,
-                        wait_time=config.wait_time,
+                        wait_time=wait_time,
                         visibility_timeout=config.visibility_timeout,
                     )
                 except Exception as exc:  # SqsError, a credential refresh error, a bug: retry
@@ -370,6 +433,8 @@ class Worker:
                 failures = 0
                 self._give_back_budget(asked - len(raw))
                 self._empty_receives = 0 if raw else self._empty_receives + 1
+                if config.until_empty:  # drained soon: a stop must not wait a whole long poll
+                    wait_time = config.wait_time if raw else min(config.wait_time, _DRAINING_WAIT)
                 beat()
                 self._hand_over(raw)
         finally:
@@ -403,7 +468,15 @@ class Worker:
             self._room_changed()
             return
         self.counters.add("received", len(messages))
-        for run in _runs_of(messages, time.monotonic() + self._timeout):
+        now = time.monotonic()
+        if self._stopping:  # a long poll that ended after the stop: give it all back at once
+            ledger.unreserve(len(messages))
+            self.counters.add("returned", len(messages))
+            self._visibility.give_back([(m.ack_id, m.group_id) for m in messages], 0)
+            log.info("returned %d message(s) a long poll brought after the stop", len(messages))
+            return
+        self._probes_since_receive = 0
+        for run in _runs_of(messages, now + self._timeout, now):
             run.entries = [held for held in run.entries if ledger.add(held)]
             if run.entries:
                 self._publish(run)
@@ -491,6 +564,8 @@ class Worker:
         now = time.monotonic()
         answered = False
         failed_at = -1
+        # Whatever the outcome, this attempt was the probe: the run's next ones are not.
+        was_probe, run.probe = run.probe, False
         for i, held in enumerate(run.entries[:run.window]):
             if held.outcome is Outcome.ACK:
                 held.stage = Stage.DELETING
@@ -518,7 +593,9 @@ class Worker:
         run.entries = run.entries[failed_at:]
         first = run.entries[0]
         reason, wait = first.reason, first.retry_after
-        was_probe, run.probe = run.probe, False
+        if wait > RETRY_AFTER_CAP:
+            self._retry_after_log.hit(f"{wait:g} s ({reason})")
+            wait = RETRY_AFTER_CAP
         opened = self._circuit.failure(now, reason, wait=wait)
         if was_probe:
             self._circuit.probe_failed(now, wait=wait)
@@ -532,7 +609,7 @@ class Worker:
         if self._stopping:
             self._return_run(run, effects, visibility=0)
         elif self._circuit.is_open:
-            self._park(run, front=was_probe)
+            self._park(run)  # a failed probe goes to the back: the next probe tries another run
         else:
             run.failures += 1
             if run.failures > self.config.retries:
@@ -566,13 +643,10 @@ class Worker:
             self._schedule(self._parked.popleft(), self._loop.time())
         self._wake_receivers()
 
-    def _park(self, run: Run, *, front: bool = False) -> None:
+    def _park(self, run: Run) -> None:
         for held in run.entries:
             held.stage = Stage.WAITING
-        if front:
-            self._parked.appendleft(run)
-        else:
-            self._parked.append(run)
+        self._parked.append(run)
         self._arm_probe()
 
     def _arm_probe(self) -> None:
@@ -592,6 +666,7 @@ class Worker:
             return
         run = self._parked.popleft()
         run.probe = True
+        self._probes_since_receive += 1
         log.info("circuit open: probing the channel with message %s", run.entries[0].message.id)
         self._publish(run)
         self._arm_probe()  # re-armed for after this probe (take_probe refuses meanwhile)
@@ -617,13 +692,17 @@ class Worker:
         self._dispatch(run, len(run.entries) if len(run.entries) == 1 or self._keeps_order() else 1)
 
     def _return_run(self, run: Run, effects: _Effects, *, visibility: int | None = None) -> None:
-        """Give the run's messages back to SQS, undelivered."""
+        """Give the run's messages back to SQS, undelivered: with one visibility (the longest of
+        theirs) and head first, so that no later message of a FIFO group is visible before it."""
         run.live = False
-        for held in run.entries:
-            if held.stage is Stage.DELETING:
-                continue
+        returned = [held for held in run.entries if held.stage is not Stage.DELETING]
+        if not returned:
+            return
+        if visibility is None:
+            visibility = max(self._return_visibility(held) for held in returned)
+        for held in returned:
             self._ledger.release(held.message.ack_id)
-            effects.give_back(held, self._return_visibility(held) if visibility is None else visibility)
+            effects.give_back(held, visibility)
             effects.returned_because = held.reason or effects.returned_because
 
     def _return_visibility(self, held: Held) -> int:
@@ -660,35 +739,51 @@ class Worker:
                 await asyncio.sleep(tick)
                 beat()
                 now = time.monotonic()
-                due = self._ledger.due_for_extension(now, timeout / 2, timeout) if timeout > 0 else []
+                due, at_limit = (self._ledger.due_for_extension(now, timeout / 2, timeout)
+                                 if timeout > 0 else ([], []))
                 if due:
-                    self._visibility.extend(due, timeout)
+                    self._visibility.extend([(h.message.ack_id, h.message.group_id) for h in due], timeout)
+                if at_limit:
+                    self._give_back_at_limit(at_limit)
                 for run in self._ledger.overdue_runs(now, self.config.max_processing_time):
                     self._give_up_attempt(run, now)
         finally:
             self._watchdog.unregister("extender")
 
     def _give_up_attempt(self, run: Run, now: float) -> None:
-        """A delivery attempt held the run longer than ``max_processing_time``: return it."""
+        """A delivery attempt held the run longer than ``max_processing_time``: what was not
+        reported failed, and is decided as any failure (``_settle``): a circuit failure, retried
+        in place or returned, parked while the circuit is open, a probe's failure if it was one.
+        The channel's own deadline is shorter (``WorkerConfig``), so this catches a channel that
+        broke its contract; a report of the given-up attempt that comes later is ignored."""
         if not run.live or not any(h.stage is Stage.DELIVERING for h in run.entries):
             return
-        effects = _Effects()
-        if run.probe:
-            run.probe = False
-            self._circuit.probe_failed(now)
-            self._arm_probe()
-        ordered = True
+        reason = (f"one delivery attempt held it for over {self.config.max_processing_time:g}s "
+                  "(--max-processing-time)")
         for held in run.entries[:run.window]:
-            ordered = ordered and held.outcome is Outcome.ACK
-            if ordered:  # delivered, and nothing before it failed: delete it, as any ack
-                held.stage = Stage.DELETING
-                effects.deletes.append(held.message.ack_id)
-            elif held.outcome is None:
-                held.reason = (f"one delivery attempt held it for over "
-                               f"{self.config.max_processing_time:g}s (--max-processing-time)")
-        self._return_run(run, effects)
-        self._room_changed()
+            if held.outcome is None:
+                held.outcome, held.reason, held.retry_after = Outcome.RETRY, reason, 0.0
+        run.unreported = 0
+        self._give_up_log.hit(f"message {run.entries[0].message.id}: {reason}")
+        self._apply(self._settle(run))
+
+    def _give_back_at_limit(self, at_limit: list[Held]) -> None:
+        """SQS refuses to keep a message invisible longer than 12 hours after its receive: give
+        its run back now (it would be visible again soon anyway), rather than fail an extension
+        on every tick. A delete under way is left to finish."""
+        effects = _Effects()
+        for run in {id(h.run): h.run for h in at_limit if h.stage is not Stage.DELETING}.values():
+            if not run.live:
+                continue
+            timer = self._timers.pop(run, None)
+            if timer is not None:
+                timer.cancel()
+            if run in self._parked:
+                self._parked.remove(run)
+            self._return_run(run, effects, visibility=0)
+            self._limit_log.hit(f"message {run.entries[0].message.id}")
         self._apply(effects)
+        self._room_changed()
 
     def _still_held(self, handles: Sequence[str]) -> set[str]:
         return {handle for handle in handles if self._ledger.get(handle) is not None}
@@ -720,7 +815,7 @@ def _resolve(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
-def _runs_of(messages: list[Message], visible_until: float) -> list[Run]:
+def _runs_of(messages: list[Message], visible_until: float, received_at: float) -> list[Run]:
     """One run per message, except that a FIFO group's messages of one receive form one run,
     kept in the order SQS gave them."""
     runs: list[Run] = []
@@ -733,7 +828,7 @@ def _runs_of(messages: list[Message], visible_until: float) -> list[Run]:
             runs.append(run)
             if group is not None:
                 groups[group] = run
-        run.entries.append(Held(message, run, visible_until))
+        run.entries.append(Held(message, run, visible_until, received_at))
     return runs
 
 

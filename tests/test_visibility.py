@@ -56,6 +56,10 @@ class RecordingClient:
         return [entry for call in self.calls for entry in call]
 
 
+def items(handles: Iterable[str], group: str | None = None) -> list[tuple[str, str | None]]:
+    return [(h, group) for h in handles]
+
+
 class Lanes:
     def __init__(self, lanes: int = 2, held: set[str] | None = None, client: RecordingClient | None = None) -> None:
         self.client = client or RecordingClient()
@@ -75,7 +79,7 @@ class Lanes:
 async def test_batches_of_at_most_ten_and_everything_sent_by_close() -> None:
     held = {f"h{i}" for i in range(95)}
     rig = Lanes(lanes=3, held=held)
-    rig.lanes.extend(sorted(held), 30)
+    rig.lanes.extend(items(sorted(held)), 30)
     assert await rig.lanes.close(5.0)
     assert sorted(h for h, _ in rig.client.sent()) == sorted(held)
     assert all(len(call) <= 10 for call in rig.client.calls)
@@ -85,7 +89,7 @@ async def test_batches_of_at_most_ten_and_everything_sent_by_close() -> None:
 @on_loop
 async def test_an_extension_of_a_message_no_longer_held_is_dropped() -> None:
     rig = Lanes(lanes=1, held={"kept"})
-    rig.lanes.extend(["kept", "returned-meanwhile"], 30)
+    rig.lanes.extend(items(["kept", "returned-meanwhile"]), 30)
     assert await rig.lanes.close(5.0)
     assert rig.client.sent() == [("kept", 30)]
 
@@ -94,10 +98,10 @@ async def test_an_extension_of_a_message_no_longer_held_is_dropped() -> None:
 async def test_a_return_wins_over_an_extension_asked_before_it() -> None:
     rig = Lanes(lanes=4, held={f"h{i}" for i in range(40)})
     handles = [f"h{i}" for i in range(40)]
-    rig.lanes.extend(handles, 30)
+    rig.lanes.extend(items(handles), 30)
     await asyncio.sleep(0.005)  # some extension batches are on their way
     rig.held.clear()  # the worker released them, then asked for the returns
-    rig.lanes.give_back(handles, 0)
+    rig.lanes.give_back(items(handles), 0)
     assert await rig.lanes.close(5.0)
     last: dict[str, int] = {}
     for handle, timeout in rig.client.sent():
@@ -106,15 +110,57 @@ async def test_a_return_wins_over_an_extension_asked_before_it() -> None:
 
 
 @on_loop
+async def test_a_fifo_groups_changes_share_one_lane_and_its_return_goes_head_first() -> None:
+    """Every change of a group's messages goes through one lane, in the order asked: the group's
+    return is one timeout, head first, and no extension of one of them can land after it (SQS
+    frees a group as soon as any of its held messages is visible: a later one visible before
+    its head broke FIFO order)."""
+    client = RecordingClient()
+    groups = {g: [f"{g}-{i}" for i in range(5)] for g in "abcdefgh"}
+    rig = Lanes(lanes=8, held={h for hs in groups.values() for h in hs}, client=client)
+    lanes_used: dict[str, set[int]] = {}
+    add = rig.lanes._add
+
+    def recording_add(change: Any, group: str | None) -> None:
+        add(change, group)
+        index = next(i for i, lane in enumerate(rig.lanes._lanes) if lane and lane[-1] is change)
+        lanes_used.setdefault(change.handle[0], set()).add(index)
+
+    rig.lanes._add = recording_add  # type: ignore[method-assign]
+    for group, handles in groups.items():
+        rig.lanes.extend(items(handles, group), 30)
+    await asyncio.sleep(0.005)
+    rig.held.clear()
+    for group, handles in groups.items():
+        rig.lanes.give_back(items(handles, group), 7)
+    assert await rig.lanes.close(5.0)
+    assert all(len(used) == 1 for used in lanes_used.values()), lanes_used
+    for group, handles in groups.items():
+        sent = [(h, t) for call in client.calls for h, t in call if h.startswith(group)]
+        assert {h: t for h, t in sent} == {h: 7 for h in handles}  # the return is the last word
+        assert [h for h, t in sent if t == 7] == handles  # head first
+
+
+@on_loop
+async def test_an_extension_never_replaces_a_return_of_the_same_message() -> None:
+    rig = Lanes(lanes=1, held=set())
+    rig.lanes.give_back(items(["a"]), 0)
+    rig.held.add("a")  # as if asked again by mistake: the return must stand
+    rig.lanes.extend(items(["a"]), 30)
+    assert await rig.lanes.close(5.0)
+    assert rig.client.sent() == [("a", 0)]
+
+
+@on_loop
 async def test_a_failed_call_asks_for_the_extension_again_and_never_kills_the_lane() -> None:
     rig = Lanes(lanes=1, held={"a", "b"}, client=RecordingClient(raise_first=1))
-    rig.lanes.extend(["a", "b"], 30)
+    rig.lanes.extend(items(["a", "b"]), 30)
     for _ in range(200):
         await asyncio.sleep(0.01)
         if sorted(rig.failed) == ["a", "b"]:
             break
     assert sorted(rig.failed) == ["a", "b"]
-    rig.lanes.extend(["a"], 30)  # the extender asks again on its next tick
+    rig.lanes.extend(items(["a"]), 30)  # the extender asks again on its next tick
     assert await rig.lanes.close(5.0)
     assert rig.client.sent() == [("a", 30)]
 
@@ -123,7 +169,7 @@ async def test_a_failed_call_asks_for_the_extension_again_and_never_kills_the_la
 async def test_a_handle_already_visible_again_is_counted_and_not_extended_again() -> None:
     client = RecordingClient(fail={"gone": "ReceiptHandleIsInvalid", "busy": "InternalError"})
     rig = Lanes(lanes=1, held={"gone", "busy", "ok"}, client=client)
-    rig.lanes.extend(["gone", "busy", "ok"], 30)
+    rig.lanes.extend(items(["gone", "busy", "ok"]), 30)
     assert await rig.lanes.close(5.0)
     assert rig.lost == ["gone"] and rig.failed == ["busy"]
     assert rig.counters.get("expired") == 1 and rig.counters.get("extended") == 1
@@ -132,7 +178,7 @@ async def test_a_handle_already_visible_again_is_counted_and_not_extended_again(
 @on_loop
 async def test_close_gives_up_when_sqs_hangs() -> None:
     rig = Lanes(lanes=1, held={"a"}, client=RecordingClient(hang=True))
-    rig.lanes.extend(["a"], 30)
+    rig.lanes.extend(items(["a"]), 30)
     assert await rig.lanes.close(0.3) is False
 
 

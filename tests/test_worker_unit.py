@@ -81,12 +81,14 @@ class RecordingLanes:
     def __init__(self) -> None:
         self.extended: list[tuple[str, int]] = []
         self.returned: list[tuple[str, int]] = []
+        self.return_calls: list[tuple[list[str], set[str | None], int]] = []
 
-    def extend(self, handles: Sequence[str], timeout: int) -> None:
-        self.extended += [(h, timeout) for h in handles]
+    def extend(self, items: Sequence[tuple[str, str | None]], timeout: int) -> None:
+        self.extended += [(h, timeout) for h, _ in items]
 
-    def give_back(self, handles: Sequence[str], timeout: int) -> None:
-        self.returned += [(h, timeout) for h in handles]
+    def give_back(self, items: Sequence[tuple[str, str | None]], timeout: int) -> None:
+        self.returned += [(h, timeout) for h, _ in items]
+        self.return_calls.append(([h for h, _ in items], {g for _, g in items}, timeout))
 
 
 @dataclass
@@ -249,20 +251,34 @@ async def test_ack_while_stopping_still_deletes() -> None:
 
 
 @on_loop
-async def test_a_late_report_of_an_attempt_given_up_is_ignored() -> None:
-    rig = make_rig(max_processing_time=5)
+async def test_an_attempt_given_up_is_a_failure_like_any_other() -> None:
+    """A channel that did not answer within --max-processing-time (past its own deadline): the
+    attempt counts as failed for the circuit, is retried in place, then returned; its late
+    report is ignored."""
+    rig = make_rig(max_processing_time=31, retries=1)
     await rig.receive([raw_message(1)])
     held = rig.worker._ledger.get("rh-1")
     assert held is not None
-    rig.worker._give_up_attempt(held.run, time.monotonic() + 10)
-    assert [h for h, _ in rig.lanes.returned] == ["rh-1"] and rig.held == 0
-    rig.channel.report_last(Outcome.ACK)  # the stuck attempt finally answers
+    rig.worker._give_up_attempt(held.run, time.monotonic() + 40)
+    assert rig.lanes.returned == [] and rig.held == 1 and held.stage is Stage.WAITING
+    assert rig.worker._circuit._consecutive == 1
+    rig.channel.report_last(Outcome.ACK)  # the stuck attempt finally answers: too late
     assert rig.deletes.items == [] and rig.worker.counters.get("acked") == 0
+    rig.fire_timers()
+    rig.worker._give_up_attempt(held.run, time.monotonic() + 80)  # out of retries
+    assert [h for h, _ in rig.lanes.returned] == ["rh-1"] and rig.held == 0
+
+
+@on_loop
+async def test_max_processing_time_must_be_above_the_channels_own_deadline() -> None:
+    with pytest.raises(ValueError, match="must be above the fake channel's own deadline"):
+        make_rig(max_processing_time=30)
+    make_rig(max_processing_time=31)
 
 
 @on_loop
 async def test_overdue_attempts_are_found_by_the_ledger() -> None:
-    rig = make_rig(max_processing_time=5)
+    rig = make_rig(max_processing_time=31)
     await rig.receive([raw_message(1), raw_message(2)])
     rig.channel.published[0][1](handed(rig.channel)[0], Outcome.ACK, "")
     now = time.monotonic()
@@ -321,6 +337,20 @@ async def test_a_channel_that_keeps_order_gets_the_group_at_once_and_nothing_is_
     assert rig.channel.ids() == ["id-1", "id-2", "id-3"]
 
 
+@on_loop
+async def test_a_fifo_run_goes_back_in_one_call_head_first_with_one_visibility() -> None:
+    """Given back, a group's later message must not be visible before its head: one visibility
+    for all (the longest of theirs: receive counts differ) and head first (LocalStack frees a
+    group as soon as any of its held messages is visible again; order broke in every run)."""
+    rig = make_rig(retries=0, nack_backoff=2.0, nack_backoff_max=100.0, keeps_order=True)
+    await rig.receive([raw_message(0, receive_count=1, group="g"), raw_message(1, receive_count=4, group="g"),
+                       raw_message(2, receive_count=2, group="g")])
+    rig.channel.report_last(Outcome.RETRY, "503")
+    [(handles, groups, visibility)] = rig.lanes.return_calls
+    assert handles == ["rh-0", "rh-1", "rh-2"] and groups == {"g"}
+    assert 16 * 0.8 - 1 <= visibility <= 16 * 1.2 + 1  # receive count 4's: 2 * 2**3
+
+
 # -- pacing --------------------------------------------------------------------------------------
 
 
@@ -373,6 +403,91 @@ async def test_an_outage_opens_the_circuit_parks_everything_and_returns_nothing(
     assert await asyncio.wait_for(reserving, 2.0) is True  # the loop runs: parked runs go out now
     assert len(rig.channel.published) == before + 49
     assert rig.lanes.returned == []
+
+
+@on_loop
+async def test_a_probe_given_up_is_parked_again_and_the_circuit_cannot_wedge() -> None:
+    """A probe held past --max-processing-time was neither parked again nor counted: with nothing
+    parked the circuit stayed open for good, the worker held nothing and never received again."""
+    rig = make_rig(circuit_threshold=2, retries=5, max_processing_time=31)
+    await rig.receive([raw_message(0), raw_message(1)])
+    rig.channel.report_all(Outcome.RETRY, "TimeoutError")
+    rig.fire_timers()  # the retry due before the circuit opened is parked when it comes
+    assert rig.worker._circuit.is_open and len(rig.worker._parked) == 2
+    rig.probe()
+    probe = rig.worker._ledger.get(rig.channel.published[-1][0][0].ack_id)
+    assert probe is not None and probe.run.probe
+    rig.worker._give_up_attempt(probe.run, time.monotonic() + 40)
+    assert not probe.run.probe and probe.run in rig.worker._parked and rig.lanes.returned == []
+    assert not rig.worker._circuit._probing and rig.worker._circuit._probes == 1
+    rig.probe()  # the next probe goes out
+    assert len(rig.channel.published) == 4
+    # Everything goes (say the poller's operator purged it): nothing is left to probe with, and
+    # a receive is let through to bring a probe rather than wait for ever.
+    for held in list(rig.worker._ledger):
+        held.run.live = False
+        rig.worker._ledger.release(held.message.ack_id)
+    rig.worker._parked.clear()
+    rig.worker._ledger.reserved = 0
+    assert rig.worker._circuit.is_open
+    assert await asyncio.wait_for(rig.worker._reserve(10), 2.0) is True
+    rig.worker._receiving = 1  # that receive is under way: no second one meanwhile
+    second = _reserve_in_task(rig.worker, 10)
+    await asyncio.sleep(0.7)
+    assert not second.done()
+    second.cancel()
+
+
+@on_loop
+async def test_after_a_round_of_failed_probes_one_receive_may_bring_new_messages() -> None:
+    """Messages a sink refuses because of themselves, the last ones on a queue, look like a broken
+    sink (the circuit opens on them): once each was probed and failed, one receive may bring a
+    message that lets the sink show it works, so they never hold the queue up for good."""
+    rig = make_rig(circuit_threshold=3, retries=5)
+    await rig.receive([raw_message(i) for i in range(3)])
+    rig.channel.report_all(Outcome.RETRY, "problem of the sink")
+    rig.fire_timers()
+    assert rig.worker._circuit.is_open and len(rig.worker._parked) == 3
+    probed = []
+    for _ in range(3):
+        assert rig.worker._circuit_holds_receiving()
+        rig.probe()
+        probed.append(rig.channel.ids()[0])
+        rig.channel.report_last(Outcome.RETRY, "problem of the sink")
+    assert sorted(probed) == ["id-0", "id-1", "id-2"]  # in turn, not the same one again
+    rig.probe()
+    rig.channel.report_last(Outcome.RETRY, "problem of the sink")
+    assert not rig.worker._circuit_holds_receiving()
+    assert await asyncio.wait_for(rig.worker._reserve(10), 2.0) is True
+    rig.worker._hand_over([raw_message(9)])  # parked at once, the counting starts again
+    assert rig.worker._circuit_holds_receiving()
+
+
+@on_loop
+async def test_a_successful_probe_is_no_longer_the_probe() -> None:
+    """After its probe succeeded, a FIFO run's later failure must not end another probe that is out."""
+    rig = make_rig(circuit_threshold=1, keeps_order=False)
+    await rig.receive([raw_message(0, group="a"), raw_message(1, group="a"), raw_message(2, group="b")])
+    rig.channel.report_all(Outcome.RETRY, "503")
+    assert rig.worker._circuit.is_open
+    rig.probe()
+    assert rig.channel.ids() == ["id-0"]
+    rig.channel.report_last(Outcome.ACK)  # the probe: the circuit closes, id-1 goes out
+    assert not rig.worker._circuit.is_open
+    run_a = rig.worker._ledger.get("rh-1").run  # type: ignore[union-attr]
+    assert rig.channel.ids() == ["id-1"] and not run_a.probe
+
+
+@on_loop
+async def test_retry_after_is_honoured_up_to_a_cap_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    from poller.worker import RETRY_AFTER_CAP
+
+    rig = make_rig()
+    await rig.receive([raw_message(1)])
+    rig.channel.report_last(Outcome.RETRY, "429", 3600.0)
+    [delay] = rig.delay_of_timers()
+    assert RETRY_AFTER_CAP - 1 < delay <= RETRY_AFTER_CAP
+    assert "3600 s" in caplog.text and "Retry-After" in caplog.text
 
 
 class SheddingChannel(FakeChannel):
@@ -546,6 +661,28 @@ async def test_extension_covers_delivering_waiting_and_deleting_messages() -> No
     published[1][1](published[1][0][0], Outcome.RETRY, "503")  # waiting for a retry
     now = time.monotonic()
     ledger = rig.worker._ledger
-    assert ledger.due_for_extension(now, 5, 10) == []  # not yet
-    assert sorted(ledger.due_for_extension(now + 6, 5, 10)) == ["rh-0", "rh-1", "rh-2"]
-    assert ledger.due_for_extension(now + 6, 5, 10) == []  # marked as extended
+    assert ledger.due_for_extension(now, 5, 10) == ([], [])  # not yet
+    due, at_limit = ledger.due_for_extension(now + 6, 5, 10)
+    assert sorted(h.message.ack_id for h in due) == ["rh-0", "rh-1", "rh-2"] and at_limit == []
+    assert ledger.due_for_extension(now + 6, 5, 10) == ([], [])  # marked as extended
+
+
+@on_loop
+async def test_a_message_held_for_sqs_12_hours_is_given_back_not_extended(caplog: pytest.LogCaptureFixture) -> None:
+    """SQS refuses any visibility past 12 hours from the receive: such a message is given back
+    once, with a log line, instead of failing an extension on every tick for ever."""
+    rig = make_rig(visibility_timeout=600)
+    await rig.receive([raw_message(0), raw_message(1, group="g"), raw_message(2, group="g")])
+    ledger = rig.worker._ledger
+    later = time.monotonic() + 43_200 - 600
+    for held in ledger:
+        held.visible_until = later  # extended until then, each time on time
+    due, at_limit = ledger.due_for_extension(later, 300, 600)
+    assert due == [] and sorted(h.message.ack_id for h in at_limit) == ["rh-0", "rh-1", "rh-2"]
+    rig.worker._give_back_at_limit(at_limit)
+    assert rig.held == 0 and sorted(rig.lanes.returned) == [("rh-0", 0), ("rh-1", 0), ("rh-2", 0)]
+    [(handles, _, _)] = rig.lanes.return_calls  # the group in one call, head first
+    assert [h for h in handles if h != "rh-0"] == ["rh-1", "rh-2"]
+    assert "12 hours" in caplog.text
+    rig.channel.report_all(Outcome.ACK)  # the attempts still out answer at last: ignored
+    assert rig.deletes.items == []
