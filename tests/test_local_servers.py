@@ -261,6 +261,38 @@ def test_dumper_hooks(stack: ExitStack) -> None:
     assert d.counts.received == 2 and d.counts.accepted == 1 and d.counts.refused == 1
 
 
+# --- batched content mode (the poller's --http-mode batch) ---------------------------------------
+
+
+def batch_body(*ids: str) -> bytes:
+    return b"[" + b",".join(to_structured_event(sample_event(i)).body for i in ids) + b"]"
+
+
+BATCH_HEADERS = {"Content-Type": "application/cloudevents-batch+json; charset=utf-8"}
+
+
+@pytest.mark.parametrize("server", ["channel", "dumper"])
+def test_a_batch_is_taken_event_by_event(stack: ExitStack, server: str) -> None:
+    d = dumper(stack)
+    target = channel(stack, d.url) if server == "channel" else d
+    response = requests.post(target.url, headers=BATCH_HEADERS, data=batch_body("a", "b", "c"), timeout=10)
+    assert 200 <= response.status_code < 300 and not response.content
+    assert sorted(e["id"] for e in d.events) == ["a", "b", "c"]
+    assert d.counts.accepted == 3
+
+
+@pytest.mark.parametrize("server", ["channel", "dumper"])
+def test_a_batch_partly_refused_lists_the_refused_as_batch_item_failures(stack: ExitStack, server: str) -> None:
+    d = dumper(stack, respond=lambda event, headers: 503 if event["id"] in ("b", "d") else None)
+    target = channel(stack, d.url) if server == "channel" else d
+    response = requests.post(target.url, headers=BATCH_HEADERS, data=batch_body("a", "b", "c", "d"), timeout=10)
+    assert response.status_code == 200
+    assert response.json() == {"batchItemFailures": [{"itemIdentifier": "b"}, {"itemIdentifier": "d"}]}
+    assert sorted(e["id"] for e in d.events) == ["a", "c"]
+    every = requests.post(target.url, headers=BATCH_HEADERS, data=batch_body("b", "d"), timeout=10)
+    assert every.status_code in (502, 503)  # none taken: the refusal itself
+
+
 # --- not CloudEvents -------------------------------------------------------------------------
 
 BASE = {"ce-specversion": "1.0", "ce-id": "1", "ce-source": "/s", "ce-type": "t"}

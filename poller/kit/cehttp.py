@@ -10,8 +10,15 @@ implementation rather than our own):
 - *structured* mode: ``Content-Type: application/cloudevents+json``; the body is the event.
 - *binary* mode: a ``ce-specversion`` header; attributes are the ``ce-*`` headers (values
   percent-decoded), ``datacontenttype`` is ``Content-Type``, data is the body.
-- anything else (including batched mode) is not a CloudEvent: ``NotACloudEvent`` with a
-  one-line reason, which the servers answer as 400; so is an event the SDK does not validate.
+- anything else is not a CloudEvent: ``NotACloudEvent`` with a one-line reason, which the
+  servers answer as 400; so is an event the SDK does not validate.
+
+``parse_batch(body)`` reads CloudEvents' batched content mode (HTTP binding 3.3,
+``application/cloudevents-batch+json``: a JSON array of structured events), each event
+validated as a structured one (the SDK has no batch reader). ``batch_reply`` answers a batch
+from each event's own answer: 2xx when every event was taken; when some were, 200 with the
+others listed as ``batchItemFailures`` (EventBridge Pipes' shape, which the poller reads and
+retries just those); when none was, the first refusal.
 
 The dict is the event's JSON document (the JSON event format): ``data`` is the JSON value when
 the content type is JSON, else the text; a body that is not UTF-8 becomes ``data_base64``.
@@ -63,8 +70,12 @@ C = TypeVar("C")
 
 __all__ = [
     "Tally",
+    "BATCH_CONTENT_TYPE",
     "STRUCTURED_CONTENT_TYPE",
     "CloudEventServer",
+    "batch_reply",
+    "is_batch",
+    "parse_batch",
     "NotACloudEvent",
     "Reply",
     "ServerOptions",
@@ -75,6 +86,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 STRUCTURED_CONTENT_TYPE = "application/cloudevents+json"
+BATCH_CONTENT_TYPE = "application/cloudevents-batch+json"
 _FORMAT = JSONFormat()
 _REQUIRED = ("specversion", "id", "source", "type")
 # A chunk size is hex digits and nothing else: no sign, no "0x", no "_" (all of which int() takes).
@@ -100,7 +112,7 @@ def parse_event(headers: Mapping[str, str], body: bytes, *, decode_data: bool = 
     media = media_type(headers.get("content-type"))
     if media.startswith("application/cloudevents"):
         if media == "application/cloudevents-batch+json":
-            raise NotACloudEvent("batched content mode is not supported; send one event per request")
+            raise NotACloudEvent("a batch (batched content mode) holds several events: read it with parse_batch")
         if media != STRUCTURED_CONTENT_TYPE:
             raise NotACloudEvent(f"unsupported event format {media!r}; use {STRUCTURED_CONTENT_TYPE}")
         sent = _structured_attributes(body)
@@ -131,6 +143,44 @@ def parse_event(headers: Mapping[str, str], body: bytes, *, decode_data: bool = 
         document.pop("data", None)
         document.pop("data_base64", None)
     return document
+
+
+def is_batch(headers: Mapping[str, str]) -> bool:
+    """The request is in batched content mode (header names lower-cased)."""
+    return media_type(headers.get("content-type")) == BATCH_CONTENT_TYPE
+
+
+def parse_batch(body: bytes) -> list[tuple[dict[str, Any], bytes]]:
+    """A batched-mode body as (event, the event's own structured JSON) pairs; ``NotACloudEvent``
+    if it is not a JSON array of valid events (a batch is taken whole or refused whole)."""
+    try:
+        documents = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise NotACloudEvent(f"batch is not valid JSON: {exc}") from None
+    if not isinstance(documents, list):
+        raise NotACloudEvent("a batch must be a JSON array of events")
+    if not documents:
+        raise NotACloudEvent("an empty batch holds no event")
+    events = []
+    for i, document in enumerate(documents):
+        encoded = orjson.dumps(document)
+        try:
+            event = parse_event({"content-type": STRUCTURED_CONTENT_TYPE}, encoded)
+        except NotACloudEvent as exc:
+            raise NotACloudEvent(f"event {i} of the batch: {exc}") from None
+        events.append((event, encoded))
+    return events
+
+
+def batch_reply(results: list[tuple[str, Reply]]) -> Reply:
+    """The answer to a batch, from (event id, that event's answer) in batch order."""
+    failed = [event_id for event_id, reply in results if not 200 <= reply.status < 300]
+    if not failed:
+        return Reply(202)
+    if len(failed) == len(results):
+        return next(reply for _, reply in results)
+    return Reply(200, content=orjson.dumps({"batchItemFailures": [{"itemIdentifier": i} for i in failed]}),
+                 content_type="application/json")
 
 
 def _structured_attributes(body: bytes) -> set[str]:
@@ -176,10 +226,13 @@ class Tally(Generic[C]):
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """What a server answers to one request: a status and a one-line reason (the body)."""
+    """What a server answers to one request: a status and a one-line reason (the body), or
+    ``content`` of ``content_type`` instead."""
 
     status: int
     reason: str = ""
+    content: bytes = b""
+    content_type: str = "text/plain; charset=utf-8"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -388,10 +441,10 @@ class _Handler(BaseHTTPRequestHandler):
         raise _BodyError(400, f"more than {MAX_TRAILERS} trailer lines")
 
     def _answer(self, reply: Reply, *, close: bool = False, extra: Mapping[str, str] | None = None) -> None:
-        body = (reply.reason + "\n").encode() if reply.reason else b""
+        body = reply.content or ((reply.reason + "\n").encode() if reply.reason else b"")
         self.send_response(reply.status)
         if body:
-            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            self.send_header("Content-Type", reply.content_type)
         self.send_header("Content-Length", str(len(body)))
         for name, value in (extra or {}).items():
             self.send_header(name, value)

@@ -1,6 +1,6 @@
 """The message dumper (``poller dump``), also the test suite's HTTP sink.
 
-For each CloudEvent it receives (binary or structured content mode) it writes one JSON line
+For each CloudEvent it receives (binary, structured or batched content mode) it writes one JSON line
 (indented with ``pretty``) with the event's attributes and its data, then answers 200. ``data``
 is the decoded JSON when the content type is JSON, else the text; a body that is not UTF-8 is
 shown as ``data_base64``. A request that is not a CloudEvent gets 400 with a one-line reason.
@@ -36,6 +36,9 @@ from poller.kit.cehttp import (
     Reply,
     ServerOptions,
     Tally,
+    batch_reply,
+    is_batch,
+    parse_batch,
     parse_event,
     run_until_signalled,
 )
@@ -121,10 +124,15 @@ class DumperServer(CloudEventServer):
 
     def handle(self, headers: dict[str, str], body: bytes) -> Reply:
         try:
-            event = parse_event(headers, body)
+            events = parse_batch(body) if is_batch(headers) else [(parse_event(headers, body), body)]
         except NotACloudEvent as exc:
             self._tally.add(invalid=1)
             return Reply(400, str(exc))
+        replies = [(str(event["id"]), self._handle_event(event, headers, raw)) for event, raw in events]
+        return replies[0][1] if not is_batch(headers) else batch_reply(replies)
+
+    def _handle_event(self, event: dict[str, Any], headers: dict[str, str], body: bytes) -> Reply:
+        """One event (of a batch, or alone): decided, printed, kept."""
         self._tally.add(received=1)
         reply = self._decide(event, headers)
         if not 200 <= reply.status < 300:

@@ -2,7 +2,10 @@
 
 It accepts CloudEvents over HTTP POST (binary and structured content modes) and fans each one
 out, unchanged (same ``ce-*`` / ``Content-Type`` headers, same body), to every subscriber. It
-answers the sender only after all subscribers answered:
+takes batched content mode too (the poller's ``--http-mode batch``; Knative's own channels and
+brokers do not): each event of a batch goes to every subscriber on its own, in structured mode,
+and the batch is answered from the events' answers (``batch_reply``: the events that failed are
+listed as ``batchItemFailures``). It answers the sender only after all subscribers answered:
 
 - every subscriber answered 2xx: ``202 Accepted``;
 - any subscriber failed with 5xx, 429, a timeout or a connection error (or anything else that
@@ -25,7 +28,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -35,9 +38,13 @@ import urllib3
 from poller.kit.cehttp import (
     CloudEventServer,
     NotACloudEvent,
+    STRUCTURED_CONTENT_TYPE,
     Reply,
     ServerOptions,
     Tally,
+    batch_reply,
+    is_batch,
+    parse_batch,
     parse_event,
     run_until_signalled,
 )
@@ -155,17 +162,28 @@ class InMemoryChannelServer(CloudEventServer):
 
     def handle(self, headers: dict[str, str], body: bytes) -> Reply:
         try:
-            # Only the attributes matter here: the body is forwarded as it came.
-            event = parse_event(headers, body, decode_data=False)
+            if is_batch(headers):
+                events = [(str(event["id"]), encoded) for event, encoded in parse_batch(body)]
+            else:
+                # Only the attributes matter here: the body is forwarded as it came.
+                events = [(str(parse_event(headers, body, decode_data=False)["id"]), body)]
         except NotACloudEvent as exc:
             self._tally.add(invalid=1)
             return Reply(400, str(exc))
-        self._tally.add(received=1)
+        self._tally.add(received=len(events))
         forward = {k: v for k, v in headers.items() if k.startswith("ce-") or k in FORWARDED_HEADERS}
-        futures = [
-            pool.submit(self._deliver, url, forward, body)
-            for url, pool in zip(self.subscribers, self._pools, strict=True)
-        ]
+        if not is_batch(headers):
+            return self._collect(events[0][0], self._fan_out(forward, body))
+        # Each event of a batch on its own, in structured mode: all of them at once.
+        forward["content-type"] = STRUCTURED_CONTENT_TYPE
+        fanned = [(event_id, self._fan_out(forward, encoded)) for event_id, encoded in events]
+        return batch_reply([(event_id, self._collect(event_id, futures)) for event_id, futures in fanned])
+
+    def _fan_out(self, headers: Mapping[str, str], body: bytes) -> list[Future[_Outcome]]:
+        return [pool.submit(self._deliver, url, headers, body)
+                for url, pool in zip(self.subscribers, self._pools, strict=True)]
+
+    def _collect(self, event_id: str, futures: list[Future[_Outcome]]) -> Reply:
         done, _ = wait_futures(futures, timeout=self.options.deadline)
         outcomes: list[_Outcome] = []
         for url, future in zip(self.subscribers, futures, strict=True):
@@ -174,7 +192,7 @@ class InMemoryChannelServer(CloudEventServer):
             else:
                 future.cancel()  # still queued: drop it; if running, its own timeout ends it
                 outcomes.append(_Outcome(url, None, "timed out waiting for the subscriber"))
-        return self._decide(str(event["id"]), outcomes)
+        return self._decide(event_id, outcomes)
 
     def _decide(self, event_id: str, outcomes: list[_Outcome]) -> Reply:
         failures = [o for o in outcomes if not o.ok]
