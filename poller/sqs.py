@@ -28,6 +28,7 @@ import logging
 import math
 import re
 import time
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,8 +43,9 @@ import orjson
 from channels.transport.http import Aborted, HttpPool, RequestTemplate, encode_headers
 
 __all__ = [
-    "ACCESS_CODES", "BatchFailure", "BlockingSqsClient", "SqsClient", "SqsError", "SqsTarget",
-    "load_credentials", "queue_url_from_arn", "region_from_queue_url", "region_mismatch", "resolve_target",
+    "ACCESS_CODES", "PERMISSION_PROBES", "BatchFailure", "BlockingSqsClient", "PermissionProbe", "SqsClient",
+    "SqsError", "SqsTarget", "load_credentials", "queue_url_from_arn", "region_from_queue_url",
+    "region_mismatch", "resolve_target",
 ]
 
 log = logging.getLogger(__name__)
@@ -58,9 +60,10 @@ _PERMANENT_CODES = frozenset(
     }
 )
 # The request's time was refused: our clock is off (or the request was signed long before it was
-# sent). The AWS SDK for Java v2 takes these codes for clock skew (AwsErrorCode.CLOCK_SKEW_ERROR_CODES);
-# SQS's JSON protocol says InvalidSignatureException where its query protocol said
-# SignatureDoesNotMatch ("Signature expired: ..." in both), and its common errors list RequestExpired.
+# sent). The AWS SDK for Java v2 takes these (and EC2's AuthFailure) for clock skew
+# (AwsErrorCode.CLOCK_SKEW_ERROR_CODES). SQS's query protocol told an expired signature as
+# SignatureDoesNotMatch (aws/aws-sdk-php#642); its JSON protocol answers a bad signature with
+# InvalidSignatureException (async-aws/aws#1948); its common errors list RequestExpired.
 _CLOCK_CODES = frozenset(
     {
         "RequestTimeTooSkewed", "RequestExpired", "RequestInTheFuture", "SignatureDoesNotMatch",
@@ -72,6 +75,9 @@ _CLOCK_CODES = frozenset(
 _EXPIRED_CODES = frozenset({"ExpiredToken", "ExpiredTokenException"})
 # Retryable once the clock is corrected or the credentials refreshed.
 _RECOVERABLE_CODES = _CLOCK_CODES | _EXPIRED_CODES
+# Codes this client makes up itself: no answer of SQS's.
+_CLIENT_CODES = frozenset({"ConnectionError", "Timeout", "InvalidResponse", "InvalidRequest", "Aborted",
+                           "CredentialError"})
 _FORCED_REFRESH_EVERY = 10.0  # seconds between two refreshes forced by ExpiredToken, at least
 # The credentials were authenticated but may not do this (IAM or the queue's policy).
 ACCESS_CODES = frozenset({"AccessDenied", "AccessDeniedException"})
@@ -103,6 +109,24 @@ class BatchFailure:
     code: str
     message: str
     sender_fault: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PermissionProbe:
+    """A permission the poller needs besides reading the queue, and the call that proves it."""
+
+    permission: str  # IAM's name
+    action: str  # the batch call the worker makes; IAM authorizes it as ``permission``
+
+
+# The SQS API permissions reference: a batch action is authorized as its single action
+# (https://docs.aws.amazon.com/AWSSimpleQueueService/latest/SQSDeveloperGuide/sqs-api-permissions-reference.html).
+# sqs:ReceiveMessage is not probed: a receive that is allowed takes a message (and counts toward
+# its maxReceiveCount).
+PERMISSION_PROBES = (
+    PermissionProbe("sqs:DeleteMessage", "DeleteMessageBatch"),
+    PermissionProbe("sqs:ChangeMessageVisibility", "ChangeMessageVisibilityBatch"),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,8 +204,10 @@ def _amz_date(second: int) -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(second))
 
 
-# SQS's errors carry no Date header (why the AWS SDK for Java v1 reads the server's time out of
-# the message: AmazonHttpClient.getServerDateFromException); its time errors end with SQS's time:
+# Where SQS's time comes from: not a Date header (our transport hands us status and body only,
+# and SQS sent none, says the AWS SDK for Java v1, which reads it out of the message instead:
+# AmazonHttpClient.getServerDateFromException) but the message of its time errors, which ends
+# with SQS's time:
 #   "Signature expired: 20130524T000000Z is now earlier than 20130524T000500Z (20130524T001000Z - 5 min.)"
 #   "Signature not yet current: 20140819T173921Z is still later than 20140819T173829Z (20140819T173329Z + 5 min.)"
 _SERVER_TIME = re.compile(r"\((\d{8}T\d{6}Z) [-+] \d+ min\.?\)")
@@ -341,6 +367,36 @@ class SqsClient:
         answer = await self._call("GetQueueAttributes", {**self._queue, "AttributeNames": ["All"]})
         return answer.get("Attributes") or {}
 
+    async def probe(self, probe: PermissionProbe) -> str:
+        """Whether these credentials may make ``probe.action`` on the queue, asked harmlessly: the
+        call with a made-up receipt handle. AWS carries out a request only once it was
+        authenticated and authorized (https://docs.aws.amazon.com/IAM/latest/UserGuide/access.html),
+        so an answer about the handle (ReceiptHandleIsInvalid) or any other refusal of the
+        request by SQS's own code means allowed, and is returned. Raises ``SqsError`` for an access or
+        credential error (``ACCESS_CODES``, ``CREDENTIAL_CODES``) and for any answer that proves
+        nothing (a connection error, a throttle, a 5xx, a status without an SQS error code).
+
+        The handle cannot name a message: receipt handles are tokens SQS issues, and this one
+        is plainly not one of them (and new each time)."""
+        handle = f"sqs-poller-permission-check-{uuid.uuid4().hex}"
+        try:
+            if probe.action == "DeleteMessageBatch":
+                failures = await self.delete_batch([handle])
+            elif probe.action == "ChangeMessageVisibilityBatch":
+                # 0: were the handle ever a message's, that message would only be visible at once
+                failures = await self.change_visibility_batch([(handle, 0)])
+            else:
+                raise ValueError(f"no probe for {probe.action}")
+        except SqsError as exc:
+            if (exc.retryable or exc.code in ACCESS_CODES or exc.code in CREDENTIAL_CODES
+                    or exc.code in _CLIENT_CODES or exc.code.startswith("HTTP")):
+                raise
+            return exc.code
+        code = failures[0].code if failures else ""
+        if code in ACCESS_CODES:
+            raise SqsError(code, f"{probe.action}: {failures[0].message}", retryable=False)
+        return code or "accepted"
+
     def abort(self) -> None:
         """Break off every call in progress (used to end long polls at shutdown) and refuse later
         ones. From the loop's thread.
@@ -481,6 +537,9 @@ class BlockingSqsClient:
 
     def queue_attributes(self) -> dict[str, str]:
         return self._run(self._client.queue_attributes())
+
+    def probe(self, probe: PermissionProbe) -> str:
+        return self._run(self._client.probe(probe))
 
     def abort(self) -> None:
         if self._loop.is_closed():

@@ -28,7 +28,7 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials, RefreshableCredentials
 
 from poller.deleter import Deleter
-from poller.sqs import BlockingSqsClient, SqsClient, SqsError, SqsTarget, server_time
+from poller.sqs import PERMISSION_PROBES, BlockingSqsClient, SqsClient, SqsError, SqsTarget, server_time
 from poller.stats import Counters
 
 REGION = "us-east-1"
@@ -62,8 +62,9 @@ class FakeSqs:
     (status, code, message) given before any check, one per request, in order."""
 
     def __init__(self, *, skew: float = 0.0, window: int = 300, time_error: str = "InvalidSignatureException",
-                 expired_tokens: frozenset[str] = frozenset()) -> None:
+                 expired_tokens: frozenset[str] = frozenset(), valid_handles: frozenset[str] | None = None) -> None:
         self.skew = skew
+        self.valid_handles = valid_handles  # None: every receipt handle names a message
         self.window = window
         self.time_error = time_error
         self.expired_tokens = expired_tokens
@@ -111,7 +112,7 @@ class FakeSqs:
             self.seen.append(Seen(action, amz_date, token, status, code))
         if status != 200:
             return status, error_body(code, message)
-        return 200, orjson.dumps(_carry_out(action, orjson.loads(body)))
+        return 200, orjson.dumps(_carry_out(action, orjson.loads(body), self.valid_handles))
 
     def _judge(self, request: BaseHTTPRequestHandler, body: bytes) -> tuple[int, str, str]:
         with self._lock:
@@ -152,12 +153,17 @@ def _expected_authorization(request: BaseHTTPRequestHandler, body: bytes) -> str
             f"SignedHeaders={';'.join(signed)}, Signature={signature}")
 
 
-def _carry_out(action: str, params: dict[str, Any]) -> dict[str, Any]:
+def _carry_out(action: str, params: dict[str, Any], valid: frozenset[str] | None) -> dict[str, Any]:
     if action == "GetQueueAttributes":
         return {"Attributes": {"VisibilityTimeout": "30"}}
     if action == "ReceiveMessage":
         return {"Messages": []}
-    return {"Successful": [{"Id": entry["Id"]} for entry in params.get("Entries", ())]}
+    entries = params.get("Entries", ())
+    good = [e for e in entries if valid is None or e["ReceiptHandle"] in valid]
+    return {"Successful": [{"Id": e["Id"]} for e in good], "Failed": [
+        {"Id": e["Id"], "SenderFault": True, "Code": "ReceiptHandleIsInvalid",
+         "Message": f'The input receipt handle "{e["ReceiptHandle"]}" is not a valid receipt handle.'}
+        for e in entries if e not in good]}
 
 
 @pytest.fixture
@@ -478,3 +484,65 @@ def test_expected_authorization_is_botocores(fake: Callable[..., FakeSqs]) -> No
     assert post(body) == 200
     assert post(body.replace(b"q", b"r")) == 403
     assert [s.code for s in server.seen] == ["", "SignatureDoesNotMatch"]
+
+
+# -- permission probes (a made-up receipt handle) -------------------------------------------------
+
+
+@pytest.mark.parametrize("probe", PERMISSION_PROBES, ids=lambda p: p.action)
+def test_a_probe_sends_one_made_up_handle_and_an_answer_about_it_means_allowed(
+    fake: Callable[..., FakeSqs], blocking: Callable[..., BlockingSqsClient], probe: Any
+) -> None:
+    server = fake(valid_handles=frozenset())
+    client = blocking(server, Credentials("AKID", "secret"))
+    assert client.probe(probe) == "ReceiptHandleIsInvalid"
+    assert client.probe(probe) == "ReceiptHandleIsInvalid"
+    assert [(s.action, s.status) for s in server.seen] == [(probe.action, 200)] * 2
+
+
+@pytest.mark.parametrize(("status", "code", "allowed"), [
+    (400, "InvalidParameterValue", True),    # SQS's own refusal of the call: it got past IAM
+    (400, "ReceiptHandleIsInvalid", True),
+    (403, "AccessDenied", False),
+    (403, "AccessDeniedException", False),
+    (403, "InvalidClientTokenId", False),
+    (403, "", False),                        # a 403 without SQS's error code proves nothing
+    (500, "InternalFailure", False),
+    (400, "RequestThrottled", False),
+])
+def test_which_refusals_of_a_probe_mean_allowed(
+    fake: Callable[..., FakeSqs], blocking: Callable[..., BlockingSqsClient], status: int, code: str, allowed: bool
+) -> None:
+    server = fake(valid_handles=frozenset())
+    server.script.append((status, code, "refused"))
+    client = blocking(server, Credentials("AKID", "secret"))
+    probe = PERMISSION_PROBES[0]
+    if allowed:
+        assert client.probe(probe) == code
+    else:
+        with pytest.raises(SqsError) as info:
+            client.probe(probe)
+        assert info.value.code == (code or f"HTTP{status}")
+
+
+def test_probe_handles_are_new_each_time_and_never_name_a_message(fake: Callable[..., FakeSqs]) -> None:
+    handles: list[str] = []
+
+    class Recording(SqsClient):
+        async def delete_batch(self, receipt_handles: Any) -> Any:
+            handles.extend(receipt_handles)
+            return await super().delete_batch(receipt_handles)
+
+    server = fake(valid_handles=frozenset())
+
+    async def main() -> None:
+        client = Recording(server.target(), credentials=Credentials("AKID", "secret"))
+        try:
+            for _ in range(3):
+                await client.probe(PERMISSION_PROBES[0])
+        finally:
+            client.close()
+
+    asyncio.run(main())
+    assert len(set(handles)) == 3
+    assert all(h.startswith("sqs-poller-permission-check-") for h in handles)
