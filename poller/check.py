@@ -1,9 +1,11 @@
 """``poller check``: what ``poller run`` would use, checked and reported in a few lines.
 
 The flags and the queue were checked already (``cli._plan``: credentials are proven by the
-queue's ``GetQueueAttributes``); this reports the queue and checks the channel: the sink answers
-an ``OPTIONS`` request (any HTTP status proves it is there), or the broker and the topic. The
-first failure is one line and exit 3, as a failed start of ``run``; warnings do not fail.
+queue's ``GetQueueAttributes``, the permissions to delete and to change visibility by a call
+with a made-up receipt handle each); this reports them and the queue and checks the channel:
+the sink answers an ``OPTIONS`` request (any HTTP status proves it is there), or the broker and
+the topic. The first failure is one line and exit 3, as a failed start of ``run``; warnings do
+not fail.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import click
 import orjson
 
 from channels.http import HttpConfig, basic_auth, redact
+from poller.sqs import PERMISSION_PROBES
 
 if TYPE_CHECKING:
     from poller.cli import Plan
@@ -37,6 +40,11 @@ def run_check(plan: Plan, opts: dict[str, Any]) -> int:
              f"about {attributes.get('ApproximateNumberOfMessages', '?')} visible, "
              f"{attributes.get('ApproximateNumberOfMessagesNotVisible', '?')} in flight, "
              f"{attributes.get('ApproximateNumberOfMessagesDelayed', '?')} delayed")
+    out.ok("permission", "sqs:GetQueueAttributes (the queue's attributes were read)")
+    for probe in PERMISSION_PROBES:  # cli._plan checked each: a denial failed it in one line
+        out.ok("permission", f"{probe.permission} (a {probe.action} of a made-up receipt handle got "
+                             "past authorization)")
+    out.line("sqs:ReceiveMessage is not checked: a receive that is allowed takes a message")
     redrive = _redrive(attributes.get("RedrivePolicy"))
     if redrive:
         out.line(f"redrive policy: to {redrive[0]} after {redrive[1]} receives")

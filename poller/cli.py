@@ -27,8 +27,11 @@ from poller.cpus import default_processes
 from poller.logs import setup_logging
 from poller.options import RUN_OPTIONS, apply
 from poller.sqs import (
+    ACCESS_CODES,
     CREDENTIAL_CODES,
+    PERMISSION_PROBES,
     BlockingSqsClient,
+    PermissionProbe,
     SqsError,
     SqsTarget,
     queue_url_from_arn,
@@ -252,24 +255,48 @@ def _resolve(opts: dict[str, Any]) -> SqsTarget:
 
 
 def _check_queue(target: SqsTarget) -> dict[str, str]:
-    """GetQueueAttributes once before any worker starts: a clear error beats N crashing workers."""
+    """GetQueueAttributes once before any worker starts, then whether the credentials may delete
+    and change the visibility of messages (``PERMISSION_PROBES``): a clear error beats N crashing
+    workers, and a role that may not delete would get every message redelivered until the DLQ
+    took it."""
     try:
         client = BlockingSqsClient(target)
     except ValueError as exc:
         raise BootError(str(exc)) from None
     try:
-        return client.queue_attributes()
-    except SqsError as exc:
-        if exc.code in ("QueueDoesNotExist", "AWS.SimpleQueueService.NonExistentQueue"):
-            raise BootError(f"queue {target.queue_url} does not exist (region {target.region}, "
-                            f"endpoint {target.endpoint_url})") from None
-        if exc.code in CREDENTIAL_CODES:
-            raise BootError(f"AWS rejected the credentials: {exc}") from None
-        if exc.code in ("ConnectionError", "Timeout"):
-            raise BootError(f"cannot reach SQS at {target.endpoint_url}: {exc}") from None
-        raise BootError(f"cannot read the queue's attributes: {exc}") from None
+        try:
+            attributes = client.queue_attributes()
+        except SqsError as exc:
+            if exc.code in ("QueueDoesNotExist", "AWS.SimpleQueueService.NonExistentQueue"):
+                raise BootError(f"queue {target.queue_url} does not exist (region {target.region}, "
+                                f"endpoint {target.endpoint_url})") from None
+            if exc.code in ACCESS_CODES:
+                raise BootError(f"the credentials may not sqs:GetQueueAttributes on {target.queue_url}: "
+                                f"{exc}") from None
+            raise _sqs_boot_error(target, exc, "cannot read the queue's attributes") from None
+        for probe in PERMISSION_PROBES:
+            _check_permission(client, target, probe)
+        return attributes
     finally:
         client.close()
+
+
+def _check_permission(client: BlockingSqsClient, target: SqsTarget, probe: PermissionProbe) -> None:
+    """One harmless call (a made-up receipt handle, ``SqsClient.probe``); BootError if not allowed."""
+    try:
+        client.probe(probe)
+    except SqsError as exc:
+        if exc.code in ACCESS_CODES:
+            raise BootError(f"the credentials may not {probe.permission} on {target.queue_url}: {exc}") from None
+        raise _sqs_boot_error(target, exc, f"cannot check {probe.permission} on {target.queue_url}") from None
+
+
+def _sqs_boot_error(target: SqsTarget, exc: SqsError, what: str) -> BootError:
+    if exc.code in CREDENTIAL_CODES:
+        return BootError(f"AWS rejected the credentials: {exc}")
+    if exc.code in ("ConnectionError", "Timeout"):
+        return BootError(f"cannot reach SQS at {target.endpoint_url}: {exc}")
+    return BootError(f"{what}: {exc}")
 
 
 def check_channel(config: ChannelConfig, source: str) -> None:

@@ -104,6 +104,8 @@ class Deleter:
                 failures = await self._sqs.delete_batch(pending)
             except Exception as exc:  # SqsError, a credential refresh error: retry until the deadline
                 delay = backoff(attempt, base=0.2, cap=5.0)
+                # Permanent: not allowed, no such queue. A call refused for its time or for an
+                # expired token is not (the client re-signs it once itself; then it is retried here).
                 permanent = isinstance(exc, SqsError) and not exc.retryable
                 if permanent or loop.time() + delay > min(deadline, self.deadline):
                     self._counters.add("delete_failed", len(pending))

@@ -11,17 +11,25 @@ path of the whole poller.
 long polls, deletes and visibility changes are in flight together. ``BlockingSqsClient`` wraps it
 for code without a loop. Errors come back as ``SqsError`` with SQS's error code; per-entry
 failures of batch calls are returned, not raised.
+
+A request SQS refuses for its time (our clock is off) or for an expired session token is sent
+once more, re-signed: with the clock corrected by the server time SQS's error message carries,
+or with credentials refreshed at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import calendar
 import functools
 import hashlib
 import hmac
+import logging
+import math
 import re
 import time
-from collections.abc import Iterable, Sequence
+import uuid
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -35,20 +43,44 @@ import orjson
 from channels.transport.http import Aborted, HttpPool, RequestTemplate, encode_headers
 
 __all__ = [
-    "BatchFailure", "BlockingSqsClient", "SqsClient", "SqsError", "SqsTarget", "load_credentials",
-    "queue_url_from_arn", "region_from_queue_url", "region_mismatch", "resolve_target",
+    "ACCESS_CODES", "PERMISSION_PROBES", "BatchFailure", "BlockingSqsClient", "PermissionProbe", "SqsClient",
+    "SqsError", "SqsTarget", "load_credentials", "queue_url_from_arn", "region_from_queue_url",
+    "region_mismatch", "resolve_target",
 ]
+
+log = logging.getLogger(__name__)
 
 # Codes after which a retry cannot help: the call itself is wrong or not allowed.
 _PERMANENT_CODES = frozenset(
     {
         "QueueDoesNotExist", "AWS.SimpleQueueService.NonExistentQueue", "AccessDenied",
         "AccessDeniedException", "InvalidClientTokenId", "UnrecognizedClientException",
-        "SignatureDoesNotMatch", "InvalidSignatureException", "IncompleteSignature",
-        "MissingAuthenticationToken", "InvalidAddress", "InvalidParameterValue",
-        "InvalidSecurity", "ExpiredToken", "ExpiredTokenException",
+        "IncompleteSignature", "MissingAuthenticationToken", "InvalidAddress", "InvalidParameterValue",
+        "InvalidSecurity",
     }
 )
+# The request's time was refused: our clock is off (or the request was signed long before it was
+# sent). The AWS SDK for Java v2 takes these (and EC2's AuthFailure) for clock skew
+# (AwsErrorCode.CLOCK_SKEW_ERROR_CODES). SQS's query protocol told an expired signature as
+# SignatureDoesNotMatch (aws/aws-sdk-php#642); its JSON protocol answers a bad signature with
+# InvalidSignatureException (async-aws/aws#1948); its common errors list RequestExpired.
+_CLOCK_CODES = frozenset(
+    {
+        "RequestTimeTooSkewed", "RequestExpired", "RequestInTheFuture", "SignatureDoesNotMatch",
+        "InvalidSignatureException",
+    }
+)
+# The session token expired: refresh the credentials, re-sign, retry (the AWS SDK for Go's
+# credsExpiredCodes, aws/request/retryer.go, whose handlers expire the credentials and retry).
+_EXPIRED_CODES = frozenset({"ExpiredToken", "ExpiredTokenException"})
+# Retryable once the clock is corrected or the credentials refreshed.
+_RECOVERABLE_CODES = _CLOCK_CODES | _EXPIRED_CODES
+# Codes this client makes up itself: no answer of SQS's.
+_CLIENT_CODES = frozenset({"ConnectionError", "Timeout", "InvalidResponse", "InvalidRequest", "Aborted",
+                           "CredentialError"})
+_FORCED_REFRESH_EVERY = 10.0  # seconds between two refreshes forced by ExpiredToken, at least
+# The credentials were authenticated but may not do this (IAM or the queue's policy).
+ACCESS_CODES = frozenset({"AccessDenied", "AccessDeniedException"})
 CREDENTIAL_CODES = frozenset(
     {
         "InvalidClientTokenId", "UnrecognizedClientException", "SignatureDoesNotMatch",
@@ -77,6 +109,24 @@ class BatchFailure:
     code: str
     message: str
     sender_fault: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PermissionProbe:
+    """A permission the poller needs besides reading the queue, and the call that proves it."""
+
+    permission: str  # IAM's name
+    action: str  # the batch call the worker makes; IAM authorizes it as ``permission``
+
+
+# The SQS API permissions reference: a batch action is authorized as its single action
+# (https://docs.aws.amazon.com/AWSSimpleQueueService/latest/SQSDeveloperGuide/sqs-api-permissions-reference.html).
+# sqs:ReceiveMessage is not probed: a receive that is allowed takes a message (and counts toward
+# its maxReceiveCount).
+PERMISSION_PROBES = (
+    PermissionProbe("sqs:DeleteMessage", "DeleteMessageBatch"),
+    PermissionProbe("sqs:ChangeMessageVisibility", "ChangeMessageVisibilityBatch"),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +204,39 @@ def _amz_date(second: int) -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(second))
 
 
+# Where SQS's time comes from: not a Date header (our transport hands us status and body only,
+# and SQS sent none, says the AWS SDK for Java v1, which reads it out of the message instead:
+# AmazonHttpClient.getServerDateFromException) but the message of its time errors, which ends
+# with SQS's time:
+#   "Signature expired: 20130524T000000Z is now earlier than 20130524T000500Z (20130524T001000Z - 5 min.)"
+#   "Signature not yet current: 20140819T173921Z is still later than 20140819T173829Z (20140819T173329Z + 5 min.)"
+_SERVER_TIME = re.compile(r"\((\d{8}T\d{6}Z) [-+] \d+ min\.?\)")
+
+
+def server_time(message: str) -> float | None:
+    """SQS's clock (epoch seconds) as a time error's message gives it, else None."""
+    match = _SERVER_TIME.search(message)
+    if match is None:
+        return None
+    try:
+        return float(calendar.timegm(time.strptime(match.group(1), "%Y%m%dT%H%M%SZ")))
+    except ValueError:
+        return None
+
+
+class SkewedClock:
+    """This host's clock corrected by ``offset``: the seconds SQS's clock is ahead of it, as SQS's
+    time errors showed. One per client."""
+
+    __slots__ = ("offset",)
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def time(self) -> float:
+        return time.time() + self.offset
+
+
 class SigV4Signer:
     """SigV4 for SQS JSON-protocol POSTs.
 
@@ -164,8 +247,10 @@ class SigV4Signer:
 
     _CONTENT_TYPE = "application/x-amz-json-1.0"
 
-    def __init__(self, credentials: Credentials, *, region: str, host: str, path: str = "/") -> None:
+    def __init__(self, credentials: Credentials, *, region: str, host: str, path: str = "/",
+                 clock: Callable[[], float] = time.time) -> None:
         self._credentials = credentials
+        self._clock = clock  # epoch seconds to sign at: the client's clock, skew corrected
         self._region = region
         self._host = host  # as sent in the Host header: with the port unless it is the default
         self._path = path
@@ -186,7 +271,7 @@ class SigV4Signer:
         """All the request's headers, ``Authorization`` included. ``creds``: frozen credentials
         (else they are frozen now)."""
         creds = creds or self._credentials.get_frozen_credentials()
-        amz_date = time.strftime("%Y%m%dT%H%M%SZ", now) if now else _amz_date(int(time.time()))
+        amz_date = time.strftime("%Y%m%dT%H%M%SZ", now) if now else _amz_date(int(self._clock()))
         day = amz_date[:8]
         target = "AmazonSQS." + action
         token = creds.token
@@ -238,13 +323,16 @@ class SqsClient:
         self._pool = HttpPool(url.hostname, port, tls=https, limit=connections, connect_timeout=timeout)
         self._template = RequestTemplate(self._pool.authority, self._path)
         self._credentials = credentials or load_credentials(target)
+        self.clock = SkewedClock()
         # The signed Host is the one the pool sends.
         self._signer = SigV4Signer(self._credentials, region=target.region, host=self._pool.authority,
-                                   path=self._path)
+                                   path=self._path, clock=self.clock.time)
         self._aborted = False
         self._queue = {"QueueUrl": target.queue_url}
         self._frozen: ReadOnlyCredentials | None = None
         self._recheck_at = 0.0
+        self._refresh_lock = asyncio.Lock()  # one forced refresh at a time
+        self._forced_at = -math.inf  # monotonic time of the last forced refresh
 
     # -- the calls ------------------------------------------------------------------------
 
@@ -279,6 +367,36 @@ class SqsClient:
         answer = await self._call("GetQueueAttributes", {**self._queue, "AttributeNames": ["All"]})
         return answer.get("Attributes") or {}
 
+    async def probe(self, probe: PermissionProbe) -> str:
+        """Whether these credentials may make ``probe.action`` on the queue, asked harmlessly: the
+        call with a made-up receipt handle. AWS carries out a request only once it was
+        authenticated and authorized (https://docs.aws.amazon.com/IAM/latest/UserGuide/access.html),
+        so an answer about the handle (ReceiptHandleIsInvalid) or any other refusal of the
+        request by SQS's own code means allowed, and is returned. Raises ``SqsError`` for an access or
+        credential error (``ACCESS_CODES``, ``CREDENTIAL_CODES``) and for any answer that proves
+        nothing (a connection error, a throttle, a 5xx, a status without an SQS error code).
+
+        The handle cannot name a message: receipt handles are tokens SQS issues, and this one
+        is plainly not one of them (and new each time)."""
+        handle = f"sqs-poller-permission-check-{uuid.uuid4().hex}"
+        try:
+            if probe.action == "DeleteMessageBatch":
+                failures = await self.delete_batch([handle])
+            elif probe.action == "ChangeMessageVisibilityBatch":
+                # 0: were the handle ever a message's, that message would only be visible at once
+                failures = await self.change_visibility_batch([(handle, 0)])
+            else:
+                raise ValueError(f"no probe for {probe.action}")
+        except SqsError as exc:
+            if (exc.retryable or exc.code in ACCESS_CODES or exc.code in CREDENTIAL_CODES
+                    or exc.code in _CLIENT_CODES or exc.code.startswith("HTTP")):
+                raise
+            return exc.code
+        code = failures[0].code if failures else ""
+        if code in ACCESS_CODES:
+            raise SqsError(code, f"{probe.action}: {failures[0].message}", retryable=False)
+        return code or "accepted"
+
     def abort(self) -> None:
         """Break off every call in progress (used to end long polls at shutdown) and refuse later
         ones. From the loop's thread.
@@ -306,6 +424,9 @@ class SqsClient:
             frozen = await asyncio.get_running_loop().run_in_executor(None, credentials.get_frozen_credentials)
         else:
             frozen = credentials.get_frozen_credentials()
+        return self._freeze(frozen)
+
+    def _freeze(self, frozen: ReadOnlyCredentials) -> ReadOnlyCredentials:
         # They become header values: checked here, once, rather than on every request. The
         # error never shows them.
         try:
@@ -313,15 +434,32 @@ class SqsClient:
         except ValueError:
             raise SqsError("InvalidRequest", "the AWS access key or session token holds characters a "
                            "header cannot carry (CR, LF, NUL or non-latin-1)", retryable=False) from None
-        self._frozen, self._recheck_at = frozen, now + 1.0
+        self._frozen, self._recheck_at = frozen, time.monotonic() + 1.0
         return frozen
 
     async def _call(self, action: str, params: dict[str, Any], *, timeout: float | None = None) -> dict[str, Any]:
         if self._aborted:
             raise SqsError("Aborted", f"{action}: the client was shut down", retryable=False)
         body = orjson.dumps(params)
+        status, data, used = await self._send(action, body, timeout)
+        if status == 200:
+            return _answer(action, data)
+        error = _error(action, status, data)
+        if error.code in _RECOVERABLE_CODES and await self._recover(error, used):
+            # Once, re-signed: with the corrected clock or the refreshed credentials. Safe: SQS
+            # refused the request before acting on it.
+            status, data, _ = await self._send(action, body, timeout)
+            if status == 200:
+                return _answer(action, data)
+            error = _error(action, status, data)
+        raise error
+
+    async def _send(self, action: str, body: bytes,
+                    timeout: float | None) -> tuple[int, bytes, ReadOnlyCredentials]:
+        """Sign and send one request: (status, body, the credentials it was signed with)."""
         try:
-            headers = self._signer.headers(action, body, creds=await self._frozen_credentials())
+            used = await self._frozen_credentials()
+            headers = self._signer.headers(action, body, creds=used)
         except SqsError:
             raise
         except Exception as exc:  # a credential refresh failed (STS, instance metadata, a process)
@@ -341,16 +479,42 @@ class SqsClient:
             raise SqsError("Aborted", f"{action}: the client was shut down", retryable=False) from None
         except OSError as exc:  # refused, DNS, TLS, reset, ProtocolError: the connection is closed
             raise SqsError("ConnectionError", f"{action} to {self._url}: {exc}", retryable=True) from None
-        if status == 200:
+        return status, data, used
+
+    async def _recover(self, error: SqsError, used: ReadOnlyCredentials) -> bool:
+        """After a time or expired-token error: whether a re-signed request may now pass."""
+        if error.code in _EXPIRED_CODES:
+            return await self._refresh(used)
+        server = server_time(str(error))
+        if server is None:  # no time to correct by (a wrong secret key, say): nothing would change
+            return False
+        offset = server - time.time()
+        if abs(offset - self.clock.offset) >= 1.0:
+            log.warning("this host's clock is %.0f s %s SQS's (%s): requests are signed with SQS's time "
+                        "from now on", abs(offset), "behind" if offset > 0 else "ahead of", error.code)
+        self.clock.offset = offset
+        return True
+
+    async def _refresh(self, used: ReadOnlyCredentials) -> bool:
+        """Refresh the credentials now (SQS said the token expired, whatever botocore's expiry
+        time says, e.g. by a skewed clock); whether there are new ones to sign with."""
+        async with self._refresh_lock:
+            if self._frozen is not None and self._frozen != used:
+                return True  # refreshed meanwhile (by another call, or botocore itself)
+            now = time.monotonic()
+            if now < self._forced_at + _FORCED_REFRESH_EVERY:
+                return False  # refreshed a moment ago and still expired: not in a loop
+            self._forced_at = now
             try:
-                answer = orjson.loads(data) if data else {}
-            except orjson.JSONDecodeError:
-                answer = None
-            if not isinstance(answer, dict):
-                raise SqsError("InvalidResponse", f"{action}: the answer is not a JSON object",
-                               retryable=True)
-            return answer
-        raise _error(action, status, data)
+                frozen = await asyncio.get_running_loop().run_in_executor(None, _force_refresh, self._credentials)
+            except Exception as exc:
+                raise SqsError("CredentialError", "SQS said the session token expired; refreshing the AWS "
+                               f"credentials failed: {type(exc).__name__}: {exc}", retryable=True) from None
+            if frozen is None:  # static keys: nothing to refresh
+                return False
+            log.info("SQS said the session token expired: the credentials were refreshed")
+            self._freeze(frozen)
+            return frozen != used
 
 
 class BlockingSqsClient:
@@ -374,6 +538,9 @@ class BlockingSqsClient:
     def queue_attributes(self) -> dict[str, str]:
         return self._run(self._client.queue_attributes())
 
+    def probe(self, probe: PermissionProbe) -> str:
+        return self._run(self._client.probe(probe))
+
     def abort(self) -> None:
         if self._loop.is_closed():
             return
@@ -387,6 +554,35 @@ class BlockingSqsClient:
 
     def _run(self, call: Any) -> Any:
         return self._loop.run_until_complete(call)
+
+
+def _answer(action: str, data: bytes) -> dict[str, Any]:
+    try:
+        answer = orjson.loads(data) if data else {}
+    except orjson.JSONDecodeError:
+        answer = None
+    if not isinstance(answer, dict):
+        raise SqsError("InvalidResponse", f"{action}: the answer is not a JSON object", retryable=True)
+    return answer
+
+
+def _force_refresh(credentials: Credentials) -> ReadOnlyCredentials | None:
+    """Refresh botocore's refreshable credentials now, whatever their expiry time says; None for
+    credentials that cannot refresh (static keys). Blocks.
+
+    botocore refreshes only by its own clock (``RefreshableCredentials._refresh``: from 15 minutes
+    before the expiry time, blocking from 10) and has no public way to force a refresh; this takes
+    the path ``_refresh`` itself takes, ``_protected_refresh(is_mandatory=True)`` under
+    ``_refresh_lock`` (botocore/credentials.py), so a failed refresh raises rather than keeping
+    the expired token.
+    """
+    refresh = getattr(credentials, "_protected_refresh", None)
+    lock = getattr(credentials, "_refresh_lock", None)
+    if not isinstance(credentials, RefreshableCredentials) or refresh is None or lock is None:
+        return None
+    with lock:
+        refresh(is_mandatory=True)
+    return credentials.get_frozen_credentials()
 
 
 def _failures(answer: dict[str, Any]) -> list[BatchFailure]:
@@ -410,5 +606,6 @@ def _error(action: str, status: int, data: bytes) -> SqsError:
         doc = {}
     code = str(doc.get("__type", "")).rpartition("#")[2] or f"HTTP{status}"
     message = str(doc.get("message") or doc.get("Message") or "")
-    retryable = code not in _PERMANENT_CODES and (status >= 500 or status == 429 or "Throttl" in code)
+    retryable = code in _RECOVERABLE_CODES or (
+        code not in _PERMANENT_CODES and (status >= 500 or status == 429 or "Throttl" in code))
     return SqsError(code, f"{action}: {message}" if message else action, retryable=retryable)

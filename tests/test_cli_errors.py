@@ -22,11 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import click
+import orjson
 import pytest
 
 from poller.cli import main
 
-from support import free_port, silent_server
+from faultproxy import CannedResponse, FaultProxy, HttpError
+from support import free_port, queue_counts, send_messages, silent_server
 
 pytestmark = pytest.mark.integration
 
@@ -492,3 +494,107 @@ def test_the_console_script_end_to_end(aws_env: Mapping[str, str], queue_url: st
         return
     assert_one_line_error(result, "--batch-size" if case == "bad-flag" else "does not exist")
     assert result.returncode == (2 if case == "bad-flag" else 3)
+
+
+# -- permissions proven at start: sqs:DeleteMessage, sqs:ChangeMessageVisibility -----------------
+
+
+def _sqs_refusal(status: int, code: str, message: str) -> CannedResponse:
+    """A canned SQS JSON-protocol error (the shape the fault proxy gives SQS's own)."""
+    body = orjson.dumps({"__type": f"com.amazon.coral.service#{code}", "message": message})
+    reason = {400: "Bad Request", 403: "Forbidden", 500: "Internal Server Error"}[status]
+    return CannedResponse(status, reason, body, (
+        ("Content-Type", "application/x-amz-json-1.0"), ("x-amzn-query-error", f"{code};Sender")))
+
+
+def _not_authorized(permission: str) -> str:
+    # IAM's wording (it lowercases the action)
+    return (f"User: arn:aws:sts::123456789012:assumed-role/poller/i-0abc is not authorized to perform: "
+            f"{permission.lower()} on resource: arn:aws:sqs:us-east-1:000000000000:q because no "
+            f"identity-based policy allows the {permission.lower()} action")
+
+
+def test_check_proves_each_permission_and_leaves_the_queue_as_it_was(
+    run_poller: RunPoller, aws_env: Mapping[str, str], sqs: Any, make_queue: Any
+) -> None:
+    from poller.kit.dumper import DumperServer
+
+    queue = make_queue(visibility_timeout=30)
+    send_messages(sqs, queue.url, ["a", "b", "c"])
+    held = sqs.receive_message(QueueUrl=queue.url, MaxNumberOfMessages=1, VisibilityTimeout=300)["Messages"][0]
+    with open(os.devnull, "w") as devnull, DumperServer("127.0.0.1", 0, out=devnull) as sink:
+        result = run_poller(["check", "--queue-url", queue.url, "--sink", sink.url], _env(aws_env))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    for permission in ("sqs:GetQueueAttributes", "sqs:DeleteMessage", "sqs:ChangeMessageVisibility"):
+        assert sum(line.startswith(f"ok       permission: {permission} ") for line in lines) == 1, result.stdout
+    # The made-up receipt handles touched no message: two visible, the held one still held and
+    # its handle still good.
+    assert queue_counts(sqs, queue.url) == (2, 1)
+    sqs.delete_message(QueueUrl=queue.url, ReceiptHandle=held["ReceiptHandle"])
+    assert queue_counts(sqs, queue.url) == (2, 0)
+
+
+@pytest.mark.parametrize("command", ["run", "check"])
+@pytest.mark.parametrize(("action", "permission", "code"), [
+    ("DeleteMessageBatch", "sqs:DeleteMessage", "AccessDenied"),
+    ("ChangeMessageVisibilityBatch", "sqs:ChangeMessageVisibility", "AccessDeniedException"),
+])
+def test_a_permission_the_credentials_lack_is_one_line_and_exit_3(
+    run_poller: RunPoller, aws_env: Mapping[str, str], sqs_endpoint: str, queue_url: str,
+    command: str, action: str, permission: str, code: str,
+) -> None:
+    """SQS in front of which a proxy refuses one action as IAM would (LocalStack enforces no IAM)."""
+    refusal = _sqs_refusal(403, code, _not_authorized(permission))
+    with FaultProxy(sqs_endpoint, http=True) as proxy:
+        proxy.set(HttpError(refusal, actions=frozenset({action})))
+        result = run_poller([command, "--queue-url", queue_url, "--sink", SINK, "--endpoint-url", proxy.url],
+                            _env(aws_env))
+        stats = proxy.stats()
+    line = assert_one_line_error(result, f"the credentials may not {permission} on {queue_url}", code,
+                                 "is not authorized")
+    assert result.returncode == 3, line
+    assert stats.canned[action] == 1 and stats.requests["GetQueueAttributes"] == 1
+
+
+def test_a_refusal_of_the_call_itself_still_proves_the_permission(
+    run_poller: RunPoller, aws_env: Mapping[str, str], sqs_endpoint: str, queue_url: str
+) -> None:
+    """Any answer of SQS's own about the request (here InvalidParameterValue for the whole call)
+    comes after its authorization: allowed."""
+    from poller.kit.dumper import DumperServer
+
+    refusal = _sqs_refusal(400, "InvalidParameterValue", "Value for parameter ReceiptHandle is invalid.")
+    with FaultProxy(sqs_endpoint, http=True) as proxy, open(os.devnull, "w") as devnull, \
+            DumperServer("127.0.0.1", 0, out=devnull) as sink:
+        proxy.set(HttpError(refusal, actions=frozenset({"DeleteMessageBatch"})))
+        result = run_poller(["check", "--queue-url", queue_url, "--sink", sink.url, "--endpoint-url", proxy.url],
+                            _env(aws_env))
+        assert proxy.stats().canned["DeleteMessageBatch"] == 1
+    assert result.returncode == 0, result.stderr
+    assert "ok       permission: sqs:DeleteMessage " in result.stdout
+
+
+@pytest.mark.parametrize(("status", "code"), [(500, "InternalFailure"), (400, "RequestThrottled")])
+def test_an_answer_that_proves_nothing_fails_the_start_in_one_line(
+    run_poller: RunPoller, aws_env: Mapping[str, str], sqs_endpoint: str, queue_url: str, status: int, code: str
+) -> None:
+    with FaultProxy(sqs_endpoint, http=True) as proxy:
+        proxy.set(HttpError(_sqs_refusal(status, code, "try again"),
+                            actions=frozenset({"ChangeMessageVisibilityBatch"})))
+        result = run_poller(["run", "--queue-url", queue_url, "--sink", SINK, "--endpoint-url", proxy.url],
+                            _env(aws_env))
+    assert_one_line_error(result, "cannot check sqs:ChangeMessageVisibility", code)
+    assert result.returncode == 3
+
+
+def test_a_queue_the_credentials_may_not_read_is_named_in_one_line(
+    run_poller: RunPoller, aws_env: Mapping[str, str], sqs_endpoint: str, queue_url: str
+) -> None:
+    with FaultProxy(sqs_endpoint, http=True) as proxy:
+        proxy.set(HttpError(_sqs_refusal(403, "AccessDenied", _not_authorized("sqs:GetQueueAttributes")),
+                            actions=frozenset({"GetQueueAttributes"})))
+        result = run_poller(["check", "--queue-url", queue_url, "--sink", SINK, "--endpoint-url", proxy.url],
+                            _env(aws_env))
+    assert_one_line_error(result, f"the credentials may not sqs:GetQueueAttributes on {queue_url}", "AccessDenied")
+    assert result.returncode == 3
