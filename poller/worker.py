@@ -79,6 +79,8 @@ _DRAINING_WAIT = 1
 _AFTER_POLLS = 2.0
 # The circuit is open, nothing is left to probe with and no receive brings one: never for long.
 _WEDGE_AFTER = 30.0
+# ReceiveMessage refused for good (AccessDenied, the queue gone) this long: no more heartbeats.
+_REFUSED_FOR = 60.0
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +146,7 @@ class Worker:
                  "(visible again now, as they would be soon anyway); last: %s")
         self._wedged_since = 0.0  # the circuit open with nothing to probe with, since (monotonic)
         self._probes_since_receive = 0  # while the circuit is open: probes since new messages came
+        self._refused = ("", 0.0)  # the last permanent ReceiveMessage error, and since when
         self._stall_logged = ""
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -240,6 +243,11 @@ class Worker:
         wedged = self._wedged()
         if wedged:
             problems.append(wedged)
+        refused, since = self._refused
+        if refused and time.monotonic() - since > _REFUSED_FOR:
+            # Permission taken away, queue deleted: a new process re-runs the start check, which
+            # says why in one line (the supervisor replaces a worker without heartbeats).
+            problems.append(f"ReceiveMessage refused for {time.monotonic() - since:.0f}s: {refused}")
         self.counters.set("in_flight", len(self._ledger))
         self.counters.set("drained", int(self._drained()))
         if problems:
@@ -423,6 +431,8 @@ class Worker:
                     if self._stopping:
                         break
                     failures += 1
+                    if isinstance(exc, SqsError) and not exc.retryable and not self._refused[0]:
+                        self._refused = (str(exc), time.monotonic())
                     self.counters.add("receive_errors")
                     self._receive_log.hit(_describe(exc))
                     await self._sleep(backoff(failures, base=0.5, cap=20.0))
@@ -431,6 +441,7 @@ class Worker:
                     self._receiving -= 1
                 self.counters.observe("receive", time.monotonic() - started)
                 failures = 0
+                self._refused = ("", 0.0)
                 self._give_back_budget(asked - len(raw))
                 self._empty_receives = 0 if raw else self._empty_receives + 1
                 if config.until_empty:  # drained soon: a stop must not wait a whole long poll

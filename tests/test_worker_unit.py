@@ -686,3 +686,31 @@ async def test_a_message_held_for_sqs_12_hours_is_given_back_not_extended(caplog
     assert "12 hours" in caplog.text
     rig.channel.report_all(Outcome.ACK)  # the attempts still out answer at last: ignored
     assert rig.deletes.items == []
+
+
+@on_loop
+async def test_receives_refused_for_good_stop_the_heartbeat() -> None:
+    """AccessDenied (a permission taken away) or a deleted queue: retrying for ever with /healthz
+    at 200 hides it; after a minute the worker stops beating and is replaced, and the new one's
+    start check says why in one line."""
+    from poller.sqs import SqsError
+
+    class Refusing:
+        async def receive(self, **kwargs: Any) -> list[dict[str, Any]]:
+            raise SqsError("AccessDenied", "ReceiveMessage: not authorized", retryable=False)
+
+    rig = make_rig()
+    beats: list[float] = []
+    rig.worker._heartbeat = lambda: beats.append(time.monotonic())
+    rig.worker._receive_sqs = Refusing()  # type: ignore[assignment]
+    task = asyncio.get_running_loop().create_task(rig.worker._receive_loop(0))
+    await asyncio.sleep(0.1)
+    rig.worker._check_health()
+    assert len(beats) == 1  # refused only just now: still alive
+    message, since = rig.worker._refused
+    assert "AccessDenied" in message
+    rig.worker._refused = (message, since - 61)
+    rig.worker._check_health()
+    assert len(beats) == 1  # no heartbeat any more
+    rig.worker.stop()
+    await asyncio.wait_for(task, 5)
