@@ -130,7 +130,8 @@ RUN_OPTIONS: tuple[Option, ...] = (
       help="In-place retries of a failed delivery (with backoff) before the message is returned to "
            "SQS; not counted while the circuit is open (an outage pauses receiving instead)."),
     O(flag="--max-processing-time", kind=float, low=1, high=43200, default=300.0,
-      help="Seconds one delivery attempt may hold a message before it is returned to SQS."),
+      help="Seconds one delivery attempt may hold a message before it counts as failed; must be above "
+           "the channel's own deadline (--http-timeout, Kafka's message.timeout.ms)."),
     O(flag="--max-rate", kind=float, low=0, high=1_000_000, default=0.0,
       help="Messages per second the whole poller hands to the channel at most, to protect a "
            "subscriber; 0: no limit."),
@@ -174,7 +175,7 @@ RUN_OPTIONS: tuple[Option, ...] = (
     O(flag="--http-concurrency", kind=int, low=1, high=1024, default=64, channel="http",
       help="HTTP channel: requests in flight per process at most, each on a keep-alive connection."),
     O(flag="--http-timeout", kind=float, low=0.001, high=3600, default=30.0, channel="http",
-      help="HTTP channel: seconds for a whole request (connect, send, the full answer)."),
+      help="HTTP channel: seconds for a whole delivery attempt (waiting for a connection, connect, send, the full answer)."),
     # -- the Kafka channel ----------------------------------------------------------------------
     O(flag="--kafka-bootstrap-servers", channel="kafka", help="Kafka channel: host:port[,host:port...]."),
     O(flag="--kafka-topic", channel="kafka", help="Kafka channel: the topic."),
