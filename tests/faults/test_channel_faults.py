@@ -98,10 +98,10 @@ def warm_up(sqs: Any, url: str, count: int = 100) -> list[str]:
 def test_sink_refusing_connections_for_30s(
     sqs: Any, make_queue: Any, start_poller: Callable[..., PollerProcess], fault_case: Callable[..., FaultCase],
 ) -> None:
-    """The sink refuses connections for 30 s (open ones are reset), then is healthy: nothing is
+    """The sink refuses connections for 15 s (open ones are reset), then is healthy: nothing is
     deleted during the outage and everything arrives after. Duplicates: 0 (the messages before
     the outage were settled when it began, and a refused connection delivers nothing)."""
-    case = fault_case("sink refusing connections 30 s", "http", max_duplicates=0)
+    case = fault_case("sink refusing connections 15 s", "http", max_duplicates=0)
     queue = make_queue(visibility_timeout=30)
     with dumper_sink() as server, FaultProxy(server.url) as proxy:
         deliveries = SinkDeliveries(server, proxy.url)
@@ -109,7 +109,7 @@ def test_sink_refusing_connections_for_30s(
         ids = warm_up(sqs, queue.url)
         case.count_with(lambda wait: tally(sqs, ids, deliveries, wait=wait))
         proxy.set(Fault.REFUSE)
-        outage_ends = time.monotonic() + 30
+        outage_ends = time.monotonic() + 15
         during = send_messages(sqs, queue.url, [f"during-{i}" for i in range(300)])
         ids += during
         hold_until(outage_ends)
@@ -245,14 +245,14 @@ def test_channel_down_longer_than_the_dlq_budget(
     sqs: Any, make_queue: Any, proxied: tuple[Deliveries, FaultProxy], start_poller: Callable[..., PollerProcess],
     fault_case: Callable[..., FaultCase],
 ) -> None:
-    """The sink or broker is unreachable for 45 s; the queue's DLQ takes a message after 4
+    """The sink or broker is unreachable for 25 s; the queue's DLQ takes a message after 4
     receives, and with nack backoffs of 1-4 s those 4 receives would take ~10 s. An outage must
     not burn the receive count of healthy messages: nothing reaches the DLQ, everything arrives
     afterwards. Few messages arrive during the outage (20), so a poller that returns them after
     each failed attempt cycles each one through its receives well within it. Duplicates: 0
     (nothing was delivered during the outage, the messages before it were settled when it began)."""
     deliveries, proxy = proxied
-    case = fault_case("channel down 45 s > DLQ budget (maxReceiveCount 4)", deliveries.channel, max_duplicates=0)
+    case = fault_case("channel down 25 s > DLQ budget (maxReceiveCount 4)", deliveries.channel, max_duplicates=0)
     queue = make_queue(visibility_timeout=10, dlq_max_receive_count=4)
     extra = ["--nack-backoff", "1", "--nack-backoff-max", "4"]
     if deliveries.channel == "kafka":  # the producer gives a record up after 5 s, as a sink times out
@@ -262,7 +262,7 @@ def test_channel_down_longer_than_the_dlq_budget(
     case.count_with(counted_through(
         proxy, lambda wait: tally(sqs, ids, deliveries, wait=wait, dlq_url=queue.dlq_url)))
     proxy.set(Fault.REFUSE)
-    outage_ends = time.monotonic() + 45
+    outage_ends = time.monotonic() + 25
     ids += send_messages(sqs, queue.url, [f"during-{i}" for i in range(20)])
     hold_until(outage_ends)
     proxy.clear()
