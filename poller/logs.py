@@ -14,6 +14,7 @@ Two guards keep credentials out of the logs, also at ``--log-level DEBUG``:
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -42,6 +43,9 @@ DEBUG_LOGGERS_ENV = "POLLER_DEBUG_LOGGERS"
 _ALIASES = {"librdkafka": "channels.kafka.librdkafka"}
 
 REDACTED = "***"
+# Values shown as they are: LocalStack's documented dummy credentials (the demo's hint says
+# AWS_SECRET_ACCESS_KEY=test), and what was redacted already.
+_PLACEHOLDERS = frozenset({"test", REDACTED})
 # Environment variables whose values are redacted wherever they appear; shorter values are not
 # (a test's "test" would blank every queue name). AWS secret keys are 40 characters.
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
@@ -56,19 +60,19 @@ _RULES: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*PRIVATE KEY-----", re.DOTALL), REDACTED),
     # Quoted key, quoted value: Python reprs ({'X-Amz-Security-Token': b'...'}), JSON
     # ("SecretAccessKey": "..."), JSON inside a JSON string (\"SessionToken\": \"...\").
-    (re.compile(rf"""(?P<q>["'])(?P<key>{_KEY})(?P=q)(?P<sep>\s*[:=]\s*b?)(?P<vq>["'])(?:\\.|(?!(?P=vq))[^\\])*(?P=vq)""",
+    (re.compile(rf"""(?P<q>["'])(?P<key>{_KEY})(?P=q)(?P<sep>\s*[:=]\s*b?)(?P<vq>["'])(?P<val>(?:\\.|(?!(?P=vq))[^\\])*)(?P=vq)""",
                 _FLAGS), rf"\g<q>\g<key>\g<q>\g<sep>\g<vq>{REDACTED}\g<vq>"),
-    (re.compile(rf"""(?P<q>\\["'])(?P<key>{_KEY})(?P=q)(?P<sep>\s*:\s*)(?P<vq>\\["']).*?(?P=vq)""", _FLAGS),
+    (re.compile(rf"""(?P<q>\\["'])(?P<key>{_KEY})(?P=q)(?P<sep>\s*:\s*)(?P<vq>\\["'])(?P<val>.*?)(?P=vq)""", _FLAGS),
      rf"\g<q>\g<key>\g<q>\g<sep>\g<vq>{REDACTED}\g<vq>"),
     # XML elements: STS answers (<SecretAccessKey>...</SecretAccessKey>, <SessionToken>).
-    (re.compile(rf"(?P<open><(?P<key>{_KEY})(?:\s[^>]*)?>)[^<]*(?P<close></(?P=key)\s*>)", _FLAGS),
+    (re.compile(rf"(?P<open><(?P<key>{_KEY})(?:\s[^>]*)?>)(?P<val>[^<]*)(?P<close></(?P=key)\s*>)", _FLAGS),
      rf"\g<open>{REDACTED}\g<close>"),
     # Authorization headers: the value runs to the end of the line (SigV4's has spaces and commas).
     (re.compile(r"(?P<key>(?<![A-Za-z0-9_.\-])(?:proxy-)?authorization)(?P<sep>\s*[:=]\s*)[^\r\n'\"]*", _FLAGS),
      rf"\g<key>\g<sep>{REDACTED}"),
     # key=value and key: value (environment, form bodies, query strings, header lines, reprs
     # such as secret_key='...'): a quoted value, or up to the next separator.
-    (re.compile(rf"""(?P<key>(?<![A-Za-z0-9_.\-]){_KEY})(?P<sep>\s*[=:]\s*)(?:b?"[^"]*"|b?'[^']*'|[^\s&'",;)}}\]]+)""",
+    (re.compile(rf"""(?P<key>(?<![A-Za-z0-9_.\-]){_KEY})(?P<sep>\s*[=:]\s*)(?P<val>b?"[^"]*"|b?'[^']*'|[^\s&'",;)}}\]]+)""",
                 _FLAGS), rf"\g<key>\g<sep>{REDACTED}"),
     # JWTs anywhere (RFC 7519: base64url segments; the JOSE header is JSON, so "eyJ"): the
     # service account's web-identity token.
@@ -103,9 +107,16 @@ class Redactor:
                 text = text.replace(literal, REDACTED)
         if not _SUSPECT.search(text):
             return text
-        for pattern, replacement in _RULES:
-            text = pattern.sub(replacement, text)
+        for pattern, template in _RULES:
+            text = pattern.sub(functools.partial(_replace, template=template), text)
         return text
+
+
+def _replace(match: re.Match[str], *, template: str) -> str:
+    value = match.groupdict().get("val")
+    if value is not None and value.removeprefix("b").strip("'\"") in _PLACEHOLDERS:
+        return match.group(0)
+    return match.expand(template)
 
 
 class RedactingFilter(logging.Filter):
