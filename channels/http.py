@@ -128,17 +128,35 @@ def _batch_item_failures(body: bytes | None) -> set[str] | None:
 
 
 def redact(url: str) -> str:
-    """The URL as logs may show it: no ``user:password@``, and the query's values replaced
-    (tokens often travel there)."""
+    """The URL as logs and reasons may show it: scheme, host and port as they are; no
+    ``user:password@``; and of the path and the query only what cannot be a credential.
+
+    Webhook URLs carry their secret in the path (``https://hooks.example/services/T0/B0/XXXX``),
+    other sinks in the query (``?token=...``). The rule: a path segment or query key is kept
+    only if it is a plain word (``_PLAIN``: 1-20 lowercase letters, ``-`` or ``_``, starting
+    with a letter; or an API version such as ``v1``), else it is shown as ``***``; query values
+    are always ``***``; a fragment is ``***``. So ``/services/T0/B0/XXXX`` shows as
+    ``/services/***/***/***`` and ``/default/my-broker`` as it is.
+    """
     try:
         parts = urlsplit(url)
         netloc = parts.netloc.rpartition("@")[2]
-        query = urlencode([(k, "***") for k, _ in parse_qsl(parts.query, keep_blank_values=True)], safe="*")
+        path = "/".join(_plain(segment) for segment in parts.path.split("/"))
+        query = urlencode([(_plain(k), "***") for k, _ in parse_qsl(parts.query, keep_blank_values=True)], safe="*")
         if parts.query and not query:
             query = "***"
-        return urlunsplit(parts._replace(netloc=netloc, query=query))
+        return urlunsplit(parts._replace(netloc=netloc, path=path, query=query,
+                                         fragment="***" if parts.fragment else ""))
     except ValueError:
         return "<an unparsable URL>"
+
+
+_PLAIN = re.compile(r"[a-z][a-z_-]{0,19}|v[0-9]{1,2}")
+
+
+def _plain(word: str) -> str:
+    """``word`` if it is a plain word (``_PLAIN``) or empty, else ``***``."""
+    return word if not word or _PLAIN.fullmatch(word) else "***"
 
 
 def basic_auth(url: str) -> str | None:

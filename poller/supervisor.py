@@ -11,6 +11,15 @@ the poller cannot work at all: respawning would only loop, so the supervisor sto
 exits with that code, like gunicorn's ``HaltServer``. Later, it means an outage (a broker down
 while a worker is replaced): the worker is respawned with a backoff while the others keep going.
 
+Health (``health()`` for /healthz, ``ready()`` for /readyz). Liveness asks "would restarting this
+process help?": yes when the supervisor's own loop is stuck, or when no worker has been healthy
+(alive and sending its heartbeat) for ``worker_timeout`` + the longest restart backoff, longer
+than one worker's whole kill-and-restart cycle. One crash-looping or stuck worker is not a
+liveness failure: the supervisor already restarts it (and kills it after ``worker_timeout``
+without a heartbeat) while the others keep going. Readiness asks "is this pod polling now?":
+started, not stopping, and at least one worker healthy. The HTTP thread reads what the main loop
+saw on its last turn (``WorkerStates``), so the probes never touch the worker processes.
+
 Workers are started with multiprocessing's ``spawn`` method: a fresh interpreter per worker, so
 no threads, locks or sockets of the parent are inherited (fork after threads is unsafe).
 """
@@ -32,12 +41,13 @@ from poller.config import RunConfig
 from poller.stats import FIELDS, SLOTS, format_line, is_gauge
 from poller.worker import EXIT_BOOT, worker_main
 
-__all__ = ["Supervisor"]
+__all__ = ["Supervisor", "WorkerStates"]
 
 log = logging.getLogger(__name__)
 
 _RESTART_BACKOFF_MAX = 30.0
-_HEARTBEAT_LATE = 10.0  # /healthz: a heartbeat older than this is a problem (one a second is normal)
+_HEARTBEAT_LATE = 10.0  # a heartbeat older than this: the worker is not healthy (one a second is normal)
+_LOOP_STUCK = 5.0  # /healthz: the main loop turns every 0.5 s at most
 _HEALTHY_AFTER = 30.0  # a worker that ran this long before dying resets its restart backoff
 
 
@@ -54,6 +64,14 @@ class _Slot:
     restarts: int = 0
     respawn_at: float = 0.0
     retired: list[int] = field(default_factory=lambda: [0] * SLOTS)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerStates:
+    """What the main loop saw of the workers on its last turn; read by the HTTP thread."""
+
+    healthy: int = 0  # alive and sending their heartbeat
+    notes: tuple[str, ...] = ()  # one line per worker that is not healthy
 
 
 class Supervisor:
@@ -77,6 +95,8 @@ class Supervisor:
         self._starting = True  # until a worker has sent its first heartbeat
         self._stopping = False
         self._loop_at = time.monotonic()  # the main loop's last turn (for /healthz)
+        self._healthy_at = self._loop_at  # the last turn that saw a healthy worker (or the start)
+        self._states = WorkerStates()
 
     def serve_http(self, host: str, port: int, *, metrics: bool) -> None:
         """/healthz, /readyz and (``metrics``) Prometheus /metrics; OSError if the port is taken."""
@@ -91,36 +111,62 @@ class Supervisor:
                 restarts=lambda: sum(s.restarts for s in self._slots),
                 queue=worker.target.queue_url.rstrip("/").rsplit("/", 1)[-1],
                 channel=worker.channel.name,
+                healthy=lambda: self._states.healthy,
             )
         serve(host, port, health=self.health, ready=self.ready, collector=collector)
         log.info("serving /healthz, /readyz%s on http://%s:%d", ", /metrics" if metrics else "", host, port)
 
-    def health(self) -> tuple[bool, str]:
-        """For /healthz (another thread): the loop turns, every worker is alive and beats."""
-        now = time.monotonic()
+    @property
+    def no_worker_limit(self) -> float:
+        """Seconds without any healthy worker after which /healthz fails: longer than one
+        worker's stall (``worker_timeout``, then killed) plus the longest restart backoff."""
+        return self.config.worker_timeout + _RESTART_BACKOFF_MAX
+
+    def health(self, now: float | None = None) -> tuple[bool, str]:
+        """For /healthz (another thread): the main loop turns, and some worker was healthy within
+        ``no_worker_limit``. The reason lists the workers that are not healthy, also with 200."""
+        now = time.monotonic() if now is None else now
+        states = self._states
         problems = []
-        if now - self._loop_at > 5.0:
+        if now - self._loop_at > _LOOP_STUCK:
             problems.append(f"the supervisor's loop has not turned for {now - self._loop_at:.0f}s")
-        for slot in self._slots:
-            process = slot.process
-            if process is None or not process.is_alive():
-                problems.append(f"worker-{slot.index} is not running (restarting)")
-                continue
-            beat = slot.heartbeat.value
-            if beat >= slot.started_at:
-                if now - beat > _HEARTBEAT_LATE:
-                    problems.append(f"worker-{slot.index} sent no heartbeat for {now - beat:.0f}s")
-            elif now - slot.started_at > self.config.worker_timeout:
-                problems.append(f"worker-{slot.index} has not started within {self.config.worker_timeout:g}s")
-        return (not problems, "; ".join(problems))
+        elif now - self._healthy_at > self.no_worker_limit:
+            problems.append(f"no worker has been healthy for {now - self._healthy_at:.0f}s "
+                            f"(the limit is {self.no_worker_limit:g}s)")
+        return not problems, "; ".join([*problems, *states.notes]) or "ok"
 
     def ready(self) -> tuple[bool, str]:
-        """For /readyz: SQS answered (the CLI's check, before this) and a worker started its channel."""
+        """For /readyz: SQS answered (the CLI's check, before this), a worker started its channel,
+        and a worker is healthy now; not while stopping."""
         if self._stopping:
             return False, "stopping"
         if self._starting:
             return False, "starting: no worker has started its channel yet"
-        return True, ""
+        states = self._states
+        if not states.healthy:
+            return False, "no worker is healthy: " + "; ".join(states.notes)
+        return True, "; ".join(states.notes)
+
+    def _observe(self, now: float) -> None:
+        """The main loop's look at the workers, for the probes and the healthy-workers gauge."""
+        healthy = 0
+        notes = []
+        for slot in self._slots:
+            process = slot.process
+            if process is None or not process.is_alive():
+                wait = max(0.0, slot.respawn_at - now)
+                notes.append(f"worker-{slot.index} is not running (restarting in {wait:.0f}s)")
+                continue
+            beat = slot.heartbeat.value
+            if beat < slot.started_at:
+                notes.append(f"worker-{slot.index} is starting ({now - slot.started_at:.0f}s)")
+            elif now - beat > _HEARTBEAT_LATE:
+                notes.append(f"worker-{slot.index} sent no heartbeat for {now - beat:.0f}s")
+            else:
+                healthy += 1
+        self._states = WorkerStates(healthy, tuple(notes))
+        if healthy:
+            self._healthy_at = now
 
     def _on_signal(self, signum: int, frame: object) -> None:
         """No logging, no work: just queue the signal for the main loop."""
@@ -150,6 +196,7 @@ class Supervisor:
                 return EXIT_BOOT
             self._check_heartbeats()
             self._respawn_due()
+            self._observe(time.monotonic())
             if self._batch_done():
                 self._stop()
                 return 0
@@ -249,6 +296,7 @@ class Supervisor:
         for process in alive:
             _send(process, signal.SIGTERM)
         while any(p.is_alive() for p in alive) and time.monotonic() < deadline:
+            self._loop_at = time.monotonic()  # draining is turning: /healthz stays 200
             try:
                 signum = self._signals.get(timeout=0.1)
             except queue.Empty:

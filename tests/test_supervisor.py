@@ -12,6 +12,9 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +23,8 @@ import pytest
 from channels.http import HttpConfig
 from poller.config import RunConfig, WorkerConfig
 from poller.sqs import SqsTarget
-from support import wait_until
+from poller.supervisor import Supervisor
+from support import free_port, wait_until
 
 TESTS = str(Path(__file__).parent)
 REPO = str(Path(__file__).parent.parent)
@@ -65,26 +69,36 @@ def fake_worker(slot: int, config: Any, stats: Any, parent_pid: int, heartbeat: 
     if mode == "crash":
         heartbeat.value = time.monotonic()
         raise SystemExit(1)
+    if mode == "crash-one":  # slot 0 crash-loops, slot 1 works
+        if slot == 0:
+            heartbeat.value = time.monotonic()
+            raise SystemExit(1)
+        _beat_forever(heartbeat)
     if mode == "stubborn":
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         _beat_forever(heartbeat)
     raise SystemExit(0)
 
 
-def serve(processes: int, worker_timeout: float, shutdown_timeout: float) -> int:
-    """The supervisor's process: run it with the fake workers."""
-    from poller.logs import setup_logging
-    from poller.supervisor import Supervisor
-
-    setup_logging("INFO")
+def run_config(processes: int, worker_timeout: float = 5.0, shutdown_timeout: float = 10.0) -> RunConfig:
     worker = WorkerConfig(
         target=SqsTarget(queue_url="http://127.0.0.1:9/000000000000/q", region="us-east-1",
                          endpoint_url="http://127.0.0.1:9"),
         channel=HttpConfig(sink="http://127.0.0.1:9/"),
     )
-    config = RunConfig(worker=worker, processes=processes, worker_timeout=worker_timeout,
-                       shutdown_timeout=shutdown_timeout, stats_interval=3600)
-    return Supervisor(config, worker_target=fake_worker).run()
+    return RunConfig(worker=worker, processes=processes, worker_timeout=worker_timeout,
+                     shutdown_timeout=shutdown_timeout, stats_interval=3600)
+
+
+def serve(processes: int, worker_timeout: float, shutdown_timeout: float, health_port: int = 0) -> int:
+    """The supervisor's process: run it with the fake workers (and /healthz on ``health_port``)."""
+    from poller.logs import setup_logging
+
+    setup_logging("INFO")
+    supervisor = Supervisor(run_config(processes, worker_timeout, shutdown_timeout), worker_target=fake_worker)
+    if health_port:
+        supervisor.serve_http("127.0.0.1", health_port, metrics=True)
+    return supervisor.run()
 
 
 # -- the tests ----------------------------------------------------------------------------------
@@ -92,11 +106,11 @@ def serve(processes: int, worker_timeout: float, shutdown_timeout: float) -> int
 
 class Running:
     def __init__(self, tmp_path: Path, mode: str, *, processes: int = 2, worker_timeout: float = 5.0,
-                 shutdown_timeout: float = 10.0) -> None:
+                 shutdown_timeout: float = 10.0, health_port: int = 0) -> None:
         self.dir = tmp_path
         self.log_path = tmp_path / "supervisor.log"
         code = (f"import sys; sys.path[:0] = [{TESTS!r}, {REPO!r}]; from test_supervisor import serve; "
-                f"sys.exit(serve({processes}, {worker_timeout}, {shutdown_timeout}))")
+                f"sys.exit(serve({processes}, {worker_timeout}, {shutdown_timeout}, {health_port}))")
         env = {**os.environ, "FAKE_WORKER_MODE": mode, "FAKE_WORKER_DIR": str(tmp_path)}
         with open(self.log_path, "wb") as out:
             self.proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=out,
@@ -183,3 +197,120 @@ def test_a_second_sigterm_kills_the_workers_at_once(running: Any) -> None:
     log = sup.log()
     assert "second SIGTERM: killing the workers now" in log
     assert "did not stop in time; killing it" in log
+
+
+def probe(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except urllib.error.URLError as exc:  # not listening yet
+        return 0, str(exc)
+
+
+def test_healthz_stays_200_while_one_worker_crash_loops_and_the_other_runs(running: Any) -> None:
+    """The restart backoff (0.5, 1, 2 s, ...) keeps slot 0 down much of the time; /healthz is
+    200 all along (a pod restart would stop the healthy worker too), /readyz too (one is healthy),
+    and the metric counts one healthy worker."""
+    port = free_port()
+    sup = running("crash-one", health_port=port)
+    wait_until(lambda: probe(port, "/readyz")[0] == 200, 30, "the poller to be ready")
+    seen: list[tuple[int, str]] = []
+    while len(sup.starts(0)) < 4:
+        assert sup.proc.poll() is None, sup.log()
+        seen.append(probe(port, "/healthz"))
+        assert seen[-1][0] == 200, seen[-1]
+        assert probe(port, "/readyz")[0] == 200
+        time.sleep(0.1)
+    assert any("worker-0 is not running (restarting in" in body for _, body in seen), seen[-5:]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
+        metrics = response.read().decode()
+    assert 'sqs_poller_workers_healthy{channel="http",queue="q"} 1.0' in metrics, metrics
+    assert len(sup.starts(1)) == 1
+    assert sup.stop() == 0
+
+
+# -- health() and ready() on made-up workers -----------------------------------------------------
+
+
+@dataclass
+class FakeProcess:
+    alive: bool = True
+    pid: int = 4242
+
+    def is_alive(self) -> bool:
+        return self.alive
+
+
+NOW = 10_000.0
+
+
+def supervisor_with(*workers: str, worker_timeout: float = 60.0) -> Supervisor:
+    """A supervisor whose slots are in the states given: "healthy", "silent" (alive, last beat 15 s
+    ago), "starting" (no beat yet), "restarting" (dead, respawn in 20 s); looked at NOW."""
+    sup = Supervisor(run_config(len(workers), worker_timeout=worker_timeout))
+    for slot, state in zip(sup._slots, workers, strict=True):
+        slot.started_at = NOW - 100
+        if state == "restarting":
+            slot.process, slot.respawn_at = None, NOW + 20
+        else:
+            slot.process = FakeProcess()  # type: ignore[assignment]
+            slot.heartbeat.value = {"healthy": NOW - 0.5, "silent": NOW - 15, "starting": 0.0}[state]
+            if state == "starting":
+                slot.started_at = NOW - 2
+    sup._starting = False
+    sup._loop_at = sup._healthy_at = NOW
+    sup._observe(NOW)
+    return sup
+
+
+def test_all_healthy() -> None:
+    sup = supervisor_with("healthy", "healthy")
+    assert sup.health(NOW) == (True, "ok")
+    assert sup.ready() == (True, "")
+
+
+@pytest.mark.parametrize(("other", "note"), [
+    ("restarting", "worker-1 is not running (restarting in 20s)"),
+    ("silent", "worker-1 sent no heartbeat for 15s"),  # --worker-timeout kills it: not liveness' job
+    ("starting", "worker-1 is starting (2s)"),
+])
+def test_one_worker_down_is_noted_but_neither_unhealthy_nor_unready(other: str, note: str) -> None:
+    sup = supervisor_with("healthy", other)
+    assert sup.health(NOW) == (True, note)
+    assert sup.ready() == (True, note)
+
+
+def test_no_worker_healthy_is_unready_at_once_and_unhealthy_after_the_limit() -> None:
+    sup = supervisor_with("restarting", "silent", worker_timeout=60.0)
+    ok, reason = sup.ready()
+    assert not ok and reason.startswith("no worker is healthy: worker-0 is not running"), reason
+    assert sup.health(NOW)[0]
+    assert sup.no_worker_limit == 90.0  # --worker-timeout + the longest restart backoff
+    sup._loop_at = NOW + 89  # the loop turns, and still no worker
+    assert sup.health(NOW + 89)[0]
+    sup._loop_at = NOW + 91
+    ok, reason = sup.health(NOW + 91)
+    assert not ok and reason.startswith("no worker has been healthy for 91s (the limit is 90s)"), reason
+
+
+def test_a_worker_healthy_again_resets_the_clock() -> None:
+    sup = supervisor_with("restarting", "healthy")
+    sup._loop_at = NOW + 200
+    for slot in sup._slots:
+        slot.heartbeat.value = NOW + 199.5
+    sup._observe(NOW + 200)
+    assert sup.health(NOW + 200)[0]
+
+
+def test_a_stuck_supervisor_loop_is_unhealthy() -> None:
+    sup = supervisor_with("healthy", "healthy")
+    ok, reason = sup.health(NOW + 6)
+    assert not ok and "loop has not turned for 6s" in reason
+
+
+def test_stopping_is_unready() -> None:
+    sup = supervisor_with("healthy")
+    sup._stopping = True
+    assert sup.ready() == (False, "stopping")

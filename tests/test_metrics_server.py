@@ -1,0 +1,183 @@
+"""poller.metrics' HTTP server under abuse: idle floods, slowloris, oversized heads, and what it
+serves (probes, Prometheus metrics). In-process: the server is one thread of this process."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import ExitStack, closing
+from pathlib import Path
+
+import pytest
+
+from poller.metrics import HEAD_TIMEOUT, HttpServer, PollerCollector, serve
+from poller.stats import SLOTS
+
+
+def get(port: int, path: str, timeout: float = 2.0) -> tuple[int, str, float]:
+    """(status, body, seconds) of a GET."""
+    started = time.monotonic()
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as response:
+            return response.status, response.read().decode(), time.monotonic() - started
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(), time.monotonic() - started
+
+
+def threads() -> int:
+    """This process's threads, as the kernel counts them."""
+    status = Path("/proc/self/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("Threads:")).split()[1])
+
+
+def raw(port: int, data: bytes, timeout: float = 5.0) -> bytes:
+    """Send ``data``, read until the server closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def closed_by_server(sock: socket.socket, wait: float) -> bool:
+    """True once the server closed ``sock`` (EOF or reset) within ``wait`` seconds."""
+    sock.settimeout(wait)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+@pytest.fixture
+def probes() -> Iterator[int]:
+    """serve() with its production limits; yields the port."""
+    server = serve("127.0.0.1", 0, health=lambda: (True, ""), ready=lambda: (False, "starting"))
+    yield server.address[1]
+    server.close()
+
+
+def test_probes_answer_and_unknown_paths_are_404(probes: int) -> None:
+    assert get(probes, "/healthz")[:2] == (200, "ok\n")
+    assert get(probes, "/readyz")[:2] == (503, "starting\n")
+    status, body, _ = get(probes, "/metrics")
+    assert status == 404 and "/healthz" in body
+
+
+def test_healthz_answers_at_once_while_400_idle_and_5_slowloris_connections_are_open(probes: int) -> None:
+    before = threads()
+    stop = threading.Event()
+    with ExitStack() as stack:
+        idle = [stack.enter_context(closing(socket.create_connection(("127.0.0.1", probes)))) for _ in range(400)]
+        slow = [stack.enter_context(closing(socket.create_connection(("127.0.0.1", probes)))) for _ in range(5)]
+
+        def trickle() -> None:  # one byte of a request head every 0.2 s, never the end of it
+            head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 1000
+            for i in range(len(head)):
+                if stop.wait(0.2):
+                    return
+                for sock in slow:
+                    try:
+                        sock.send(head[i:i + 1])
+                    except OSError:
+                        pass
+
+        trickler = threading.Thread(target=trickle, daemon=True)
+        trickler.start()
+        try:
+            for _ in range(5):
+                status, _, seconds = get(probes, "/healthz", timeout=2.0)
+                assert status == 200 and seconds < 1.0, (status, seconds)
+                time.sleep(0.2)
+            assert threads() <= before + 1, f"{threads()} threads, {before} before the flood"  # the trickler
+            # Every idle and slow connection is closed: the flood's beyond the cap at once, the rest
+            # after the head timeout (the slow ones too, though they keep sending).
+            deadline = time.monotonic() + HEAD_TIMEOUT + 2.0
+            still_open = [s for s in idle + slow if not closed_by_server(s, max(0.01, deadline - time.monotonic()))]
+            assert not still_open, f"{len(still_open)} connections still open after {HEAD_TIMEOUT + 2:g}s"
+        finally:
+            stop.set()
+            trickler.join()
+    assert get(probes, "/healthz")[0] == 200
+
+
+def test_over_the_cap_the_oldest_idle_connection_is_closed_and_the_newest_served() -> None:
+    def app(environ: dict, start_response: object) -> list[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])  # type: ignore[operator]
+        return [b"ok"]
+
+    server = HttpServer("127.0.0.1", 0, app, max_connections=4, head_timeout=30.0)
+    port = server.address[1]
+    try:
+        with ExitStack() as stack:
+            idle = [stack.enter_context(closing(socket.create_connection(("127.0.0.1", port)))) for _ in range(4)]
+            time.sleep(0.2)  # accepted, in order
+            answer = raw(port, b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"\r\n\r\nok"), answer
+            assert b"Connection: close" in answer
+            assert closed_by_server(idle[0], 2.0), "the oldest idle connection was kept"
+            assert not closed_by_server(idle[-1], 0.3), "a newer idle connection was closed"
+    finally:
+        server.close()
+
+
+def test_an_idle_connection_is_closed_after_the_head_timeout() -> None:
+    server = HttpServer("127.0.0.1", 0, lambda environ, start_response: [], head_timeout=0.5)
+    try:
+        with closing(socket.create_connection(server.address)) as sock:
+            started = time.monotonic()
+            sock.sendall(b"GET /healthz HTTP/1.1\r\n")  # the head never ends
+            assert closed_by_server(sock, 5.0)
+            assert 0.4 < time.monotonic() - started < 2.0
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize(("request_bytes", "status"), [
+    (b"GET /healthz HTTP/1.1\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n", b"431"),
+    (b"NONSENSE\r\n\r\n", b"400"),
+    (b"GET /healthz HTTP/1.1\r\nno colon here\r\n\r\n", b"400"),
+    (b"POST /healthz HTTP/1.1\r\nContent-Length: 0\r\n\r\n", b"405"),
+])
+def test_bad_requests_get_a_status_and_a_close(probes: int, request_bytes: bytes, status: bytes) -> None:
+    answer = raw(probes, request_bytes)
+    assert answer.split(b" ", 2)[1] == status, answer[:200]
+
+
+def test_head_requests_get_no_body(probes: int) -> None:
+    answer = raw(probes, b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200 OK") and answer.endswith(b"\r\n\r\n")
+    assert b"Content-Length: 3" in answer  # what a GET would get
+
+
+def test_metrics_through_the_server() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    totals = [0] * SLOTS
+    collector = PollerCollector(totals=lambda: totals, workers=lambda: 2, restarts=lambda: 3,
+                                queue="orders", channel="http", healthy=lambda: 1)
+    server = serve("127.0.0.1", 0, health=lambda: (True, ""), ready=lambda: (True, ""), collector=collector)
+    try:
+        status, body, _ = get(server.address[1], "/metrics")
+    finally:
+        server.close()
+    assert status == 200
+    samples = {s.name: s.value for family in text_string_to_metric_families(body) for s in family.samples}
+    assert samples["sqs_poller_workers"] == 2
+    assert samples["sqs_poller_workers_healthy"] == 1
+    assert samples["sqs_poller_worker_restarts_total"] == 3
+
+
+def test_a_port_in_use_is_an_oserror() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        with pytest.raises(OSError):
+            serve("127.0.0.1", taken.getsockname()[1], health=lambda: (True, ""), ready=lambda: (True, ""))
+
