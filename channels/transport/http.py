@@ -115,7 +115,7 @@ class RequestTemplate:
 
     def __init__(self, authority: str, target: str, headers: Headers = ()) -> None:
         if not _TARGET.fullmatch(target):
-            raise ValueError(f"invalid request target {target!r}")
+            raise ValueError("invalid request target: it must be printable ASCII without spaces (not shown: a path may carry a secret)")
         self._prefix = (b"POST %s HTTP/1.1\r\n" % target.encode("ascii")
                         + encode_headers({"Host": authority, "Accept-Encoding": "identity"})
                         + encode_headers(headers))
