@@ -1389,7 +1389,8 @@ def test_channel_outcomes_and_headers_on_the_wire(run: Run, mode: str) -> None:
     overrides = {"tenant": "acme co", "region": "eu"}  # "region" also comes from the message
     with DumperServer(out=io.StringIO(), keep=True,
                       respond=lambda event, headers: answers.get(event["id"])) as dumper:
-        config = HttpConfig(sink=dumper.url + "events?x=1", mode=mode, overrides=overrides, concurrency=2)
+        config = HttpConfig(sink=dumper.url + "events?x=1", mode=mode, overrides=overrides, concurrency=2,
+                            timeout=2.0)  # a refusal with no 2xx after it: a verdict at the deadline
         messages = [make_message(i, region={"DataType": "String", "StringValue": "us"}) for i in range(5)]
         outcomes = run(publish(config, messages))
         assert {k: v[0] for k, v in outcomes.items()} == {
