@@ -147,6 +147,12 @@ _ALONE_DROPPED = ("transactional.id", "enable.gapless.guarantee")  # need idempo
 # producer would loop forever, so the channel fails instead and the worker is restarted with a new
 # producer.
 _FENCED_CODES = frozenset({KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH})
+# The ack a record's delivery report waits for: with acks=0 or 1 the poller would delete a message
+# from SQS on the word of a leader that has not replicated it (acks=0: on no word at all), so a lost
+# leader loses it. librdkafka takes "all" in any case and an integer for the rest (CONFIGURATION.md,
+# request.required.acks, -1 .. 1000); only all/-1 waits for the in-sync replicas.
+_ACKS_KEYS = ("acks", "request.required.acks")
+_DURABLE_ACKS = frozenset({"all", "-1"})
 _TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
 _GROUP_OVERTAKEN = ("sent again alone after a batch-wide size error: later messages of its FIFO "
                     "group may be ahead of it in Kafka")
@@ -238,9 +244,16 @@ class KafkaConfig:
         # Accept a mapping too, but store hashable, picklable pairs.
         object.__setattr__(self, "extra", _pairs(self.extra, "--kafka-config"))
         object.__setattr__(self, "overrides", _pairs(self.overrides, "overrides"))
-        for name, _ in self.extra:
+        for name, value in self.extra:
             if name in _RESERVED_KEYS:
                 raise ValueError(f"--kafka-config {name} cannot be set (the channel sets it)")
+            if name == "default.topic.config":  # confluent-kafka wants a dict there, not a string
+                raise ValueError("--kafka-config default.topic.config cannot be set: give topic settings "
+                                 "(acks, message.timeout.ms, ...) as keys of their own")
+            if name in _ACKS_KEYS and value.strip().lower() not in _DURABLE_ACKS:
+                # Refused outright, no opt-in: the poller's one promise is delete-after-durable-write.
+                raise ValueError(f"--kafka-config {name} must be all (-1): with fewer acks a message would be "
+                                 f"deleted from SQS before the broker wrote it durably")
         self._check_librdkafka_config()
 
     def _check_librdkafka_config(self) -> None:
@@ -468,7 +481,6 @@ class KafkaChannel(Channel):
         self._poller: threading.Thread | None = None
         self._last_poll = time.monotonic()
         self._queue_wait = _message_timeout(settings)
-        self._acks = str(settings.get("acks", "all")) not in ("0", "none")
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -771,7 +783,7 @@ class KafkaChannel(Channel):
 
     def _log_delivery(self, entry: _Entry, msg: Any) -> None:
         offset = msg.offset()
-        if offset < 0 and self._acks:
+        if offset < 0:
             # librdkafka reports DUPLICATE_SEQUENCE_NUMBER as delivered, with no offset: the broker
             # says an earlier send of the batch was stored. Rare on Kafka (a retry after a lost
             # answer); a broker that says it wrongly has dropped the record, so each one gets a line.

@@ -103,9 +103,11 @@ def test_config_is_picklable_and_hides_extra_in_repr() -> None:
         ({"partitions": 0}, "partitions"),
         ({"replication": 0}, "replication"),
         ({"extra": (("foo.bar", "1"),)}, 'No such configuration property: "foo.bar"'),
-        ({"extra": (("acks", "banana"),)}, "Invalid value"),
-        ({"extra": (("acks", "1"),)}, "enable.idempotence"),
+        ({"extra": (("acks", "banana"),)}, "acks must be all (-1)"),
+        ({"extra": (("linger.ms", "banana"),)}, "Invalid value"),
+        ({"extra": (("acks", "1"),)}, "acks must be all (-1)"),
         ({"extra": (("error_cb", "x"),)}, "cannot be set"),
+        ({"extra": (("default.topic.config", "acks=1"),)}, "default.topic.config cannot be set"),
     ],
 )
 def test_bad_config_is_a_one_line_value_error(kw: dict[str, Any], fragment: str) -> None:
@@ -116,7 +118,27 @@ def test_bad_config_is_a_one_line_value_error(kw: dict[str, Any], fragment: str)
 
 
 def test_idempotence_can_be_turned_off_by_the_user() -> None:
-    assert config(extra=(("enable.idempotence", "false"), ("acks", "1"))).producer_config()["acks"] == "1"
+    """It risks duplicates and reordering (the worker then sends a FIFO group one at a time), not loss."""
+    cfg = config(extra=(("enable.idempotence", "false"),))
+    assert cfg.producer_config()["enable.idempotence"] == "false" and cfg.producer_config()["acks"] == "all"
+    assert not cfg.create(SOURCE).keeps_order
+
+
+@pytest.mark.parametrize("key", ["acks", "request.required.acks"])
+@pytest.mark.parametrize("value", ["0", "1", "2", "none", "01"])
+@pytest.mark.parametrize("idempotence", ["true", "false"])
+def test_acks_below_all_is_refused(key: str, value: str, idempotence: str) -> None:
+    """acks=0/1: the message would be deleted from SQS on a leader's word before the write is
+    replicated (acks=0: on no word at all). No --kafka-config can opt in."""
+    with pytest.raises(ValueError) as info:
+        config(extra=(("enable.idempotence", idempotence), (key, value)))
+    assert str(info.value) == (f"--kafka-config {key} must be all (-1): with fewer acks a message would be "
+                               "deleted from SQS before the broker wrote it durably")
+
+
+@pytest.mark.parametrize("value", ["all", "ALL", "-1", " -1"])
+def test_acks_all_in_any_spelling_librdkafka_takes_is_accepted(value: str) -> None:
+    assert config(extra=(("acks", value),)).producer_config()["acks"] == value
 
 
 def test_parse_kafka_config() -> None:
