@@ -1,126 +1,30 @@
-"""The Kafka channel: every SQS message becomes one Kafka record; the delivery report is the ack.
-
-Records (CloudEvents Kafka protocol binding 1.0)
-================================================
-
-``binary`` (default)
-    value: the event data (``EventFormat.data``: the whole message as JSON, or the Body with
-    ``data_mode="body"``); headers: ``ce_<attribute>`` for every context attribute and extension
-    (``ce_specversion``, ``ce_id``, ``ce_source``, ``ce_type``, ``ce_time``, ...), UTF-8, and
-    ``content-type`` = the data's content type.
-``structured``
-    value: the whole event as JSON (``EventFormat.structured``); header ``content-type:
-    application/cloudevents+json``.
-``raw``
-    value: the Body bytes; no CloudEvents headers.
-
-Record timestamp (``timestamp``): ``now`` (default) = the produce time (CreateTime set by the
-producer); ``sent`` = ``SentTimestamp``. The broker's retention and segment rolling go by record
-timestamps, so with ``sent`` a backlog older than the topic's ``retention.ms`` may be deleted by
-the broker minutes after it was acked and deleted from SQS. The send time is always in the event's
-``time`` attribute (``ce_time``) in ``binary`` and ``structured``.
-
-In every format the SQS message attributes are also copied to headers:
-
-=====================  ====================================================================
-header name            the attribute name, unchanged
-header value           ``String``/``Number`` (and custom ``String.x``/``Number.x``): the
-                       ``StringValue`` as UTF-8; ``Binary``(``.x``): in ``raw``, the
-                       ``BinaryValue`` bytes; in ``binary``/``structured``, those bytes as
-                       base64 text (CloudEvents readers decode every header as UTF-8, so raw
-                       bytes would make the record unreadable)
-not copied             in ``binary``/``structured``, a name that is ``content-type`` or starts
-                       with ``ce_`` (any case): a CloudEvents reader would take it for the
-                       event's own ``content-type``/attribute. It is still in the data with
-                       ``data_mode="message"``, and ``content-type`` sets the data's content
-                       type with ``data_mode="body"``. ``raw`` copies every attribute.
-=====================  ====================================================================
-
-Record key (``key``): ``group`` = the ``MessageGroupId`` on FIFO queues (one group stays on one
-partition, in order) and no key on standard queues; ``attribute:NAME`` = the value of message
-attribute NAME (no key when the message lacks it); ``none``.
-
-Acks: each message's delivery report decides its outcome, reported at once: delivered -> ACK;
-an error about the record itself (too large, invalid record/timestamp) -> REJECT; any other
-error -> RETRY. (confluent-kafka sets ``KafkaError.retriable()`` only for transactional errors,
-so a plain producer's "retriable" flag would turn every broker outage into a reject; see
-confluentinc/confluent-kafka-python#1804.)
-
-FIFO order is the worker's (one sequencer for every channel): with ``key=group`` a group's
-records go to one partition, and the idempotent producer keeps their order across its retries,
-so the channel ``keeps_order`` and the worker hands over a group's messages together; it acks a
-group's messages in order and sends everything after a failed one again, after it.
-
-Size errors: the broker checks a topic's ``max.message.bytes`` against a whole record batch, and
-librdkafka fails every record of a rejected batch with the same ``MSG_SIZE_TOO_LARGE`` /
-``RECORD_LIST_TOO_LARGE``. So such a record is sent once more on its own, by a second producer
-made on first need (one record per request, one request in flight, not idempotent: a duplicate is
-possible, a reorder is not), and only a record that fails alone is rejected. A record sent alone
-may land behind later records of its group from the same publish: it is then reported RETRY,
-so the worker sends it and those after it again, in order.
-
-Delivery bound: ``message.timeout.ms`` defaults to 60 s (librdkafka's: 300 s): the worker retries
-a message in place and keeps its visibility extended, so a shorter attempt lets it see an outage
-sooner. ``close(timeout)`` returns within ``timeout`` however stuck the broker is; what is still
-undelivered is reported RETRY.
-"""
+"""The channel: one idempotent producer per worker process, its poll thread, and the settlement
+of each message from its delivery report (see the package docstring)."""
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
 import os
-import re
 import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import CancelledError
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from channels.base import Channel, ChannelError, Message, Outcome, Report
-from channels.events import DATA_MODES, EventError, EventFormat
+from channels.events import EventError
+from channels.kafka.config import KafkaConfig, _error_text, _message_timeout
+from channels.kafka.msk import _MskToken, msk_oauth_callback
+from channels.kafka.records import Record, RecordBuilder
 
-__all__ = [
-    "AUTH_MODES",
-    "FORMATS",
-    "TIMESTAMPS",
-    "KafkaChannel",
-    "KafkaConfig",
-    "Record",
-    "RecordBuilder",
-    "parse_kafka_config",
-    "parse_kafka_config_env",
-]
+__all__ = ["KafkaChannel"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("channels.kafka")
 
-FORMATS = ("binary", "structured", "raw")
-AUTH_MODES = ("none", "tls", "scram-sha-512", "iam")
-TIMESTAMPS = ("now", "sent")
-STRUCTURED_CONTENT_TYPE = b"application/cloudevents+json"
-
-# Throughput defaults; anything in ``extra`` wins.
-DEFAULTS: Mapping[str, Any] = {
-    "enable.idempotence": True,
-    "acks": "all",
-    "linger.ms": 5,
-    "batch.size": 1_000_000,
-    "compression.type": "lz4",
-    # One delivery attempt: the worker retries in place with visibility extended, so a shorter
-    # bound than librdkafka's 300 s lets it notice an outage (and open its circuit) sooner.
-    "message.timeout.ms": 60_000,
-}
-# Python-side callbacks we own; a string from --kafka-config cannot be one.
-_RESERVED_KEYS = frozenset(
-    {"on_delivery", "delivery.report.only.error", "error_cb", "oauth_cb", "logger", "stats_cb",
-     "throttle_cb", "bootstrap.servers"}
-)
 # Errors about the record itself: sending it again can never work.
 _REJECT_CODES = frozenset(
     {KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_RECORD, KafkaError.INVALID_MSG,
@@ -147,262 +51,9 @@ _ALONE_DROPPED = ("transactional.id", "enable.gapless.guarantee")  # need idempo
 # producer would loop forever, so the channel fails instead and the worker is restarted with a new
 # producer.
 _FENCED_CODES = frozenset({KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH})
-# The ack a record's delivery report waits for: with acks=0 or 1 the poller would delete a message
-# from SQS on the word of a leader that has not replicated it (acks=0: on no word at all), so a lost
-# leader loses it. librdkafka takes "all" in any case and an integer for the rest (CONFIGURATION.md,
-# request.required.acks, -1 .. 1000); only all/-1 waits for the in-sync replicas.
-_ACKS_KEYS = ("acks", "request.required.acks")
-_DURABLE_ACKS = frozenset({"all", "-1"})
-_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
 _GROUP_OVERTAKEN = ("sent again alone after a batch-wide size error: later messages of its FIFO "
                     "group may be ahead of it in Kafka")
 _CLOSED = "Kafka channel closed before delivery"
-_ENV_NAME = "POLLER_KAFKA_CONFIG"
-
-
-def parse_kafka_config(items: Iterable[str]) -> tuple[tuple[str, str], ...]:
-    """Parse repeated ``--kafka-config KEY=VALUE`` options (values are passed to librdkafka as is).
-
-    Errors name the entry by number, never its text: it may be (part of) a secret."""
-    return tuple(_config_pair(item, f"--kafka-config entry {n}") for n, item in enumerate(items, 1))
-
-
-def parse_kafka_config_env(text: str) -> tuple[tuple[str, str], ...]:
-    """Parse ``POLLER_KAFKA_CONFIG``: one ``KEY=VALUE`` per line, so values may hold spaces.
-
-    Blank lines and lines starting with ``#`` are skipped; a trailing ``\\r`` is dropped (CRLF).
-    Errors name the line by number, never its text."""
-    pairs = []
-    for n, line in enumerate(text.split("\n"), 1):
-        line = line.removesuffix("\r")
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        pairs.append(_config_pair(line, f"{_ENV_NAME} line {n}"))
-    return tuple(pairs)
-
-
-def _config_pair(item: str, where: str) -> tuple[str, str]:
-    name, sep, value = item.partition("=")
-    if not sep or not name.strip():
-        raise ValueError(f"{where} must look like KEY=VALUE (its text is not shown: it may be a secret)")
-    return name.strip(), value
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class KafkaConfig:
-    """Settings of the Kafka channel; picklable, so it can be sent to spawned workers.
-
-    ``extra`` is librdkafka configuration (``(key, value)`` pairs) applied last, over the defaults
-    and the auth settings. Secrets for ``scram-sha-512`` come from the environment at ``start``
-    (``KAFKA_SASL_USERNAME``/``KAFKA_SASL_PASSWORD``) and are never stored here.
-    """
-
-    name: ClassVar[str] = "kafka"
-
-    bootstrap_servers: str
-    topic: str
-    format: str = "binary"
-    data_mode: str = "message"
-    key: str = "group"
-    timestamp: str = "now"
-    auth: str = "none"
-    extra: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # may hold secrets
-    overrides: tuple[tuple[str, str], ...] = ()
-    create_topic: bool = False
-    partitions: int = 3
-    replication: int = 1
-    region: str | None = None  # the cluster's, for IAM tokens
-    profile: str | None = None  # the AWS profile that signs IAM tokens (else the default chain)
-    metadata_timeout: float = 10.0
-
-    def __post_init__(self) -> None:
-        if not self.bootstrap_servers.strip():
-            raise ValueError("Kafka bootstrap servers must not be empty")
-        if "://" in self.bootstrap_servers:
-            raise ValueError(f"--kafka-bootstrap-servers takes host:port[,host:port...], not a URL: "
-                             f"{self.bootstrap_servers!r}")
-        if not _TOPIC_NAME.fullmatch(self.topic) or self.topic in (".", ".."):
-            raise ValueError(f"{self.topic!r} is not a valid Kafka topic name")
-        if self.format not in FORMATS:
-            raise ValueError(f"Kafka format must be one of {', '.join(FORMATS)}, not {self.format!r}")
-        if self.data_mode not in DATA_MODES:
-            raise ValueError(f"data mode must be one of {', '.join(DATA_MODES)}, not {self.data_mode!r}")
-        if self.key not in ("group", "none") and not (
-            self.key.startswith("attribute:") and len(self.key) > len("attribute:")
-        ):
-            raise ValueError(f"Kafka key must be group, none or attribute:NAME, not {self.key!r}")
-        if self.timestamp not in TIMESTAMPS:
-            raise ValueError(f"Kafka timestamp must be one of {', '.join(TIMESTAMPS)}, not {self.timestamp!r}")
-        if self.auth not in AUTH_MODES:
-            raise ValueError(f"Kafka auth must be one of {', '.join(AUTH_MODES)}, not {self.auth!r}")
-        if self.partitions < 1:
-            raise ValueError(f"Kafka partitions must be at least 1, not {self.partitions}")
-        if self.replication < 1 and self.replication != -1:
-            raise ValueError(f"Kafka replication must be at least 1 (or -1: the broker's default), not {self.replication}")
-        if self.metadata_timeout <= 0:
-            raise ValueError("Kafka metadata timeout must be positive")
-        # Accept a mapping too, but store hashable, picklable pairs.
-        object.__setattr__(self, "extra", _pairs(self.extra, "--kafka-config"))
-        object.__setattr__(self, "overrides", _pairs(self.overrides, "overrides"))
-        for name, value in self.extra:
-            if name in _RESERVED_KEYS:
-                raise ValueError(f"--kafka-config {name} cannot be set (the channel sets it)")
-            if name == "default.topic.config":  # confluent-kafka wants a dict there, not a string
-                raise ValueError("--kafka-config default.topic.config cannot be set: give topic settings "
-                                 "(acks, message.timeout.ms, ...) as keys of their own")
-            if name in _ACKS_KEYS and value.strip().lower() not in _DURABLE_ACKS:
-                # Refused outright, no opt-in: the poller's one promise is delete-after-durable-write.
-                raise ValueError(f"--kafka-config {name} must be all (-1): with fewer acks a message would be "
-                                 f"deleted from SQS before the broker wrote it durably")
-        self._check_librdkafka_config()
-
-    def _check_librdkafka_config(self) -> None:
-        # librdkafka is the authority on its ~200 properties and their values: build a client
-        # without bootstrap servers (it connects to nothing) and turn its complaint into one line.
-        conf = {**self.producer_config(), "logger": log}
-        conf.pop("bootstrap.servers")
-        if self.auth == "scram-sha-512":  # the real ones come from the environment at start()
-            conf.setdefault("sasl.username", "check")
-            conf.setdefault("sasl.password", "check")
-        try:
-            Producer(conf)
-        except KafkaException as exc:
-            raise ValueError(f"bad --kafka-config: {self._redact(_error_text(exc))}") from None
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"bad --kafka-config: {self._redact(str(exc))}") from None
-
-    def _redact(self, text: str) -> str:
-        # librdkafka quotes a bad value ('Invalid value "x" for configuration property "y"'):
-        # a usage error must not print what may be a secret.
-        for _, value in self.extra:
-            if value:
-                text = text.replace(f'"{value}"', '"***"')
-        return text
-
-    def producer_config(self) -> dict[str, Any]:
-        """The librdkafka configuration without secrets or callbacks: defaults < auth < extra."""
-        conf: dict[str, Any] = {"bootstrap.servers": self.bootstrap_servers, **DEFAULTS}
-        if self.auth == "tls":
-            conf["security.protocol"] = "SSL"
-        elif self.auth == "scram-sha-512":
-            conf.update({"security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-512"})
-        elif self.auth == "iam":
-            conf.update({"security.protocol": "SASL_SSL", "sasl.mechanism": "OAUTHBEARER"})
-        conf.update(self.extra)
-        return conf
-
-    @property
-    def attempt_timeout(self) -> float:
-        """A record waits for the broker at most ``message.timeout.ms``."""
-        return _message_timeout(self.producer_config())
-
-    def create(self, source: str) -> KafkaChannel:
-        return KafkaChannel(self, source)
-
-
-def _pairs(value: Any, what: str) -> tuple[tuple[str, str], ...]:
-    items = value.items() if isinstance(value, Mapping) else value
-    try:
-        return tuple((str(k), str(v)) for k, v in items)
-    except (TypeError, ValueError):
-        raise ValueError(f"{what} must be (key, value) pairs") from None
-
-
-def _error_text(exc: KafkaException) -> str:
-    err = exc.args[0] if exc.args else None
-    return err.str() if isinstance(err, KafkaError) else str(exc)
-
-
-def _message_timeout(conf: Mapping[str, Any]) -> float:
-    """``message.timeout.ms`` in seconds: the longest a record may wait in the local queue."""
-    try:
-        ms = int(conf.get("message.timeout.ms", 300_000))
-    except (TypeError, ValueError):
-        ms = 300_000
-    return ms / 1000 if ms > 0 else 300.0  # 0 = no limit in librdkafka; do not wait forever here
-
-
-@dataclass(frozen=True, slots=True)
-class Record:
-    """What ``Producer.produce`` gets for one message. ``timestamp`` 0 = the producer's clock."""
-
-    value: bytes
-    key: bytes | None
-    headers: list[tuple[str, bytes]]
-    timestamp: int
-
-
-class RecordBuilder:
-    """Builds records for one queue; pure, no broker needed."""
-
-    __slots__ = ("_event", "_format", "_key_attribute", "_key_mode", "_sent_time")
-
-    def __init__(self, config: KafkaConfig, source: str) -> None:
-        self._event = EventFormat(source, config.data_mode, dict(config.overrides))
-        self._format = config.format
-        self._key_mode, _, self._key_attribute = config.key.partition(":")
-        self._sent_time = config.timestamp == "sent"
-
-    def build(self, message: Message) -> Record:
-        """Raises ``EventError`` when the message cannot be made a record of this format."""
-        if self._format == "binary":
-            value, content_type = self._event.data(message)
-            headers = [("ce_" + name, v.encode()) for name, v in self._event.attributes(message).items()]
-            headers.append(("content-type", content_type.encode()))
-            headers += attribute_headers(message, cloudevents=True)
-        elif self._format == "structured":
-            value = self._event.structured(message)
-            headers = [("content-type", STRUCTURED_CONTENT_TYPE)]
-            headers += attribute_headers(message, cloudevents=True)
-        else:
-            value = message.body.encode()
-            headers = attribute_headers(message, cloudevents=False)
-        timestamp = sent_timestamp(message) if self._sent_time else 0  # 0: librdkafka stamps "now"
-        return Record(value, self.key(message), headers, timestamp)
-
-    def key(self, message: Message) -> bytes | None:
-        if self._key_mode == "group":
-            group = message.group_id
-            return group.encode() if group else None
-        if self._key_mode == "attribute":
-            attribute = message.message_attributes.get(self._key_attribute)
-            return None if attribute is None else attribute_value(self._key_attribute, attribute)
-        return None
-
-
-def attribute_headers(message: Message, *, cloudevents: bool) -> list[tuple[str, bytes]]:
-    """Message attributes as Kafka headers (see the module docstring for the mapping)."""
-    headers = []
-    for name, attribute in message.message_attributes.items():
-        lowered = name.lower()
-        if cloudevents and (lowered == "content-type" or lowered.startswith("ce_")):
-            continue
-        value = attribute_value(name, attribute)
-        if cloudevents and str(attribute.get("DataType", "")).startswith("Binary"):
-            # CloudEvents readers (the SDKs) decode every header as UTF-8: raw bytes would make
-            # the whole record unreadable. Base64, as SQS itself carries them in JSON.
-            value = base64.b64encode(value)
-        headers.append((name, value))
-    return headers
-
-
-def attribute_value(name: str, attribute: Mapping[str, Any]) -> bytes:
-    if str(attribute.get("DataType", "")).startswith("Binary"):
-        value = attribute.get("BinaryValue", b"")
-        if isinstance(value, bytes | bytearray):
-            return bytes(value)
-        try:
-            return base64.b64decode(value, validate=True)
-        except (binascii.Error, ValueError, TypeError):
-            raise EventError(f"binary attribute {name!r} is not base64") from None
-    return str(attribute.get("StringValue", "")).encode()
-
-
-def sent_timestamp(message: Message) -> int:
-    try:
-        return max(int(message.attributes.get("SentTimestamp", 0)), 0)
-    except ValueError:
-        return 0  # the CloudEvents formats reject it in EventFormat.attributes; raw uses "now"
 
 
 class _Entry:
@@ -432,7 +83,7 @@ class _LibrdkafkaLog:
     __slots__ = ("_last", "logger", "quiet")
 
     def __init__(self) -> None:
-        self.logger = logging.getLogger(__name__ + ".librdkafka")
+        self.logger = logging.getLogger("channels.kafka.librdkafka")
         self.quiet = False
         self._last: dict[str, float] = {}
 
@@ -894,53 +545,3 @@ def _describe(exc: BaseException) -> str:
         return _error_text(exc)
     return str(exc) or type(exc).__name__
 
-
-def _one_line(exc: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(exc).split())
-    text = text if len(text) <= limit else text[:limit] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-class _MskToken:
-    """confluent-kafka ``oauth_cb``: an MSK IAM token signed with the default AWS credentials.
-
-    librdkafka swallows an exception raised here (it learns only that the refresh failed, and a
-    client's constructor then says "OAuth token not set"), so the cause is logged here in one line
-    (the traceback at DEBUG; the message of a credentials error holds no secret) and kept in
-    ``last_error`` for start()'s error; then it is raised again, so librdkafka fails the refresh.
-    """
-
-    def __init__(self, region: str, provider: Any, profile: str | None = None) -> None:
-        self.region = region
-        self._provider = provider
-        self._profile = profile
-        self.last_error: str | None = None
-
-    def __call__(self, _config: str) -> tuple[str, float]:
-        try:
-            if self._profile:
-                token, expiry_ms = self._provider.generate_auth_token_from_profile(self.region, self._profile)
-            else:
-                token, expiry_ms = self._provider.generate_auth_token(self.region)
-        except Exception as exc:
-            cause = _one_line(exc)
-            repeated = cause == self.last_error  # librdkafka retries the refresh every few seconds
-            self.last_error = cause
-            log.log(logging.DEBUG if repeated else logging.ERROR, "MSK IAM token for %s failed: %s", self.region, cause)
-            log.debug("MSK IAM token failure", exc_info=True)
-            raise
-        self.last_error = None
-        return token, expiry_ms / 1000.0  # librdkafka wants seconds since the epoch
-
-
-def msk_oauth_callback(region: str, profile: str | None = None) -> _MskToken:
-    """confluent-kafka ``oauth_cb`` that signs an MSK IAM token with the AWS credentials of
-    ``profile``, else the default chain."""
-    try:
-        from aws_msk_iam_sasl_signer import MSKAuthTokenProvider
-    except ImportError:
-        raise ChannelError(
-            "--kafka-auth iam needs the aws-msk-iam-sasl-signer-python package: install the msk extra "
-            "(pip install '.[msk]' in a checkout)"
-        ) from None
-    return _MskToken(region, MSKAuthTokenProvider, profile)
