@@ -63,6 +63,20 @@ Delivery bound: ``message.timeout.ms`` defaults to 60 s (librdkafka's: 300 s): t
 a message in place and keeps its visibility extended, so a shorter attempt lets it see an outage
 sooner. ``close(timeout)`` returns within ``timeout`` however stuck the broker is; what is still
 undelivered is reported RETRY.
+
+Never blocking the worker's loop: ``publish`` runs on it. A record that finds librdkafka's local
+queue full (``queue.buffering.max.messages`` / ``.kbytes``; ``produce`` raises ``BufferError``)
+waits in the channel's own queue, in order, and the poll thread moves it over as deliveries make
+room; after ``message.timeout.ms`` of waiting it is reported RETRY, and when the worker's circuit
+opens (``shed``) at once. So a full queue is back-pressure, not a stall: the loop keeps sending
+heartbeats and extending visibility.
+
+A stuck producer (``progress.py``): when records keep failing with timeouts or idempotence errors
+while the broker answers metadata requests (a broker that lost its state: tansu restarted on
+memory storage, a cluster replaced behind the same address), the poll thread makes a new producer
+(a new producer id), purges the old one and reports what it held RETRY, once; the worker sends
+those again through the new one. A producer that librdkafka declares fatal, or that the broker
+fences, still fails the channel, and the worker process is replaced.
 """
 
 from channels.kafka.channel import KafkaChannel, _LibrdkafkaLog  # the tests use _LibrdkafkaLog

@@ -19,6 +19,7 @@ from channels.base import Channel, ChannelError, Message, Outcome, Report
 from channels.events import EventError
 from channels.kafka.config import KafkaConfig, _error_text, _message_timeout
 from channels.kafka.msk import _MskToken, msk_oauth_callback
+from channels.kafka.progress import ProducerProgress
 from channels.kafka.records import Record, RecordBuilder
 
 __all__ = ["KafkaChannel"]
@@ -51,15 +52,24 @@ _ALONE_DROPPED = ("transactional.id", "enable.gapless.guarantee")  # need idempo
 # producer would loop forever, so the channel fails instead and the worker is restarted with a new
 # producer.
 _FENCED_CODES = frozenset({KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH})
+# Delivery errors that, while the broker answers, say the producer itself is stuck (progress.py):
+# librdkafka retries a refused batch until message.timeout.ms, or the broker disowns the producer's
+# id or sequence numbers (INTRODUCTION.md, "Idempotent Producer" > "Error handling").
+_STUCK_CODES = frozenset(
+    {KafkaError._MSG_TIMED_OUT, KafkaError.UNKNOWN_PRODUCER_ID, KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER}
+)
 _GROUP_OVERTAKEN = ("sent again alone after a batch-wide size error: later messages of its FIFO "
                     "group may be ahead of it in Kafka")
 _CLOSED = "Kafka channel closed before delivery"
+_SHED = "not sent: the circuit opened while it waited for room in the Kafka producer's queue"
+_REPLACED = "its Kafka producer was replaced (stuck while the broker answered)"
 
 
 class _Entry:
     """One message handed to ``publish``, until it is reported."""
 
-    __slots__ = ("alone", "later_in_group", "message", "report")
+    __slots__ = ("alone", "deadline", "generation", "later_in_group", "message", "produced_at", "record",
+                 "report")
 
     def __init__(self, message: Message, report: Report, later_in_group: bool) -> None:
         self.message = message
@@ -68,6 +78,10 @@ class _Entry:
         # alone, that one may be ahead of it in Kafka.
         self.later_in_group = later_in_group
         self.alone = False  # queued to be sent again on its own after a batch-wide size error
+        self.record: Record | None = None  # built, while it waits for room in the local queue
+        self.deadline = 0.0  # waiting for room: given up (RETRY) at this time
+        self.generation = -1  # which producer took it (KafkaChannel._generation); -1: none yet
+        self.produced_at = 0.0
 
 
 class _LibrdkafkaLog:
@@ -103,10 +117,23 @@ class _LibrdkafkaLog:
 
 
 class KafkaChannel(Channel):
-    """One idempotent producer per worker process; build it with ``KafkaConfig.create(source)``."""
+    """One idempotent producer per worker process; build it with ``KafkaConfig.create(source)``.
+
+    ``publish`` (the worker's loop thread) never waits: a record that finds librdkafka's local
+    queue full waits in the channel's own queue, in order, for the poll thread to move it over
+    as deliveries make room, at most ``message.timeout.ms``; ``shed`` gives those back when the
+    worker's circuit opens. A producer that makes no progress while the broker answers (see
+    ``progress.py``) is replaced by a new one on the poll thread, in the same process: what the old
+    one held is reported RETRY, once, and sent again by the worker through the new one. (Not a
+    worker restart: that would return every held message to SQS and raise its receive count, and
+    a replacement made on doubtful evidence would then cost DLQ budget instead of a producer id.)
+    """
 
     # The poll thread comes round every 0.1 s; silent this long, it is stuck in a callback.
     STALL_AFTER: ClassVar[float] = 30.0
+    # Stuck-producer evidence: one metadata request a second at most, each waiting this long.
+    CHECK_EVERY: ClassVar[float] = 1.0
+    CHECK_TIMEOUT: ClassVar[float] = 1.0
 
     def __init__(self, config: KafkaConfig, source: str) -> None:
         self.config = config
@@ -132,6 +159,17 @@ class KafkaChannel(Channel):
         self._poller: threading.Thread | None = None
         self._last_poll = time.monotonic()
         self._queue_wait = _message_timeout(settings)
+        # Records built and waiting, in order, for room in the producer's local queue.
+        self._waiting: deque[_Entry] = deque()
+        # Held while records go into the main producer, and while it is replaced: no record goes
+        # into a producer after it was purged. (Order of locks: this one, then _lock.)
+        self._produce_lock = threading.Lock()
+        self._generation = 0  # of the main producer; +1 per replacement
+        # The replaced producer, kept until the next replacement or close(): its destruction
+        # (rd_kafka_destroy joins its threads) must not fall to a publish still holding it.
+        self._retired: Producer | None = None
+        self._progress = ProducerProgress()  # guarded by _lock
+        self._next_check = 0.0
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -165,8 +203,7 @@ class KafkaChannel(Channel):
         # (the last batch before a quiet spell would otherwise never be acked).
         self._stop.clear()
         self._last_poll = time.monotonic()
-        self._poller = threading.Thread(target=self._poll_loop, args=(self._producer,), name="kafka-poll",
-                                        daemon=True)
+        self._poller = threading.Thread(target=self._poll_loop, name="kafka-poll", daemon=True)
         self._poller.start()
 
     @staticmethod
@@ -258,11 +295,16 @@ class KafkaChannel(Channel):
         """Deliver what is pending within ``timeout``; report the rest RETRY, exactly once.
 
         Returns within ``timeout`` plus a fraction of a second, however stuck the broker is."""
-        producer = self._producer
-        if producer is None or self._closing.is_set():
+        if self._producer is None or self._closing.is_set():
             return
         deadline = time.monotonic() + max(timeout, 0.0)
-        self._closing.set()  # publish (and its queue-full wait) stops producing
+        self._closing.set()  # nothing more is produced, and the producer is not replaced now
+        with self._produce_lock:
+            producer = self._producer
+            waiting, self._waiting = list(self._waiting), deque()
+        if producer is None:
+            return
+        self._settle_all(waiting, Outcome.RETRY, _CLOSED)
         self._drain(producer, deadline)
         self._stop.set()
         poller, self._poller = self._poller, None
@@ -277,7 +319,7 @@ class KafkaChannel(Channel):
                         len(left), timeout)
         for entry in left:
             _report(entry, Outcome.RETRY, _CLOSED)
-        self._producer = self._alone = None
+        self._producer = self._alone = self._retired = None
 
     def _drain(self, producer: Producer, deadline: float) -> None:
         """Until ``deadline``, let what is in flight be delivered (the poll thread keeps serving
@@ -297,6 +339,7 @@ class KafkaChannel(Channel):
         with self._lock:
             left, self._pending = list(self._pending), set()
         self._alone_queue.clear()
+        self._waiting.clear()
         return left
 
     def stalled(self) -> str | None:
@@ -312,9 +355,12 @@ class KafkaChannel(Channel):
                     f"(limit {self.STALL_AFTER:g} s): stuck in a callback")
         return None
 
-    def _poll_loop(self, producer: Producer) -> None:
+    def _poll_loop(self) -> None:
         while not self._stop.is_set():
             self._last_poll = time.monotonic()
+            producer = self._producer  # the current one: it may have been replaced
+            if producer is None:
+                return
             try:
                 self._poll_once(producer, 0.1)
             except Exception:  # a dead poll thread would stop all reports: log, go on
@@ -323,11 +369,14 @@ class KafkaChannel(Channel):
 
     def _poll_once(self, producer: Producer, timeout: float) -> None:
         producer.poll(timeout)
+        if self._waiting:
+            self._send_waiting()
         if self._alone_queue:
             self._send_alone()
         alone = self._alone
         if alone is not None:
             alone.poll(0)
+        self._check_progress(producer)
 
     def _on_error(self, err: KafkaError) -> None:
         # Client-level errors (broker down, auth failed); per-record errors arrive as delivery reports.
@@ -347,8 +396,7 @@ class KafkaChannel(Channel):
     # -- publishing ----------------------------------------------------------------------------
 
     def publish(self, batch: Sequence[Message], report: Report) -> None:
-        producer = self._producer
-        if producer is None:
+        if self._producer is None:
             if self._closing.is_set():  # a late caller: not sent, returned to the queue
                 _report_each(batch, report, Outcome.RETRY, _CLOSED)
                 return
@@ -357,20 +405,36 @@ class KafkaChannel(Channel):
         if self._fatal is not None:
             self._settle_all(entries, Outcome.RETRY, "Kafka producer failed")
             raise ChannelError(f"Kafka producer fatal error: {self._fatal.str()}")
-        for i, entry in enumerate(entries):
-            if self._closing.is_set():
-                self._settle_all(entries[i:], Outcome.RETRY, _CLOSED)
-                break
-            try:
-                record = self._builder.build(entry.message)
-            except EventError as exc:
-                self._settle(entry, Outcome.REJECT, str(exc))
-                continue
-            reason = self._produce(producer, entry, record)
-            if reason:  # the local queue stayed full, or close() began: the rest is not sent
-                self._settle_all(entries[i:], Outcome.RETRY, reason)
-                break
-        producer.poll(0)
+        now = time.monotonic()
+        settled: list[tuple[_Entry, Outcome, str]] = []  # reported once the lock is released
+        with self._produce_lock:
+            producer = self._producer  # replaced meanwhile, perhaps; None: close() has finished
+            for i, entry in enumerate(entries):
+                if self._closing.is_set() or producer is None:
+                    settled += [(e, Outcome.RETRY, _CLOSED) for e in entries[i:]]
+                    break
+                try:
+                    entry.record = self._builder.build(entry.message)
+                except EventError as exc:
+                    settled.append((entry, Outcome.REJECT, str(exc)))
+                    continue
+                # The local queue is full (broker slow or down): never wait here, on the worker's
+                # loop. The record waits its turn behind those already waiting, in order.
+                if not self._waiting:
+                    try:
+                        failed = self._produce(producer, entry, now)
+                    except BufferError:
+                        pass
+                    else:
+                        if failed is not None:
+                            settled.append((entry, *failed))
+                        continue
+                entry.deadline = now + self._queue_wait
+                self._waiting.append(entry)
+        for entry, outcome, reason in settled:
+            self._settle(entry, outcome, reason)
+        if producer is not None:
+            producer.poll(0)
 
     def _register(self, batch: Sequence[Message], report: Report) -> list[_Entry]:
         entries = []
@@ -385,35 +449,71 @@ class KafkaChannel(Channel):
             self._pending.update(entries)
         return entries
 
-    def _produce(self, producer: Producer, entry: _Entry, record: Record) -> str:
-        """Queue one record: "" when queued (or settled by a produce error), else why not."""
-        give_up: float | None = None
-        while True:
-            try:
-                producer.produce(self.config.topic, record.value, record.key, headers=record.headers,
-                                 timestamp=record.timestamp, on_delivery=_callback(self, entry))
-                return ""
-            except BufferError:
-                # The local queue is full (broker slow or down): wait for deliveries to make room,
-                # but not past close(), nor longer than a queued record may wait for the broker.
-                # (The worker holds at most --max-in-flight messages, far below the queue's size.)
-                now = time.monotonic()
-                give_up = now + self._queue_wait if give_up is None else give_up
-                if self._closing.is_set():
-                    return _CLOSED
-                if self._fatal is not None:  # nothing will drain the queue
-                    return "Kafka producer failed"
-                if now >= give_up:
-                    return f"Kafka producer queue still full after {self._queue_wait:g} s"
-                producer.poll(0.1)
-            except KafkaException as exc:
-                err = exc.args[0] if exc.args else None
-                outcome = _outcome(err) if isinstance(err, KafkaError) else Outcome.RETRY
-                self._settle(entry, outcome, _error_text(exc))
-                return ""
+    def _produce(self, producer: Producer, entry: _Entry, now: float) -> tuple[Outcome, str] | None:
+        """Queue the entry's record in the main producer (under ``_produce_lock``): None when
+        queued, else the outcome the produce error calls for (the caller reports it). Raises
+        ``BufferError`` when the local queue is full (queue.buffering.max.messages / .kbytes)."""
+        record = entry.record
+        assert record is not None
+        entry.generation, entry.produced_at = self._generation, now
+        try:
+            producer.produce(self.config.topic, record.value, record.key, headers=record.headers,
+                             timestamp=record.timestamp, on_delivery=_callback(self, entry))
+        except BufferError:
+            entry.generation = -1  # not taken
+            raise
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args else None
+            return _outcome(err) if isinstance(err, KafkaError) else Outcome.RETRY, _error_text(exc)
+        finally:
+            if entry.generation >= 0:
+                entry.record = None  # librdkafka has its copy
+        return None
+
+    def _send_waiting(self) -> None:
+        """Move waiting records into the producer's local queue as room appears, in order; give
+        those that waited ``message.timeout.ms`` back (poll thread)."""
+        if self._closing.is_set():
+            return  # close() gives back what waits
+        settled: list[tuple[_Entry, Outcome, str]] = []  # reported once the lock is released
+        with self._produce_lock:
+            producer = self._producer
+            now = time.monotonic()
+            if self._fatal is not None or producer is None:  # nothing will make room
+                settled = [(e, Outcome.RETRY, "Kafka producer failed") for e in self._waiting]
+                self._waiting.clear()
+            expired = f"Kafka producer queue still full after {self._queue_wait:g} s"
+            while self._waiting:
+                entry = self._waiting[0]
+                # Entries of one publish wait in a row with one deadline: they expire together,
+                # so no later message of a FIFO group goes out after an earlier one was given up.
+                if now >= entry.deadline:
+                    settled.append((self._waiting.popleft(), Outcome.RETRY, expired))
+                    continue
+                assert producer is not None
+                try:
+                    failed = self._produce(producer, entry, now)
+                except BufferError:
+                    break
+                self._waiting.popleft()
+                if failed is not None:
+                    settled.append((entry, *failed))
+        for entry, outcome, reason in settled:
+            self._settle(entry, outcome, reason)
+
+    def shed(self) -> None:
+        """The worker's circuit opened: what waits for room in the local queue has not been
+        sent, so it is given back now (RETRY) instead of going into the outage."""
+        with self._produce_lock:
+            waiting, self._waiting = list(self._waiting), deque()
+        self._settle_all(waiting, Outcome.RETRY, _SHED)
 
     def _delivered(self, entry: _Entry, err: KafkaError | None, msg: Any = None) -> None:
+        current = entry.generation == self._generation and not entry.alone
         if err is None:
+            if current:
+                with self._lock:
+                    self._progress.delivered()
             if msg is not None:
                 self._log_delivery(entry, msg)
             if entry.alone and entry.later_in_group:
@@ -430,7 +530,66 @@ class KafkaChannel(Channel):
         if err.code() in _FENCED_CODES and self._fatal is None:
             self._fatal = err  # the next publish raises: the worker restarts with a new producer
             log.error("Kafka producer fenced by the broker: %s", err.str())
+        elif err.code() in _STUCK_CODES and current:
+            with self._lock:
+                self._progress.failed(entry.produced_at)
         self._settle(entry, _outcome(err), err.str())
+
+    # -- a stuck producer ----------------------------------------------------------------------
+
+    def _check_progress(self, producer: Producer) -> None:
+        """Ask the broker whether it is up when records of the current producer fail with no
+        delivery since; replace the producer when the evidence is complete (poll thread)."""
+        with self._lock:
+            token = self._progress.check()
+        now = time.monotonic()
+        if token is None or now < self._next_check or producer is not self._producer:
+            return
+        self._next_check = now + self.CHECK_EVERY
+        up = self._broker_answers(producer)
+        with self._lock:
+            replace = self._progress.answered(token, up, time.monotonic())
+        if replace:
+            self._replace_producer(producer)
+
+    def _broker_answers(self, producer: Producer) -> bool:
+        """A metadata request answered (all topics: asking for one by name may create it)."""
+        try:
+            producer.list_topics(timeout=self.CHECK_TIMEOUT)
+        except KafkaException:
+            return False
+        return True
+
+    def _replace_producer(self, old: Producer) -> None:
+        """A new producer (a new producer id) takes over; what the old one held is purged and
+        reported RETRY, once (poll thread)."""
+        try:
+            new = self._new_producer(self._conf)
+        except (KafkaException, TypeError, ValueError) as exc:  # tried again on the next evidence
+            log.error("cannot replace the stuck Kafka producer: %s%s", _describe(exc), self._token_cause())
+            return
+        with self._produce_lock:
+            if self._closing.is_set() or self._producer is not old:
+                return  # close() began: it deals with the current producer (the new one is dropped)
+            self._producer = new
+            self._generation += 1
+            # librdkafka fails what it held with _PURGE_QUEUE / _PURGE_INFLIGHT; those reports are
+            # never served (nothing polls it again): its records are reported below instead.
+            old.purge(in_queue=True, in_flight=True, blocking=False)
+        self._retired = old
+        left = self._take_generation(self._generation - 1)
+        log.warning("Kafka producer replaced: its records kept failing while the broker answered "
+                    "(a broker that lost its state, e.g. restarted or replaced); %d undelivered "
+                    "record(s) will be sent again through the new one", len(left))
+        for entry in left:
+            _report(entry, Outcome.RETRY, _REPLACED)
+
+    def _take_generation(self, generation: int) -> list[_Entry]:
+        """Take the unreported entries a producer took (now the caller's to report)."""
+        with self._lock:
+            taken = [e for e in self._pending if e.generation == generation and not e.alone]
+            self._pending.difference_update(taken)
+        return taken
 
     def _log_delivery(self, entry: _Entry, msg: Any) -> None:
         offset = msg.offset()
