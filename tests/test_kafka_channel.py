@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from cloudevents.core.bindings import kafka as ce_kafka
-from confluent_kafka import TIMESTAMP_CREATE_TIME, Consumer
+from confluent_kafka import TIMESTAMP_CREATE_TIME, Consumer, KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 from support import consume_topic
 
@@ -346,6 +346,17 @@ def create_topic(bootstrap: str, partitions: int) -> str:
     return topic
 
 
+def create_topic_named(bootstrap: str, topic: str, partitions: int) -> None:
+    """``topic`` on a broker that forgot it; a producer's metadata request may have made tansu
+    create it already (auto-create), which is as good."""
+    admin = AdminClient({"bootstrap.servers": bootstrap, "logger": log})
+    try:
+        admin.create_topics([NewTopic(topic, partitions, 1)])[topic].result(15)
+    except KafkaException as exc:
+        if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+            raise
+
+
 # -- tests ------------------------------------------------------------------------------------
 
 
@@ -619,3 +630,43 @@ def test_close_ends_a_full_queue_wait_on_a_stuck_broker(bootstrap: str, size_pro
     assert outcomes.pop("m-0") is Outcome.ACK and set(outcomes.values()) == {Outcome.RETRY}
     time.sleep(0.5)
     assert len(reports.order) == 21  # nothing reported after close
+
+
+def test_a_producer_stuck_after_the_broker_lost_its_state_is_replaced(
+    tansu_factory: Any, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """tansu on memory storage restarted on the same port: it has forgotten the producer's id and
+    answers each produce UNKNOWN_PRODUCER_ID, and librdkafka (reading that as expired state) bumps
+    its epoch and sends again until message.timeout.ms, for good, while metadata works. The
+    channel replaces its producer: the messages, retried as the worker retries them, all arrive,
+    and each attempt reports each message once."""
+    broker = tansu_factory()
+    port = int(broker.endpoint.rsplit(":", 1)[1])
+    topic = topic_name()
+    channel = make_channel(broker.endpoint, topic, partitions=3, extra=(("message.timeout.ms", "1500"),))
+    first = Reports()
+    channel.publish([msg(0)], first)
+    first.wait(1)
+    assert first.outcomes() == {"m-0": Outcome.ACK}
+    broker.stop()
+    broker = tansu_factory(port=port)  # no topic, no producer ids
+    create_topic_named(broker.endpoint, topic, partitions=3)
+    todo = {f"m-{i}": msg(i) for i in range(1, 31)}
+    delivered: set[str] = set()
+    attempts = 0
+    deadline = time.monotonic() + 40
+    with caplog.at_level(logging.WARNING, logger="channels.kafka"):
+        while todo.keys() - delivered and time.monotonic() < deadline:  # the worker's retries, in short
+            attempts += 1
+            batch = [todo[i] for i in sorted(todo.keys() - delivered)]
+            reports = Reports()
+            channel.publish(batch, reports)
+            reports.wait(len(batch), timeout=10)
+            assert not reports.duplicates and len(reports.order) == len(batch)
+            delivered |= {i for i, outcome in reports.outcomes().items() if outcome is Outcome.ACK}
+            time.sleep(0.2)
+    channel.close(5)
+    assert delivered == todo.keys(), f"{len(todo.keys() - delivered)} never delivered in {attempts} attempts"
+    assert any("Kafka producer replaced" in r.getMessage() for r in caplog.records)
+    records = consume(broker.endpoint, topic, len(todo))
+    assert {ce_kafka.from_binary_event(as_kafka_message(r)).get_id() for r in records} == todo.keys()

@@ -103,9 +103,11 @@ def test_config_is_picklable_and_hides_extra_in_repr() -> None:
         ({"partitions": 0}, "partitions"),
         ({"replication": 0}, "replication"),
         ({"extra": (("foo.bar", "1"),)}, 'No such configuration property: "foo.bar"'),
-        ({"extra": (("acks", "banana"),)}, "Invalid value"),
-        ({"extra": (("acks", "1"),)}, "enable.idempotence"),
+        ({"extra": (("acks", "banana"),)}, "acks must be all (-1)"),
+        ({"extra": (("linger.ms", "banana"),)}, "Invalid value"),
+        ({"extra": (("acks", "1"),)}, "acks must be all (-1)"),
         ({"extra": (("error_cb", "x"),)}, "cannot be set"),
+        ({"extra": (("default.topic.config", "acks=1"),)}, "default.topic.config cannot be set"),
     ],
 )
 def test_bad_config_is_a_one_line_value_error(kw: dict[str, Any], fragment: str) -> None:
@@ -116,7 +118,27 @@ def test_bad_config_is_a_one_line_value_error(kw: dict[str, Any], fragment: str)
 
 
 def test_idempotence_can_be_turned_off_by_the_user() -> None:
-    assert config(extra=(("enable.idempotence", "false"), ("acks", "1"))).producer_config()["acks"] == "1"
+    """It risks duplicates and reordering (the worker then sends a FIFO group one at a time), not loss."""
+    cfg = config(extra=(("enable.idempotence", "false"),))
+    assert cfg.producer_config()["enable.idempotence"] == "false" and cfg.producer_config()["acks"] == "all"
+    assert not cfg.create(SOURCE).keeps_order
+
+
+@pytest.mark.parametrize("key", ["acks", "request.required.acks"])
+@pytest.mark.parametrize("value", ["0", "1", "2", "none", "01"])
+@pytest.mark.parametrize("idempotence", ["true", "false"])
+def test_acks_below_all_is_refused(key: str, value: str, idempotence: str) -> None:
+    """acks=0/1: the message would be deleted from SQS on a leader's word before the write is
+    replicated (acks=0: on no word at all). No --kafka-config can opt in."""
+    with pytest.raises(ValueError) as info:
+        config(extra=(("enable.idempotence", idempotence), (key, value)))
+    assert str(info.value) == (f"--kafka-config {key} must be all (-1): with fewer acks a message would be "
+                               "deleted from SQS before the broker wrote it durably")
+
+
+@pytest.mark.parametrize("value", ["all", "ALL", "-1", " -1"])
+def test_acks_all_in_any_spelling_librdkafka_takes_is_accepted(value: str) -> None:
+    assert config(extra=(("acks", value),)).producer_config()["acks"] == value
 
 
 def test_parse_kafka_config() -> None:
@@ -282,6 +304,8 @@ class FakeProducer:
         self.stuck = threading.Event()  # set: poll() hangs (a callback that does not return)
         self.unstuck = threading.Event()
         self.purged = False
+        self.broker_down = False  # list_topics (a metadata request) fails
+        self.metadata_requests = 0
 
     def produce(self, topic: str, value: bytes, key: bytes | None, *, headers: Any, timestamp: int,
                 on_delivery: Callable[[KafkaError | None, Any], None]) -> None:
@@ -305,6 +329,12 @@ class FakeProducer:
 
     def purge(self, in_queue: bool = True, in_flight: bool = True, blocking: bool = True) -> None:
         self.purged = True
+
+    def list_topics(self, topic: str | None = None, timeout: float = -1) -> Any:
+        self.metadata_requests += 1
+        if self.broker_down:
+            raise KafkaException(KafkaError(KafkaError._TRANSPORT, "Connection refused"))
+        return types.SimpleNamespace(topics={})
 
     def deliver(self, index: int, err: KafkaError | None = None, msg: Any = None) -> None:
         self.callbacks[index][1](err, msg)
@@ -409,14 +439,63 @@ def test_a_record_sent_alone_is_retry_when_a_later_one_of_its_group_may_be_ahead
     assert "alone" in reasons["id-0"]
 
 
-def test_buffer_full_waits_and_retries() -> None:
+def test_a_full_local_queue_never_blocks_publish() -> None:
+    """publish runs on the worker's loop (heartbeats, visibility extensions): with librdkafka's
+    local queue full it returns at once; the poll thread moves the records over, in order, as
+    deliveries make room. A record that finds others waiting goes behind them, room or not."""
     producer = FakeProducer()
-    producer.buffer_full = 3
+    producer.buffer_full = 1  # the first produce finds the queue full; after it there is room
     channel, reports = channel_with(producer)
-    channel.publish([message(0)], lambda m, o, r: reports.append((m.id, o)))
-    assert len(producer.callbacks) == 1
-    producer.deliver(0)
-    assert reports == [("id-0", Outcome.ACK)]
+    channel._queue_wait = 2.0  # message.timeout.ms: the longest a record waits for room
+    started = time.monotonic()
+    channel.publish([message(0, group="a", body="a0"), message(1, group="a", body="a1")],
+                    lambda m, o, r: reports.append((m.id, o)))
+    channel.publish([message(2, body="s")], lambda m, o, r: reports.append((m.id, o)))
+    assert time.monotonic() - started < 1  # not a wait for room
+    assert producer.callbacks == [] and reports == [] and channel.pending == 3
+    channel._poll_once(producer, 0)  # the poll thread's round
+    assert [value for value, _ in producer.callbacks] == [b"a0", b"a1", b"s"]
+    for i in range(3):
+        producer.deliver(i)
+    assert reports == [("id-0", Outcome.ACK), ("id-1", Outcome.ACK), ("id-2", Outcome.ACK)]
+    assert channel.pending == 0
+
+
+def test_records_wait_for_room_until_the_message_timeout_then_retry() -> None:
+    producer = FakeProducer()
+    producer.buffer_full = 10**9  # broker down: the local queue never drains
+    channel, reports = channel_with(producer)
+    channel._queue_wait = 0.3
+    reasons: dict[str, str] = {}
+
+    def report(m: Message, o: Outcome, r: str) -> None:
+        reports.append((m.id, o))
+        reasons[m.id] = r
+
+    channel.publish([message(0), message(1, group="g"), message(2, group="g")], report)
+    channel._poll_once(producer, 0)
+    assert reports == []  # still within message.timeout.ms
+    time.sleep(0.35)
+    channel._poll_once(producer, 0)
+    assert reports == [("id-0", Outcome.RETRY), ("id-1", Outcome.RETRY), ("id-2", Outcome.RETRY)]
+    assert reasons["id-0"] == "Kafka producer queue still full after 0.3 s"
+    assert channel.pending == 0
+
+
+def test_shed_gives_back_what_waits_for_room() -> None:
+    """The worker's circuit opened: records still waiting for room were not sent; they wait for
+    the circuit instead of going into the outage."""
+    producer = FakeProducer()
+    producer.buffer_full = 1
+    channel, reports = channel_with(producer)
+    channel.publish([message(0)], lambda m, o, r: reports.append((m.id, o)))  # waits
+    producer.buffer_full = 10**9
+    channel.publish([message(1)], lambda m, o, r: reports.append((m.id, o)))  # waits behind it
+    channel.shed()
+    assert reports == [("id-0", Outcome.RETRY), ("id-1", Outcome.RETRY)]
+    producer.buffer_full = 0
+    channel._poll_once(producer, 0)
+    assert producer.callbacks == [] and channel.pending == 0
 
 
 def test_event_error_rejects_that_message_only() -> None:
@@ -512,7 +591,7 @@ def start_polling(channel: KafkaChannel) -> None:
     channel._start_polling()  # the poll thread, as start() runs it, over the fake producer
 
 
-def test_full_queue_wait_ends_when_close_starts() -> None:
+def test_close_gives_back_what_waits_for_room_once() -> None:
     producer = FakeProducer()
     producer.buffer_full = 10**9  # broker down: the local queue never drains
     channel, reports = channel_with(producer)
@@ -523,26 +602,13 @@ def test_full_queue_wait_ends_when_close_starts() -> None:
         with lock:
             reports.append((m.id, o))
 
-    batch = [message(i) for i in range(5)]
-    publisher = threading.Thread(target=channel.publish, args=(batch, report), daemon=True)
-    publisher.start()
-    time.sleep(0.3)  # let it reach the wait; correctness does not depend on the length
+    channel.publish([message(i) for i in range(5)], report)
+    time.sleep(0.3)  # the poll thread tries to move them over a few times
     channel.close(timeout=0.5)
-    publisher.join(10)
-    assert not publisher.is_alive()
     assert sorted(reports) == [(f"id-{i}", Outcome.RETRY) for i in range(5)]  # each once
-
-
-def test_full_queue_wait_is_bounded_by_the_message_timeout() -> None:
-    producer = FakeProducer()
-    producer.buffer_full = 10**9
-    channel, reports = channel_with(producer)
-    channel._queue_wait = 0.3  # message.timeout.ms: no queued record waits longer than this
-    reasons: list[str] = []
-    channel.publish([message(0), message(1, group="g"), message(2, group="g")],
-                    lambda m, o, r: (reports.append((m.id, o)), reasons.append(r)))
-    assert sorted(reports) == [("id-0", Outcome.RETRY), ("id-1", Outcome.RETRY), ("id-2", Outcome.RETRY)]
-    assert "queue" in reasons[0]
+    producer.buffer_full = 0
+    channel._poll_once(producer, 0)
+    assert producer.callbacks == [] and len(reports) == 5
 
 
 def test_close_returns_in_time_when_the_poll_thread_is_stuck() -> None:
@@ -591,6 +657,127 @@ def test_stalled_when_the_poll_thread_does_not_come_round() -> None:
     wait_for(lambda: channel.stalled() is None)
     channel.close(timeout=0)
     assert channel.stalled() is None
+
+
+# -- a producer stuck while the broker answers --------------------------------------------------
+
+TIMED_OUT = KafkaError(KafkaError._MSG_TIMED_OUT)
+
+
+def replaceable(producer: FakeProducer) -> tuple[KafkaChannel, list[tuple[str, Outcome]], list[FakeProducer]]:
+    """A channel over ``producer`` whose replacements are new fakes (listed as they are made)."""
+    channel, reports = channel_with(producer)
+    made: list[FakeProducer] = []
+
+    def new_producer(conf: dict[str, Any]) -> FakeProducer:
+        made.append(FakeProducer())
+        return made[-1]
+
+    channel._new_producer = new_producer  # type: ignore[method-assign]
+    channel.CHECK_EVERY = 0  # type: ignore[misc]  # ask the broker on every round
+    return channel, reports, made
+
+
+def test_a_producer_stuck_while_the_broker_answers_is_replaced(caplog: pytest.LogCaptureFixture) -> None:
+    """Seen with tansu restarted on memory storage: every produce refused (unknown producer id),
+    every record timed out, metadata fine. A record produced after the broker was seen up timed
+    out too, and the broker still answers: a new producer takes over; what the old one held is
+    reported RETRY once, and the worker's next attempt goes through the new one."""
+    old = FakeProducer()
+    channel, reports, made = replaceable(old)
+
+    def report(m: Message, o: Outcome, r: str) -> None:
+        reports.append((m.id, o))
+
+    channel.publish([message(0, body="0"), message(1, body="1")], report)
+    old.deliver(0, TIMED_OUT)
+    channel._poll_once(old, 0)  # the broker answers: that alone proves nothing (it may just be back)
+    assert made == [] and old.metadata_requests == 1
+    channel.publish([message(2, body="2")], report)  # produced while the broker answers
+    with caplog.at_level(logging.WARNING, logger="channels.kafka"):
+        old.deliver(2, TIMED_OUT)
+        channel._poll_once(old, 0)
+    (new,) = made
+    assert channel._producer is new and old.purged
+    assert sorted(reports) == [("id-0", Outcome.RETRY), ("id-1", Outcome.RETRY), ("id-2", Outcome.RETRY)]
+    assert any("Kafka producer replaced" in r.getMessage() for r in caplog.records)
+    old.deliver(1)  # a late report of the old producer: ignored
+    assert len(reports) == 3
+    channel.publish([message(1, body="1")], report)
+    assert [value for value, _ in new.callbacks] == [b"1"] and old.callbacks[-1][0] == b"2"
+    new.deliver(0)
+    assert reports[-1] == ("id-1", Outcome.ACK) and channel.pending == 0
+
+
+def test_no_new_producer_while_the_broker_is_down() -> None:
+    """Records time out because the broker is down: that is the circuit's business."""
+    producer = FakeProducer()
+    producer.broker_down = True
+    channel, reports, made = replaceable(producer)
+    for i in range(5):
+        channel.publish([message(i)], lambda m, o, r: reports.append((m.id, o)))
+        producer.deliver(i, TIMED_OUT)
+        channel._poll_once(producer, 0)
+    assert made == [] and producer.metadata_requests == 5
+    assert [o for _, o in reports] == [Outcome.RETRY] * 5
+
+
+def test_no_new_producer_when_records_get_through() -> None:
+    """A broker that is slow for some records but delivers others: the producer works."""
+    producer = FakeProducer()
+    channel, reports, made = replaceable(producer)
+    for i in range(0, 10, 2):
+        channel.publish([message(i), message(i + 1)], lambda m, o, r: reports.append((m.id, o)))
+        producer.deliver(i, TIMED_OUT)
+        producer.deliver(i + 1)
+        channel._poll_once(producer, 0)
+    assert made == []
+
+
+def test_no_new_producer_after_a_broker_outage_ends() -> None:
+    """Records that timed out during an outage keep coming as the broker returns: it answers,
+    but what was produced before that proves nothing; the next deliveries succeed."""
+    producer = FakeProducer()
+    producer.broker_down = True
+    channel, reports, made = replaceable(producer)
+    channel.publish([message(i) for i in range(4)], lambda m, o, r: reports.append((m.id, o)))
+    producer.deliver(0, TIMED_OUT)
+    channel._poll_once(producer, 0)
+    producer.broker_down = False  # back, with its state
+    producer.deliver(1, TIMED_OUT)
+    channel._poll_once(producer, 0)
+    producer.deliver(2, TIMED_OUT)  # produced before the broker was seen up
+    channel._poll_once(producer, 0)
+    producer.deliver(3)
+    assert made == [] and reports[-1] == ("id-3", Outcome.ACK)
+
+
+def test_the_stuck_producer_evidence() -> None:
+    from channels.kafka.progress import ProducerProgress
+
+    progress = ProducerProgress()
+    assert progress.check() is None
+    progress.failed(produced_at=1.0)
+    token = progress.check()
+    assert token is not None and not progress.answered(token, True, now=2.0)
+    assert progress.answered_at == 2.0 and progress.check() is None
+    progress.failed(produced_at=1.5)  # produced before the broker was seen up: asks again only
+    assert not progress.answered(progress.check(), True, now=3.0)  # type: ignore[arg-type]
+    progress.failed(produced_at=2.5)
+    token = progress.check()
+    assert token is not None
+    progress.delivered()  # a delivery while the broker was asked: the answer counts for nothing
+    assert not progress.answered(token, True, now=4.0) and progress.check() is None
+    progress.failed(produced_at=5.0)
+    assert not progress.answered(progress.check(), True, now=6.0)  # type: ignore[arg-type]
+    progress.failed(produced_at=6.5)
+    assert not progress.answered(progress.check(), False, now=9.0)  # type: ignore[arg-type]
+    assert progress.answered_at is None  # down: start over
+    progress.failed(produced_at=10.0)
+    assert not progress.answered(progress.check(), True, now=11.0)  # type: ignore[arg-type]
+    progress.failed(produced_at=12.0)
+    assert progress.answered(progress.check(), True, now=13.0)  # type: ignore[arg-type]
+    assert progress.check() is None and progress.answered_at is None
 
 
 # -- MSK IAM ----------------------------------------------------------------------------------

@@ -1,126 +1,31 @@
-"""The Kafka channel: every SQS message becomes one Kafka record; the delivery report is the ack.
-
-Records (CloudEvents Kafka protocol binding 1.0)
-================================================
-
-``binary`` (default)
-    value: the event data (``EventFormat.data``: the whole message as JSON, or the Body with
-    ``data_mode="body"``); headers: ``ce_<attribute>`` for every context attribute and extension
-    (``ce_specversion``, ``ce_id``, ``ce_source``, ``ce_type``, ``ce_time``, ...), UTF-8, and
-    ``content-type`` = the data's content type.
-``structured``
-    value: the whole event as JSON (``EventFormat.structured``); header ``content-type:
-    application/cloudevents+json``.
-``raw``
-    value: the Body bytes; no CloudEvents headers.
-
-Record timestamp (``timestamp``): ``now`` (default) = the produce time (CreateTime set by the
-producer); ``sent`` = ``SentTimestamp``. The broker's retention and segment rolling go by record
-timestamps, so with ``sent`` a backlog older than the topic's ``retention.ms`` may be deleted by
-the broker minutes after it was acked and deleted from SQS. The send time is always in the event's
-``time`` attribute (``ce_time``) in ``binary`` and ``structured``.
-
-In every format the SQS message attributes are also copied to headers:
-
-=====================  ====================================================================
-header name            the attribute name, unchanged
-header value           ``String``/``Number`` (and custom ``String.x``/``Number.x``): the
-                       ``StringValue`` as UTF-8; ``Binary``(``.x``): in ``raw``, the
-                       ``BinaryValue`` bytes; in ``binary``/``structured``, those bytes as
-                       base64 text (CloudEvents readers decode every header as UTF-8, so raw
-                       bytes would make the record unreadable)
-not copied             in ``binary``/``structured``, a name that is ``content-type`` or starts
-                       with ``ce_`` (any case): a CloudEvents reader would take it for the
-                       event's own ``content-type``/attribute. It is still in the data with
-                       ``data_mode="message"``, and ``content-type`` sets the data's content
-                       type with ``data_mode="body"``. ``raw`` copies every attribute.
-=====================  ====================================================================
-
-Record key (``key``): ``group`` = the ``MessageGroupId`` on FIFO queues (one group stays on one
-partition, in order) and no key on standard queues; ``attribute:NAME`` = the value of message
-attribute NAME (no key when the message lacks it); ``none``.
-
-Acks: each message's delivery report decides its outcome, reported at once: delivered -> ACK;
-an error about the record itself (too large, invalid record/timestamp) -> REJECT; any other
-error -> RETRY. (confluent-kafka sets ``KafkaError.retriable()`` only for transactional errors,
-so a plain producer's "retriable" flag would turn every broker outage into a reject; see
-confluentinc/confluent-kafka-python#1804.)
-
-FIFO order is the worker's (one sequencer for every channel): with ``key=group`` a group's
-records go to one partition, and the idempotent producer keeps their order across its retries,
-so the channel ``keeps_order`` and the worker hands over a group's messages together; it acks a
-group's messages in order and sends everything after a failed one again, after it.
-
-Size errors: the broker checks a topic's ``max.message.bytes`` against a whole record batch, and
-librdkafka fails every record of a rejected batch with the same ``MSG_SIZE_TOO_LARGE`` /
-``RECORD_LIST_TOO_LARGE``. So such a record is sent once more on its own, by a second producer
-made on first need (one record per request, one request in flight, not idempotent: a duplicate is
-possible, a reorder is not), and only a record that fails alone is rejected. A record sent alone
-may land behind later records of its group from the same publish: it is then reported RETRY,
-so the worker sends it and those after it again, in order.
-
-Delivery bound: ``message.timeout.ms`` defaults to 60 s (librdkafka's: 300 s): the worker retries
-a message in place and keeps its visibility extended, so a shorter attempt lets it see an outage
-sooner. ``close(timeout)`` returns within ``timeout`` however stuck the broker is; what is still
-undelivered is reported RETRY.
-"""
+"""The channel: one idempotent producer per worker process, its poll thread, and the settlement
+of each message from its delivery report (see the package docstring)."""
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
 import os
-import re
 import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import CancelledError
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from channels.base import Channel, ChannelError, Message, Outcome, Report
-from channels.events import DATA_MODES, EventError, EventFormat
+from channels.events import EventError
+from channels.kafka.config import KafkaConfig, _error_text, _message_timeout
+from channels.kafka.msk import _MskToken, msk_oauth_callback
+from channels.kafka.progress import ProducerProgress
+from channels.kafka.records import Record, RecordBuilder
 
-__all__ = [
-    "AUTH_MODES",
-    "FORMATS",
-    "TIMESTAMPS",
-    "KafkaChannel",
-    "KafkaConfig",
-    "Record",
-    "RecordBuilder",
-    "parse_kafka_config",
-    "parse_kafka_config_env",
-]
+__all__ = ["KafkaChannel"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("channels.kafka")
 
-FORMATS = ("binary", "structured", "raw")
-AUTH_MODES = ("none", "tls", "scram-sha-512", "iam")
-TIMESTAMPS = ("now", "sent")
-STRUCTURED_CONTENT_TYPE = b"application/cloudevents+json"
-
-# Throughput defaults; anything in ``extra`` wins.
-DEFAULTS: Mapping[str, Any] = {
-    "enable.idempotence": True,
-    "acks": "all",
-    "linger.ms": 5,
-    "batch.size": 1_000_000,
-    "compression.type": "lz4",
-    # One delivery attempt: the worker retries in place with visibility extended, so a shorter
-    # bound than librdkafka's 300 s lets it notice an outage (and open its circuit) sooner.
-    "message.timeout.ms": 60_000,
-}
-# Python-side callbacks we own; a string from --kafka-config cannot be one.
-_RESERVED_KEYS = frozenset(
-    {"on_delivery", "delivery.report.only.error", "error_cb", "oauth_cb", "logger", "stats_cb",
-     "throttle_cb", "bootstrap.servers"}
-)
 # Errors about the record itself: sending it again can never work.
 _REJECT_CODES = frozenset(
     {KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_RECORD, KafkaError.INVALID_MSG,
@@ -147,255 +52,24 @@ _ALONE_DROPPED = ("transactional.id", "enable.gapless.guarantee")  # need idempo
 # producer would loop forever, so the channel fails instead and the worker is restarted with a new
 # producer.
 _FENCED_CODES = frozenset({KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH})
-_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
+# Delivery errors that, while the broker answers, say the producer itself is stuck (progress.py):
+# librdkafka retries a refused batch until message.timeout.ms, or the broker disowns the producer's
+# id or sequence numbers (INTRODUCTION.md, "Idempotent Producer" > "Error handling").
+_STUCK_CODES = frozenset(
+    {KafkaError._MSG_TIMED_OUT, KafkaError.UNKNOWN_PRODUCER_ID, KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER}
+)
 _GROUP_OVERTAKEN = ("sent again alone after a batch-wide size error: later messages of its FIFO "
                     "group may be ahead of it in Kafka")
 _CLOSED = "Kafka channel closed before delivery"
-_ENV_NAME = "POLLER_KAFKA_CONFIG"
-
-
-def parse_kafka_config(items: Iterable[str]) -> tuple[tuple[str, str], ...]:
-    """Parse repeated ``--kafka-config KEY=VALUE`` options (values are passed to librdkafka as is).
-
-    Errors name the entry by number, never its text: it may be (part of) a secret."""
-    return tuple(_config_pair(item, f"--kafka-config entry {n}") for n, item in enumerate(items, 1))
-
-
-def parse_kafka_config_env(text: str) -> tuple[tuple[str, str], ...]:
-    """Parse ``POLLER_KAFKA_CONFIG``: one ``KEY=VALUE`` per line, so values may hold spaces.
-
-    Blank lines and lines starting with ``#`` are skipped; a trailing ``\\r`` is dropped (CRLF).
-    Errors name the line by number, never its text."""
-    pairs = []
-    for n, line in enumerate(text.split("\n"), 1):
-        line = line.removesuffix("\r")
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        pairs.append(_config_pair(line, f"{_ENV_NAME} line {n}"))
-    return tuple(pairs)
-
-
-def _config_pair(item: str, where: str) -> tuple[str, str]:
-    name, sep, value = item.partition("=")
-    if not sep or not name.strip():
-        raise ValueError(f"{where} must look like KEY=VALUE (its text is not shown: it may be a secret)")
-    return name.strip(), value
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class KafkaConfig:
-    """Settings of the Kafka channel; picklable, so it can be sent to spawned workers.
-
-    ``extra`` is librdkafka configuration (``(key, value)`` pairs) applied last, over the defaults
-    and the auth settings. Secrets for ``scram-sha-512`` come from the environment at ``start``
-    (``KAFKA_SASL_USERNAME``/``KAFKA_SASL_PASSWORD``) and are never stored here.
-    """
-
-    name: ClassVar[str] = "kafka"
-
-    bootstrap_servers: str
-    topic: str
-    format: str = "binary"
-    data_mode: str = "message"
-    key: str = "group"
-    timestamp: str = "now"
-    auth: str = "none"
-    extra: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # may hold secrets
-    overrides: tuple[tuple[str, str], ...] = ()
-    create_topic: bool = False
-    partitions: int = 3
-    replication: int = 1
-    region: str | None = None  # the cluster's, for IAM tokens
-    profile: str | None = None  # the AWS profile that signs IAM tokens (else the default chain)
-    metadata_timeout: float = 10.0
-
-    def __post_init__(self) -> None:
-        if not self.bootstrap_servers.strip():
-            raise ValueError("Kafka bootstrap servers must not be empty")
-        if "://" in self.bootstrap_servers:
-            raise ValueError(f"--kafka-bootstrap-servers takes host:port[,host:port...], not a URL: "
-                             f"{self.bootstrap_servers!r}")
-        if not _TOPIC_NAME.fullmatch(self.topic) or self.topic in (".", ".."):
-            raise ValueError(f"{self.topic!r} is not a valid Kafka topic name")
-        if self.format not in FORMATS:
-            raise ValueError(f"Kafka format must be one of {', '.join(FORMATS)}, not {self.format!r}")
-        if self.data_mode not in DATA_MODES:
-            raise ValueError(f"data mode must be one of {', '.join(DATA_MODES)}, not {self.data_mode!r}")
-        if self.key not in ("group", "none") and not (
-            self.key.startswith("attribute:") and len(self.key) > len("attribute:")
-        ):
-            raise ValueError(f"Kafka key must be group, none or attribute:NAME, not {self.key!r}")
-        if self.timestamp not in TIMESTAMPS:
-            raise ValueError(f"Kafka timestamp must be one of {', '.join(TIMESTAMPS)}, not {self.timestamp!r}")
-        if self.auth not in AUTH_MODES:
-            raise ValueError(f"Kafka auth must be one of {', '.join(AUTH_MODES)}, not {self.auth!r}")
-        if self.partitions < 1:
-            raise ValueError(f"Kafka partitions must be at least 1, not {self.partitions}")
-        if self.replication < 1 and self.replication != -1:
-            raise ValueError(f"Kafka replication must be at least 1 (or -1: the broker's default), not {self.replication}")
-        if self.metadata_timeout <= 0:
-            raise ValueError("Kafka metadata timeout must be positive")
-        # Accept a mapping too, but store hashable, picklable pairs.
-        object.__setattr__(self, "extra", _pairs(self.extra, "--kafka-config"))
-        object.__setattr__(self, "overrides", _pairs(self.overrides, "overrides"))
-        for name, _ in self.extra:
-            if name in _RESERVED_KEYS:
-                raise ValueError(f"--kafka-config {name} cannot be set (the channel sets it)")
-        self._check_librdkafka_config()
-
-    def _check_librdkafka_config(self) -> None:
-        # librdkafka is the authority on its ~200 properties and their values: build a client
-        # without bootstrap servers (it connects to nothing) and turn its complaint into one line.
-        conf = {**self.producer_config(), "logger": log}
-        conf.pop("bootstrap.servers")
-        if self.auth == "scram-sha-512":  # the real ones come from the environment at start()
-            conf.setdefault("sasl.username", "check")
-            conf.setdefault("sasl.password", "check")
-        try:
-            Producer(conf)
-        except KafkaException as exc:
-            raise ValueError(f"bad --kafka-config: {self._redact(_error_text(exc))}") from None
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"bad --kafka-config: {self._redact(str(exc))}") from None
-
-    def _redact(self, text: str) -> str:
-        # librdkafka quotes a bad value ('Invalid value "x" for configuration property "y"'):
-        # a usage error must not print what may be a secret.
-        for _, value in self.extra:
-            if value:
-                text = text.replace(f'"{value}"', '"***"')
-        return text
-
-    def producer_config(self) -> dict[str, Any]:
-        """The librdkafka configuration without secrets or callbacks: defaults < auth < extra."""
-        conf: dict[str, Any] = {"bootstrap.servers": self.bootstrap_servers, **DEFAULTS}
-        if self.auth == "tls":
-            conf["security.protocol"] = "SSL"
-        elif self.auth == "scram-sha-512":
-            conf.update({"security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-512"})
-        elif self.auth == "iam":
-            conf.update({"security.protocol": "SASL_SSL", "sasl.mechanism": "OAUTHBEARER"})
-        conf.update(self.extra)
-        return conf
-
-    @property
-    def attempt_timeout(self) -> float:
-        """A record waits for the broker at most ``message.timeout.ms``."""
-        return _message_timeout(self.producer_config())
-
-    def create(self, source: str) -> KafkaChannel:
-        return KafkaChannel(self, source)
-
-
-def _pairs(value: Any, what: str) -> tuple[tuple[str, str], ...]:
-    items = value.items() if isinstance(value, Mapping) else value
-    try:
-        return tuple((str(k), str(v)) for k, v in items)
-    except (TypeError, ValueError):
-        raise ValueError(f"{what} must be (key, value) pairs") from None
-
-
-def _error_text(exc: KafkaException) -> str:
-    err = exc.args[0] if exc.args else None
-    return err.str() if isinstance(err, KafkaError) else str(exc)
-
-
-def _message_timeout(conf: Mapping[str, Any]) -> float:
-    """``message.timeout.ms`` in seconds: the longest a record may wait in the local queue."""
-    try:
-        ms = int(conf.get("message.timeout.ms", 300_000))
-    except (TypeError, ValueError):
-        ms = 300_000
-    return ms / 1000 if ms > 0 else 300.0  # 0 = no limit in librdkafka; do not wait forever here
-
-
-@dataclass(frozen=True, slots=True)
-class Record:
-    """What ``Producer.produce`` gets for one message. ``timestamp`` 0 = the producer's clock."""
-
-    value: bytes
-    key: bytes | None
-    headers: list[tuple[str, bytes]]
-    timestamp: int
-
-
-class RecordBuilder:
-    """Builds records for one queue; pure, no broker needed."""
-
-    __slots__ = ("_event", "_format", "_key_attribute", "_key_mode", "_sent_time")
-
-    def __init__(self, config: KafkaConfig, source: str) -> None:
-        self._event = EventFormat(source, config.data_mode, dict(config.overrides))
-        self._format = config.format
-        self._key_mode, _, self._key_attribute = config.key.partition(":")
-        self._sent_time = config.timestamp == "sent"
-
-    def build(self, message: Message) -> Record:
-        """Raises ``EventError`` when the message cannot be made a record of this format."""
-        if self._format == "binary":
-            value, content_type = self._event.data(message)
-            headers = [("ce_" + name, v.encode()) for name, v in self._event.attributes(message).items()]
-            headers.append(("content-type", content_type.encode()))
-            headers += attribute_headers(message, cloudevents=True)
-        elif self._format == "structured":
-            value = self._event.structured(message)
-            headers = [("content-type", STRUCTURED_CONTENT_TYPE)]
-            headers += attribute_headers(message, cloudevents=True)
-        else:
-            value = message.body.encode()
-            headers = attribute_headers(message, cloudevents=False)
-        timestamp = sent_timestamp(message) if self._sent_time else 0  # 0: librdkafka stamps "now"
-        return Record(value, self.key(message), headers, timestamp)
-
-    def key(self, message: Message) -> bytes | None:
-        if self._key_mode == "group":
-            group = message.group_id
-            return group.encode() if group else None
-        if self._key_mode == "attribute":
-            attribute = message.message_attributes.get(self._key_attribute)
-            return None if attribute is None else attribute_value(self._key_attribute, attribute)
-        return None
-
-
-def attribute_headers(message: Message, *, cloudevents: bool) -> list[tuple[str, bytes]]:
-    """Message attributes as Kafka headers (see the module docstring for the mapping)."""
-    headers = []
-    for name, attribute in message.message_attributes.items():
-        lowered = name.lower()
-        if cloudevents and (lowered == "content-type" or lowered.startswith("ce_")):
-            continue
-        value = attribute_value(name, attribute)
-        if cloudevents and str(attribute.get("DataType", "")).startswith("Binary"):
-            # CloudEvents readers (the SDKs) decode every header as UTF-8: raw bytes would make
-            # the whole record unreadable. Base64, as SQS itself carries them in JSON.
-            value = base64.b64encode(value)
-        headers.append((name, value))
-    return headers
-
-
-def attribute_value(name: str, attribute: Mapping[str, Any]) -> bytes:
-    if str(attribute.get("DataType", "")).startswith("Binary"):
-        value = attribute.get("BinaryValue", b"")
-        if isinstance(value, bytes | bytearray):
-            return bytes(value)
-        try:
-            return base64.b64decode(value, validate=True)
-        except (binascii.Error, ValueError, TypeError):
-            raise EventError(f"binary attribute {name!r} is not base64") from None
-    return str(attribute.get("StringValue", "")).encode()
-
-
-def sent_timestamp(message: Message) -> int:
-    try:
-        return max(int(message.attributes.get("SentTimestamp", 0)), 0)
-    except ValueError:
-        return 0  # the CloudEvents formats reject it in EventFormat.attributes; raw uses "now"
+_SHED = "not sent: the circuit opened while it waited for room in the Kafka producer's queue"
+_REPLACED = "its Kafka producer was replaced (stuck while the broker answered)"
 
 
 class _Entry:
     """One message handed to ``publish``, until it is reported."""
 
-    __slots__ = ("alone", "later_in_group", "message", "report")
+    __slots__ = ("alone", "deadline", "generation", "later_in_group", "message", "produced_at", "record",
+                 "report")
 
     def __init__(self, message: Message, report: Report, later_in_group: bool) -> None:
         self.message = message
@@ -404,6 +78,10 @@ class _Entry:
         # alone, that one may be ahead of it in Kafka.
         self.later_in_group = later_in_group
         self.alone = False  # queued to be sent again on its own after a batch-wide size error
+        self.record: Record | None = None  # built, while it waits for room in the local queue
+        self.deadline = 0.0  # waiting for room: given up (RETRY) at this time
+        self.generation = -1  # which producer took it (KafkaChannel._generation); -1: none yet
+        self.produced_at = 0.0
 
 
 class _LibrdkafkaLog:
@@ -419,7 +97,7 @@ class _LibrdkafkaLog:
     __slots__ = ("_last", "logger", "quiet")
 
     def __init__(self) -> None:
-        self.logger = logging.getLogger(__name__ + ".librdkafka")
+        self.logger = logging.getLogger("channels.kafka.librdkafka")
         self.quiet = False
         self._last: dict[str, float] = {}
 
@@ -439,10 +117,23 @@ class _LibrdkafkaLog:
 
 
 class KafkaChannel(Channel):
-    """One idempotent producer per worker process; build it with ``KafkaConfig.create(source)``."""
+    """One idempotent producer per worker process; build it with ``KafkaConfig.create(source)``.
+
+    ``publish`` (the worker's loop thread) never waits: a record that finds librdkafka's local
+    queue full waits in the channel's own queue, in order, for the poll thread to move it over
+    as deliveries make room, at most ``message.timeout.ms``; ``shed`` gives those back when the
+    worker's circuit opens. A producer that makes no progress while the broker answers (see
+    ``progress.py``) is replaced by a new one on the poll thread, in the same process: what the old
+    one held is reported RETRY, once, and sent again by the worker through the new one. (Not a
+    worker restart: that would return every held message to SQS and raise its receive count, and
+    a replacement made on doubtful evidence would then cost DLQ budget instead of a producer id.)
+    """
 
     # The poll thread comes round every 0.1 s; silent this long, it is stuck in a callback.
     STALL_AFTER: ClassVar[float] = 30.0
+    # Stuck-producer evidence: one metadata request a second at most, each waiting this long.
+    CHECK_EVERY: ClassVar[float] = 1.0
+    CHECK_TIMEOUT: ClassVar[float] = 1.0
 
     def __init__(self, config: KafkaConfig, source: str) -> None:
         self.config = config
@@ -468,7 +159,17 @@ class KafkaChannel(Channel):
         self._poller: threading.Thread | None = None
         self._last_poll = time.monotonic()
         self._queue_wait = _message_timeout(settings)
-        self._acks = str(settings.get("acks", "all")) not in ("0", "none")
+        # Records built and waiting, in order, for room in the producer's local queue.
+        self._waiting: deque[_Entry] = deque()
+        # Held while records go into the main producer, and while it is replaced: no record goes
+        # into a producer after it was purged. (Order of locks: this one, then _lock.)
+        self._produce_lock = threading.Lock()
+        self._generation = 0  # of the main producer; +1 per replacement
+        # The replaced producer, kept until the next replacement or close(): its destruction
+        # (rd_kafka_destroy joins its threads) must not fall to a publish still holding it.
+        self._retired: Producer | None = None
+        self._progress = ProducerProgress()  # guarded by _lock
+        self._next_check = 0.0
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -502,8 +203,7 @@ class KafkaChannel(Channel):
         # (the last batch before a quiet spell would otherwise never be acked).
         self._stop.clear()
         self._last_poll = time.monotonic()
-        self._poller = threading.Thread(target=self._poll_loop, args=(self._producer,), name="kafka-poll",
-                                        daemon=True)
+        self._poller = threading.Thread(target=self._poll_loop, name="kafka-poll", daemon=True)
         self._poller.start()
 
     @staticmethod
@@ -595,11 +295,16 @@ class KafkaChannel(Channel):
         """Deliver what is pending within ``timeout``; report the rest RETRY, exactly once.
 
         Returns within ``timeout`` plus a fraction of a second, however stuck the broker is."""
-        producer = self._producer
-        if producer is None or self._closing.is_set():
+        if self._producer is None or self._closing.is_set():
             return
         deadline = time.monotonic() + max(timeout, 0.0)
-        self._closing.set()  # publish (and its queue-full wait) stops producing
+        self._closing.set()  # nothing more is produced, and the producer is not replaced now
+        with self._produce_lock:
+            producer = self._producer
+            waiting, self._waiting = list(self._waiting), deque()
+        if producer is None:
+            return
+        self._settle_all(waiting, Outcome.RETRY, _CLOSED)
         self._drain(producer, deadline)
         self._stop.set()
         poller, self._poller = self._poller, None
@@ -614,7 +319,7 @@ class KafkaChannel(Channel):
                         len(left), timeout)
         for entry in left:
             _report(entry, Outcome.RETRY, _CLOSED)
-        self._producer = self._alone = None
+        self._producer = self._alone = self._retired = None
 
     def _drain(self, producer: Producer, deadline: float) -> None:
         """Until ``deadline``, let what is in flight be delivered (the poll thread keeps serving
@@ -634,6 +339,7 @@ class KafkaChannel(Channel):
         with self._lock:
             left, self._pending = list(self._pending), set()
         self._alone_queue.clear()
+        self._waiting.clear()
         return left
 
     def stalled(self) -> str | None:
@@ -649,9 +355,12 @@ class KafkaChannel(Channel):
                     f"(limit {self.STALL_AFTER:g} s): stuck in a callback")
         return None
 
-    def _poll_loop(self, producer: Producer) -> None:
+    def _poll_loop(self) -> None:
         while not self._stop.is_set():
             self._last_poll = time.monotonic()
+            producer = self._producer  # the current one: it may have been replaced
+            if producer is None:
+                return
             try:
                 self._poll_once(producer, 0.1)
             except Exception:  # a dead poll thread would stop all reports: log, go on
@@ -660,11 +369,14 @@ class KafkaChannel(Channel):
 
     def _poll_once(self, producer: Producer, timeout: float) -> None:
         producer.poll(timeout)
+        if self._waiting:
+            self._send_waiting()
         if self._alone_queue:
             self._send_alone()
         alone = self._alone
         if alone is not None:
             alone.poll(0)
+        self._check_progress(producer)
 
     def _on_error(self, err: KafkaError) -> None:
         # Client-level errors (broker down, auth failed); per-record errors arrive as delivery reports.
@@ -684,8 +396,7 @@ class KafkaChannel(Channel):
     # -- publishing ----------------------------------------------------------------------------
 
     def publish(self, batch: Sequence[Message], report: Report) -> None:
-        producer = self._producer
-        if producer is None:
+        if self._producer is None:
             if self._closing.is_set():  # a late caller: not sent, returned to the queue
                 _report_each(batch, report, Outcome.RETRY, _CLOSED)
                 return
@@ -694,20 +405,36 @@ class KafkaChannel(Channel):
         if self._fatal is not None:
             self._settle_all(entries, Outcome.RETRY, "Kafka producer failed")
             raise ChannelError(f"Kafka producer fatal error: {self._fatal.str()}")
-        for i, entry in enumerate(entries):
-            if self._closing.is_set():
-                self._settle_all(entries[i:], Outcome.RETRY, _CLOSED)
-                break
-            try:
-                record = self._builder.build(entry.message)
-            except EventError as exc:
-                self._settle(entry, Outcome.REJECT, str(exc))
-                continue
-            reason = self._produce(producer, entry, record)
-            if reason:  # the local queue stayed full, or close() began: the rest is not sent
-                self._settle_all(entries[i:], Outcome.RETRY, reason)
-                break
-        producer.poll(0)
+        now = time.monotonic()
+        settled: list[tuple[_Entry, Outcome, str]] = []  # reported once the lock is released
+        with self._produce_lock:
+            producer = self._producer  # replaced meanwhile, perhaps; None: close() has finished
+            for i, entry in enumerate(entries):
+                if self._closing.is_set() or producer is None:
+                    settled += [(e, Outcome.RETRY, _CLOSED) for e in entries[i:]]
+                    break
+                try:
+                    entry.record = self._builder.build(entry.message)
+                except EventError as exc:
+                    settled.append((entry, Outcome.REJECT, str(exc)))
+                    continue
+                # The local queue is full (broker slow or down): never wait here, on the worker's
+                # loop. The record waits its turn behind those already waiting, in order.
+                if not self._waiting:
+                    try:
+                        failed = self._produce(producer, entry, now)
+                    except BufferError:
+                        pass
+                    else:
+                        if failed is not None:
+                            settled.append((entry, *failed))
+                        continue
+                entry.deadline = now + self._queue_wait
+                self._waiting.append(entry)
+        for entry, outcome, reason in settled:
+            self._settle(entry, outcome, reason)
+        if producer is not None:
+            producer.poll(0)
 
     def _register(self, batch: Sequence[Message], report: Report) -> list[_Entry]:
         entries = []
@@ -722,35 +449,71 @@ class KafkaChannel(Channel):
             self._pending.update(entries)
         return entries
 
-    def _produce(self, producer: Producer, entry: _Entry, record: Record) -> str:
-        """Queue one record: "" when queued (or settled by a produce error), else why not."""
-        give_up: float | None = None
-        while True:
-            try:
-                producer.produce(self.config.topic, record.value, record.key, headers=record.headers,
-                                 timestamp=record.timestamp, on_delivery=_callback(self, entry))
-                return ""
-            except BufferError:
-                # The local queue is full (broker slow or down): wait for deliveries to make room,
-                # but not past close(), nor longer than a queued record may wait for the broker.
-                # (The worker holds at most --max-in-flight messages, far below the queue's size.)
-                now = time.monotonic()
-                give_up = now + self._queue_wait if give_up is None else give_up
-                if self._closing.is_set():
-                    return _CLOSED
-                if self._fatal is not None:  # nothing will drain the queue
-                    return "Kafka producer failed"
-                if now >= give_up:
-                    return f"Kafka producer queue still full after {self._queue_wait:g} s"
-                producer.poll(0.1)
-            except KafkaException as exc:
-                err = exc.args[0] if exc.args else None
-                outcome = _outcome(err) if isinstance(err, KafkaError) else Outcome.RETRY
-                self._settle(entry, outcome, _error_text(exc))
-                return ""
+    def _produce(self, producer: Producer, entry: _Entry, now: float) -> tuple[Outcome, str] | None:
+        """Queue the entry's record in the main producer (under ``_produce_lock``): None when
+        queued, else the outcome the produce error calls for (the caller reports it). Raises
+        ``BufferError`` when the local queue is full (queue.buffering.max.messages / .kbytes)."""
+        record = entry.record
+        assert record is not None
+        entry.generation, entry.produced_at = self._generation, now
+        try:
+            producer.produce(self.config.topic, record.value, record.key, headers=record.headers,
+                             timestamp=record.timestamp, on_delivery=_callback(self, entry))
+        except BufferError:
+            entry.generation = -1  # not taken
+            raise
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args else None
+            return _outcome(err) if isinstance(err, KafkaError) else Outcome.RETRY, _error_text(exc)
+        finally:
+            if entry.generation >= 0:
+                entry.record = None  # librdkafka has its copy
+        return None
+
+    def _send_waiting(self) -> None:
+        """Move waiting records into the producer's local queue as room appears, in order; give
+        those that waited ``message.timeout.ms`` back (poll thread)."""
+        if self._closing.is_set():
+            return  # close() gives back what waits
+        settled: list[tuple[_Entry, Outcome, str]] = []  # reported once the lock is released
+        with self._produce_lock:
+            producer = self._producer
+            now = time.monotonic()
+            if self._fatal is not None or producer is None:  # nothing will make room
+                settled = [(e, Outcome.RETRY, "Kafka producer failed") for e in self._waiting]
+                self._waiting.clear()
+            expired = f"Kafka producer queue still full after {self._queue_wait:g} s"
+            while self._waiting:
+                entry = self._waiting[0]
+                # Entries of one publish wait in a row with one deadline: they expire together,
+                # so no later message of a FIFO group goes out after an earlier one was given up.
+                if now >= entry.deadline:
+                    settled.append((self._waiting.popleft(), Outcome.RETRY, expired))
+                    continue
+                assert producer is not None
+                try:
+                    failed = self._produce(producer, entry, now)
+                except BufferError:
+                    break
+                self._waiting.popleft()
+                if failed is not None:
+                    settled.append((entry, *failed))
+        for entry, outcome, reason in settled:
+            self._settle(entry, outcome, reason)
+
+    def shed(self) -> None:
+        """The worker's circuit opened: what waits for room in the local queue has not been
+        sent, so it is given back now (RETRY) instead of going into the outage."""
+        with self._produce_lock:
+            waiting, self._waiting = list(self._waiting), deque()
+        self._settle_all(waiting, Outcome.RETRY, _SHED)
 
     def _delivered(self, entry: _Entry, err: KafkaError | None, msg: Any = None) -> None:
+        current = entry.generation == self._generation and not entry.alone
         if err is None:
+            if current:
+                with self._lock:
+                    self._progress.delivered()
             if msg is not None:
                 self._log_delivery(entry, msg)
             if entry.alone and entry.later_in_group:
@@ -767,11 +530,70 @@ class KafkaChannel(Channel):
         if err.code() in _FENCED_CODES and self._fatal is None:
             self._fatal = err  # the next publish raises: the worker restarts with a new producer
             log.error("Kafka producer fenced by the broker: %s", err.str())
+        elif err.code() in _STUCK_CODES and current:
+            with self._lock:
+                self._progress.failed(entry.produced_at)
         self._settle(entry, _outcome(err), err.str())
+
+    # -- a stuck producer ----------------------------------------------------------------------
+
+    def _check_progress(self, producer: Producer) -> None:
+        """Ask the broker whether it is up when records of the current producer fail with no
+        delivery since; replace the producer when the evidence is complete (poll thread)."""
+        with self._lock:
+            token = self._progress.check()
+        now = time.monotonic()
+        if token is None or now < self._next_check or producer is not self._producer:
+            return
+        self._next_check = now + self.CHECK_EVERY
+        up = self._broker_answers(producer)
+        with self._lock:
+            replace = self._progress.answered(token, up, time.monotonic())
+        if replace:
+            self._replace_producer(producer)
+
+    def _broker_answers(self, producer: Producer) -> bool:
+        """A metadata request answered (all topics: asking for one by name may create it)."""
+        try:
+            producer.list_topics(timeout=self.CHECK_TIMEOUT)
+        except KafkaException:
+            return False
+        return True
+
+    def _replace_producer(self, old: Producer) -> None:
+        """A new producer (a new producer id) takes over; what the old one held is purged and
+        reported RETRY, once (poll thread)."""
+        try:
+            new = self._new_producer(self._conf)
+        except (KafkaException, TypeError, ValueError) as exc:  # tried again on the next evidence
+            log.error("cannot replace the stuck Kafka producer: %s%s", _describe(exc), self._token_cause())
+            return
+        with self._produce_lock:
+            if self._closing.is_set() or self._producer is not old:
+                return  # close() began: it deals with the current producer (the new one is dropped)
+            self._producer = new
+            self._generation += 1
+            # librdkafka fails what it held with _PURGE_QUEUE / _PURGE_INFLIGHT; those reports are
+            # never served (nothing polls it again): its records are reported below instead.
+            old.purge(in_queue=True, in_flight=True, blocking=False)
+        self._retired = old
+        left = self._take_generation(self._generation - 1)
+        log.warning("Kafka producer replaced: its records kept failing while the broker answered "
+                    "(a broker that lost its state, e.g. restarted or replaced); %d undelivered "
+                    "record(s) will be sent again through the new one", len(left))
+        for entry in left:
+            _report(entry, Outcome.RETRY, _REPLACED)
+
+    def _take_generation(self, generation: int) -> list[_Entry]:
+        """Take the unreported entries a producer took (now the caller's to report)."""
+        with self._lock:
+            taken = [e for e in self._pending if e.generation == generation and not e.alone]
+            self._pending.difference_update(taken)
+        return taken
 
     def _log_delivery(self, entry: _Entry, msg: Any) -> None:
         offset = msg.offset()
-        if offset < 0 and self._acks:
+        if offset < 0:
             # librdkafka reports DUPLICATE_SEQUENCE_NUMBER as delivered, with no offset: the broker
             # says an earlier send of the batch was stored. Rare on Kafka (a retry after a lost
             # answer); a broker that says it wrongly has dropped the record, so each one gets a line.
@@ -882,53 +704,3 @@ def _describe(exc: BaseException) -> str:
         return _error_text(exc)
     return str(exc) or type(exc).__name__
 
-
-def _one_line(exc: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(exc).split())
-    text = text if len(text) <= limit else text[:limit] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-class _MskToken:
-    """confluent-kafka ``oauth_cb``: an MSK IAM token signed with the default AWS credentials.
-
-    librdkafka swallows an exception raised here (it learns only that the refresh failed, and a
-    client's constructor then says "OAuth token not set"), so the cause is logged here in one line
-    (the traceback at DEBUG; the message of a credentials error holds no secret) and kept in
-    ``last_error`` for start()'s error; then it is raised again, so librdkafka fails the refresh.
-    """
-
-    def __init__(self, region: str, provider: Any, profile: str | None = None) -> None:
-        self.region = region
-        self._provider = provider
-        self._profile = profile
-        self.last_error: str | None = None
-
-    def __call__(self, _config: str) -> tuple[str, float]:
-        try:
-            if self._profile:
-                token, expiry_ms = self._provider.generate_auth_token_from_profile(self.region, self._profile)
-            else:
-                token, expiry_ms = self._provider.generate_auth_token(self.region)
-        except Exception as exc:
-            cause = _one_line(exc)
-            repeated = cause == self.last_error  # librdkafka retries the refresh every few seconds
-            self.last_error = cause
-            log.log(logging.DEBUG if repeated else logging.ERROR, "MSK IAM token for %s failed: %s", self.region, cause)
-            log.debug("MSK IAM token failure", exc_info=True)
-            raise
-        self.last_error = None
-        return token, expiry_ms / 1000.0  # librdkafka wants seconds since the epoch
-
-
-def msk_oauth_callback(region: str, profile: str | None = None) -> _MskToken:
-    """confluent-kafka ``oauth_cb`` that signs an MSK IAM token with the AWS credentials of
-    ``profile``, else the default chain."""
-    try:
-        from aws_msk_iam_sasl_signer import MSKAuthTokenProvider
-    except ImportError:
-        raise ChannelError(
-            "--kafka-auth iam needs the aws-msk-iam-sasl-signer-python package: install the msk extra "
-            "(pip install '.[msk]' in a checkout)"
-        ) from None
-    return _MskToken(region, MSKAuthTokenProvider, profile)

@@ -1,0 +1,102 @@
+"""Records: what ``Producer.produce`` gets for one SQS message (see the package docstring)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from channels.base import Message
+from channels.events import EventError, EventFormat
+from channels.kafka.config import KafkaConfig
+
+__all__ = ["STRUCTURED_CONTENT_TYPE", "Record", "RecordBuilder", "attribute_headers", "attribute_value",
+           "sent_timestamp"]
+
+STRUCTURED_CONTENT_TYPE = b"application/cloudevents+json"
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """What ``Producer.produce`` gets for one message. ``timestamp`` 0 = the producer's clock."""
+
+    value: bytes
+    key: bytes | None
+    headers: list[tuple[str, bytes]]
+    timestamp: int
+
+
+class RecordBuilder:
+    """Builds records for one queue; pure, no broker needed."""
+
+    __slots__ = ("_event", "_format", "_key_attribute", "_key_mode", "_sent_time")
+
+    def __init__(self, config: KafkaConfig, source: str) -> None:
+        self._event = EventFormat(source, config.data_mode, dict(config.overrides))
+        self._format = config.format
+        self._key_mode, _, self._key_attribute = config.key.partition(":")
+        self._sent_time = config.timestamp == "sent"
+
+    def build(self, message: Message) -> Record:
+        """Raises ``EventError`` when the message cannot be made a record of this format."""
+        if self._format == "binary":
+            value, content_type = self._event.data(message)
+            headers = [("ce_" + name, v.encode()) for name, v in self._event.attributes(message).items()]
+            headers.append(("content-type", content_type.encode()))
+            headers += attribute_headers(message, cloudevents=True)
+        elif self._format == "structured":
+            value = self._event.structured(message)
+            headers = [("content-type", STRUCTURED_CONTENT_TYPE)]
+            headers += attribute_headers(message, cloudevents=True)
+        else:
+            value = message.body.encode()
+            headers = attribute_headers(message, cloudevents=False)
+        timestamp = sent_timestamp(message) if self._sent_time else 0  # 0: librdkafka stamps "now"
+        return Record(value, self.key(message), headers, timestamp)
+
+    def key(self, message: Message) -> bytes | None:
+        if self._key_mode == "group":
+            group = message.group_id
+            return group.encode() if group else None
+        if self._key_mode == "attribute":
+            attribute = message.message_attributes.get(self._key_attribute)
+            return None if attribute is None else attribute_value(self._key_attribute, attribute)
+        return None
+
+
+def attribute_headers(message: Message, *, cloudevents: bool) -> list[tuple[str, bytes]]:
+    """Message attributes as Kafka headers (see the module docstring for the mapping)."""
+    headers = []
+    for name, attribute in message.message_attributes.items():
+        lowered = name.lower()
+        if cloudevents and (lowered == "content-type" or lowered.startswith("ce_")):
+            continue
+        value = attribute_value(name, attribute)
+        if cloudevents and str(attribute.get("DataType", "")).startswith("Binary"):
+            # CloudEvents readers (the SDKs) decode every header as UTF-8: raw bytes would make
+            # the whole record unreadable. Base64, as SQS itself carries them in JSON.
+            value = base64.b64encode(value)
+        headers.append((name, value))
+    return headers
+
+
+def attribute_value(name: str, attribute: Mapping[str, Any]) -> bytes:
+    if str(attribute.get("DataType", "")).startswith("Binary"):
+        value = attribute.get("BinaryValue", b"")
+        if isinstance(value, bytes | bytearray):
+            return bytes(value)
+        try:
+            return base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError, TypeError):
+            raise EventError(f"binary attribute {name!r} is not base64") from None
+    return str(attribute.get("StringValue", "")).encode()
+
+
+def sent_timestamp(message: Message) -> int:
+    try:
+        return max(int(message.attributes.get("SentTimestamp", 0)), 0)
+    except ValueError:
+        return 0  # the CloudEvents formats reject it in EventFormat.attributes; raw uses "now"
+
