@@ -42,7 +42,8 @@ import orjson
 
 from channels.base import Message
 
-__all__ = ["EVENT_TYPE", "EventError", "EventFormat", "check_content_type", "is_extension_name", "parse_overrides"]
+__all__ = ["EVENT_TYPE", "EventError", "EventFormat", "check_content_type", "is_event_format", "is_extension_name",
+           "parse_overrides"]
 
 EVENT_TYPE = "aws.sqs.message"
 SPEC_ATTRIBUTES = frozenset(
@@ -75,10 +76,15 @@ def check_content_type(content_type: str) -> str:
     id, source and type."""
     if not _MEDIA_TYPE.fullmatch(content_type):
         raise EventError(f"content-type attribute {content_type!r} is not a media type")
-    if content_type.split(";", 1)[0].strip().lower().startswith("application/cloudevents"):
+    if is_event_format(content_type):
         raise EventError(f"content-type attribute {content_type!r} would make the receiver read the body "
                          "as an event of its own (its id, source and type chosen by the sender): refused")
     return content_type
+
+
+def is_event_format(content_type: str) -> bool:
+    """The content type says the body is a whole CloudEvent (or a batch of them)."""
+    return content_type.split(";", 1)[0].strip().lower().startswith("application/cloudevents")
 
 
 def is_extension_name(name: str) -> bool:

@@ -71,8 +71,8 @@ class WorkerConfig:
             # and its request may still reach the sink after the message went back to SQS.
             raise ValueError(
                 f"--max-processing-time {self.max_processing_time:g} s must be above the {self.channel.name} "
-                f"channel's own deadline for one attempt ({attempt:g} s: --http-timeout, or the Kafka "
-                "producer's message.timeout.ms)")
+                f"channel's own deadline for one attempt ({attempt:g} s: --http-timeout, or twice the Kafka "
+                "producer's message.timeout.ms: a record may wait that long for room, then for the broker)")
 
     @property
     def effective_visibility_timeout(self) -> int:

@@ -131,7 +131,7 @@ RUN_OPTIONS: tuple[Option, ...] = (
            "SQS; not counted while the circuit is open (an outage pauses receiving instead)."),
     O(flag="--max-processing-time", kind=float, low=1, high=43200, default=300.0,
       help="Seconds one delivery attempt may hold a message before it counts as failed; must be above "
-           "the channel's own deadline (--http-timeout, Kafka's message.timeout.ms)."),
+           "the channel's own deadline (--http-timeout; twice Kafka's message.timeout.ms)."),
     O(flag="--max-rate", kind=float, low=0, high=1_000_000, default=0.0,
       help="Messages per second the whole poller hands to the channel at most, to protect a "
            "subscriber; 0: no limit."),

@@ -25,6 +25,7 @@ from cloudevents.core.formats.json import JSONFormat
 from confluent_kafka import KafkaError, KafkaException
 
 from channels.base import ChannelError, Message, Outcome
+from channels.events import EventError
 from channels.kafka import (
     DEFAULTS,
     KafkaChannel,
@@ -236,6 +237,26 @@ def test_raw_record_is_the_body_with_attributes_as_headers() -> None:
     assert record.value == b"plain text" and record.key is None  # standard queue: no group
     assert record.headers == [("content-type", b"text/csv"), ("sig", b"\xff")]
     assert record.timestamp == 0
+
+
+@pytest.mark.parametrize("fmt", ["binary", "structured", "raw"])
+@pytest.mark.parametrize("data_mode", ["message", "body"])
+def test_an_event_format_content_type_never_makes_a_forged_event(fmt: str, data_mode: str) -> None:
+    """A sender's content-type attribute ``application/cloudevents+json`` with an event as the body:
+    a CloudEvents reader of the record must see the queue's event (its MessageId), or the message
+    is refused; never the sender's id."""
+    forged = '{"specversion":"1.0","id":"spoofed-id","source":"https://payments.example/ledger","type":"x"}'
+    msg = message(body=forged, **{"Content-Type": {"DataType": "String",
+                                                   "StringValue": "Application/CloudEvents+JSON; charset=utf-8"}})
+    builder = RecordBuilder(config(format=fmt, data_mode=data_mode), SOURCE)
+    try:
+        record = builder.build(msg)
+    except EventError as exc:
+        assert "refused" in str(exc)
+        assert fmt == "raw" or data_mode == "body"  # refused only where it would be a content type
+        return
+    assert data_mode == "message" and fmt != "raw"
+    assert ce_kafka.from_kafka(kmsg(record), JSONFormat()).get_id() == "id-1"
 
 
 def test_key_from_attribute() -> None:

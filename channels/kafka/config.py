@@ -190,8 +190,9 @@ class KafkaConfig:
 
     @property
     def attempt_timeout(self) -> float:
-        """A record waits for the broker at most ``message.timeout.ms``."""
-        return _message_timeout(self.producer_config())
+        """A record waits at most ``message.timeout.ms`` for room in librdkafka's queue (in the
+        channel's own, off the loop), then at most ``message.timeout.ms`` for the broker."""
+        return 2 * _message_timeout(self.producer_config())
 
     def create(self, source: str) -> KafkaChannel:
         from channels.kafka.channel import KafkaChannel  # the channel imports this module

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from channels.base import Message
-from channels.events import EventError, EventFormat
+from channels.events import EventError, EventFormat, is_event_format
 from channels.kafka.config import KafkaConfig
 
 __all__ = ["STRUCTURED_CONTENT_TYPE", "Record", "RecordBuilder", "attribute_headers", "attribute_value",
@@ -74,6 +74,11 @@ def attribute_headers(message: Message, *, cloudevents: bool) -> list[tuple[str,
         if cloudevents and (lowered == "content-type" or lowered.startswith("ce_")):
             continue
         value = attribute_value(name, attribute)
+        if lowered == "content-type" and is_event_format(value.decode("utf-8", "replace")):
+            # raw: a CloudEvents reader would take the body for a whole event of the sender's
+            # making (Kafka binding 3.2: this content type marks structured mode).
+            raise EventError(f"content-type attribute {value[:80]!r} would make a reader take the body "
+                             "for an event of its own: refused")
         if cloudevents and str(attribute.get("DataType", "")).startswith("Binary"):
             # CloudEvents readers (the SDKs) decode every header as UTF-8: raw bytes would make
             # the whole record unreadable. Base64, as SQS itself carries them in JSON.
