@@ -16,7 +16,8 @@ from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from contextlib import contextmanager
+from contextlib import ExitStack, closing, contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,7 +29,8 @@ from poller.kit.dumper import DumperServer
 from poller.kit.services import free_port
 
 __all__ = [
-    "BATCH_MAX_BYTES", "BATCH_MAX_ENTRIES", "CLK_TCK", "UNICODE", "Deliveries", "FaultCase", "PollerProcess",
+    "BATCH_MAX_BYTES", "BATCH_MAX_ENTRIES", "CLK_TCK", "JWT", "SECRET_KEY", "SESSION_TOKEN", "STATIC_CREDENTIALS",
+    "UNICODE", "Deliveries", "FakeSts", "FaultCase", "PollerProcess", "closed_by_server", "connection_flood",
     "SinkDeliveries", "Tally", "TopicDeliveries", "ce_id", "consume_topic", "cpu_seconds", "drain",
     "drain_count", "dumper_sink", "free_port", "has_ids", "make_body", "message_size", "new_topic", "pid_alive",
     "poller_cpu", "queue_counts", "send_messages", "send_parallel", "silent_server", "split", "tally",
@@ -560,3 +562,100 @@ def tally(sqs: Any, ids: Sequence[str], deliveries: Deliveries, *, wait: float =
             len(result.lost), len(result.lost & uncommitted), sorted(result.lost & uncommitted)[:5],
             {p: (min(o), max(o), len(o)) for p, o in sorted(offsets.items())})
     return result
+
+
+# -- secrets and floods: the fault suite's security cases and their unit tests ----------------
+
+# Recognisable fakes, the shapes real ones have.
+JWT = ("eyJhbGciOiJSUzI1NiIsImtpZCI6ImZha2UifQ.eyJzdWIiOiJzeXN0ZW06c2VydmljZWFjY291bnQ6b3JkZXJzOnBvbGxlciJ9"
+       ".ZmFrZS1zaWduYXR1cmUtb2YtdGhlLXNlcnZpY2UtYWNjb3VudA")
+SECRET_KEY = "FakeSecretKey/0123456789+abcdefghijKLMNOP"  # 40 characters, like AWS's
+SESSION_TOKEN = "IQoJb3JpZ2luX2VjFAKESESSIONTOKEN0123456789abcdefghijklmnopqrstuvwxyz+/=="
+STATIC_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+
+
+class FakeSts:
+    """An STS endpoint that answers AssumeRoleWithWebIdentity with ``SECRET_KEY`` and
+    ``SESSION_TOKEN``; with ``environment(token_file)`` botocore's default chain takes the IRSA
+    path (``AWS_ROLE_ARN`` + ``AWS_WEB_IDENTITY_TOKEN_FILE``) to it."""
+
+    ANSWER = (
+        '<AssumeRoleWithWebIdentityResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/">'
+        "<AssumeRoleWithWebIdentityResult><Credentials><AccessKeyId>test</AccessKeyId>"
+        f"<SecretAccessKey>{SECRET_KEY}</SecretAccessKey><SessionToken>{SESSION_TOKEN}</SessionToken>"
+        "<Expiration>2099-01-01T00:00:00Z</Expiration></Credentials>"
+        "<SubjectFromWebIdentityToken>system:serviceaccount:orders:poller</SubjectFromWebIdentityToken>"
+        "<AssumedRoleUser><Arn>arn:aws:sts::000000000000:assumed-role/poller/s</Arn>"
+        "<AssumedRoleId>AROAFAKE:s</AssumedRoleId></AssumedRoleUser></AssumeRoleWithWebIdentityResult>"
+        "<ResponseMetadata><RequestId>fake</RequestId></ResponseMetadata></AssumeRoleWithWebIdentityResponse>"
+    ).encode()
+
+    def __init__(self) -> None:
+        self.calls = 0
+        sts = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if b"AssumeRoleWithWebIdentity" in body and JWT.encode() in body:
+                    sts.calls += 1
+                self.send_response(200)
+                self.send_header("Content-Type", "text/xml")
+                self.send_header("Content-Length", str(len(FakeSts.ANSWER)))
+                self.end_headers()
+                self.wfile.write(FakeSts.ANSWER)
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_port}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def environment(self, token_file: Path) -> dict[str, str]:
+        token_file.write_text(JWT)
+        return {"AWS_ROLE_ARN": "arn:aws:iam::000000000000:role/poller",
+                "AWS_WEB_IDENTITY_TOKEN_FILE": str(token_file), "AWS_ENDPOINT_URL_STS": self.url,
+                "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def closed_by_server(sock: socket.socket, wait: float) -> bool:
+    """True once the server closed ``sock`` (EOF or reset) within ``wait`` seconds."""
+    sock.settimeout(wait)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+@contextmanager
+def connection_flood(port: int, path: str, *, idle: int = 400, slow: int = 5) -> Iterator[list[socket.socket]]:
+    """``idle`` connections to 127.0.0.1:``port`` that send nothing and ``slow`` ones that trickle a
+    request head for ``path`` (a byte every 0.2 s, never its end); yields them all, closed after."""
+    stop = threading.Event()
+    with ExitStack() as stack:
+        socks = [stack.enter_context(closing(socket.create_connection(("127.0.0.1", port))))
+                 for _ in range(idle + slow)]
+        head = f"GET {path} HTTP/1.1\r\nHost: x\r\nX-Pad: ".encode() + b"a" * 1000
+
+        def trickle() -> None:
+            for i in range(len(head)):
+                if stop.wait(0.2):
+                    return
+                for sock in socks[idle:]:
+                    try:
+                        sock.send(head[i:i + 1])
+                    except OSError:
+                        pass
+
+        trickler = threading.Thread(target=trickle, daemon=True)
+        trickler.start()
+        stack.callback(trickler.join)
+        stack.callback(stop.set)
+        yield socks

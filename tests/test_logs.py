@@ -3,28 +3,21 @@ in POLLER_DEBUG_LOGGERS, and the handler's redacting filter keeps credentials ou
 
 The last tests run botocore's own DEBUG logging through setup_logging: a request to LocalStack
 signed with a session token, and IRSA's flow (AssumeRoleWithWebIdentity against a fake STS, then
-SQS with the temporary credentials). ``FakeSts`` is shared with tests/faults/test_ops_faults.py.
+SQS with the temporary credentials). ``FakeSts`` is in tests/support.py.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from poller.logs import DEBUG_LOGGERS_ENV, THIRD_PARTY_LOGGERS, Redactor, setup_logging
+from support import JWT, SECRET_KEY, SESSION_TOKEN, STATIC_CREDENTIALS, FakeSts
 
-# Recognisable fakes, the shapes real ones have.
-JWT = ("eyJhbGciOiJSUzI1NiIsImtpZCI6ImZha2UifQ.eyJzdWIiOiJzeXN0ZW06c2VydmljZWFjY291bnQ6b3JkZXJzOnBvbGxlciJ9"
-       ".ZmFrZS1zaWduYXR1cmUtb2YtdGhlLXNlcnZpY2UtYWNjb3VudA")
-SECRET_KEY = "FakeSecretKey/0123456789+abcdefghijKLMNOP"  # 40 characters, like AWS's
-SESSION_TOKEN = "IQoJb3JpZ2luX2VjFAKESESSIONTOKEN0123456789abcdefghijklmnopqrstuvwxyz+/=="
+# Recognisable fakes, the shapes real ones have (JWT, SECRET_KEY, SESSION_TOKEN: tests/support.py).
 SASL_PASSWORD = "sasl-pw-0123456789"
 BASIC = "dXNlcjpzM2NyZXQtcGFzc3dvcmQ="  # user:s3cret-password
 
@@ -160,56 +153,6 @@ def test_named_loggers_are_turned_to_debug(restored_logging: None, monkeypatch: 
 # -- botocore's own DEBUG lines, for real -----------------------------------------------------
 
 
-class FakeSts:
-    """An STS endpoint that answers AssumeRoleWithWebIdentity with ``SECRET_KEY`` and
-    ``SESSION_TOKEN``; with ``environment(token_file)`` botocore's default chain takes the IRSA
-    path (``AWS_ROLE_ARN`` + ``AWS_WEB_IDENTITY_TOKEN_FILE``) to it."""
-
-    ANSWER = (
-        '<AssumeRoleWithWebIdentityResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/">'
-        "<AssumeRoleWithWebIdentityResult><Credentials><AccessKeyId>test</AccessKeyId>"
-        f"<SecretAccessKey>{SECRET_KEY}</SecretAccessKey><SessionToken>{SESSION_TOKEN}</SessionToken>"
-        "<Expiration>2099-01-01T00:00:00Z</Expiration></Credentials>"
-        "<SubjectFromWebIdentityToken>system:serviceaccount:orders:poller</SubjectFromWebIdentityToken>"
-        "<AssumedRoleUser><Arn>arn:aws:sts::000000000000:assumed-role/poller/s</Arn>"
-        "<AssumedRoleId>AROAFAKE:s</AssumedRoleId></AssumedRoleUser></AssumeRoleWithWebIdentityResult>"
-        "<ResponseMetadata><RequestId>fake</RequestId></ResponseMetadata></AssumeRoleWithWebIdentityResponse>"
-    ).encode()
-
-    def __init__(self) -> None:
-        self.calls = 0
-        sts = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's name
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                if b"AssumeRoleWithWebIdentity" in body and JWT.encode() in body:
-                    sts.calls += 1
-                self.send_response(200)
-                self.send_header("Content-Type", "text/xml")
-                self.send_header("Content-Length", str(len(FakeSts.ANSWER)))
-                self.end_headers()
-                self.wfile.write(FakeSts.ANSWER)
-
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self._server.server_port}"
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-
-    def environment(self, token_file: Path) -> dict[str, str]:
-        token_file.write_text(JWT)
-        return {"AWS_ROLE_ARN": "arn:aws:iam::000000000000:role/poller",
-                "AWS_WEB_IDENTITY_TOKEN_FILE": str(token_file), "AWS_ENDPOINT_URL_STS": self.url,
-                "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-
-STATIC_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
 
 
 @pytest.mark.integration

@@ -4,7 +4,6 @@ serves (probes, Prometheus metrics). In-process: the server is one thread of thi
 from __future__ import annotations
 
 import socket
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -16,6 +15,7 @@ import pytest
 
 from poller.metrics import HEAD_TIMEOUT, HttpServer, PollerCollector, serve
 from poller.stats import SLOTS
+from support import closed_by_server, connection_flood
 
 
 def get(port: int, path: str, timeout: float = 2.0) -> tuple[int, str, float]:
@@ -44,17 +44,6 @@ def raw(port: int, data: bytes, timeout: float = 5.0) -> bytes:
         return b"".join(chunks)
 
 
-def closed_by_server(sock: socket.socket, wait: float) -> bool:
-    """True once the server closed ``sock`` (EOF or reset) within ``wait`` seconds."""
-    sock.settimeout(wait)
-    try:
-        return sock.recv(1) == b""
-    except ConnectionResetError:
-        return True
-    except TimeoutError:
-        return False
-
-
 @pytest.fixture
 def probes() -> Iterator[int]:
     """serve() with its production limits; yields the port."""
@@ -72,38 +61,17 @@ def test_probes_answer_and_unknown_paths_are_404(probes: int) -> None:
 
 def test_healthz_answers_at_once_while_400_idle_and_5_slowloris_connections_are_open(probes: int) -> None:
     before = threads()
-    stop = threading.Event()
-    with ExitStack() as stack:
-        idle = [stack.enter_context(closing(socket.create_connection(("127.0.0.1", probes)))) for _ in range(400)]
-        slow = [stack.enter_context(closing(socket.create_connection(("127.0.0.1", probes)))) for _ in range(5)]
-
-        def trickle() -> None:  # one byte of a request head every 0.2 s, never the end of it
-            head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 1000
-            for i in range(len(head)):
-                if stop.wait(0.2):
-                    return
-                for sock in slow:
-                    try:
-                        sock.send(head[i:i + 1])
-                    except OSError:
-                        pass
-
-        trickler = threading.Thread(target=trickle, daemon=True)
-        trickler.start()
-        try:
-            for _ in range(5):
-                status, _, seconds = get(probes, "/healthz", timeout=2.0)
-                assert status == 200 and seconds < 1.0, (status, seconds)
-                time.sleep(0.2)
-            assert threads() <= before + 1, f"{threads()} threads, {before} before the flood"  # the trickler
-            # Every idle and slow connection is closed: the flood's beyond the cap at once, the rest
-            # after the head timeout (the slow ones too, though they keep sending).
-            deadline = time.monotonic() + HEAD_TIMEOUT + 2.0
-            still_open = [s for s in idle + slow if not closed_by_server(s, max(0.01, deadline - time.monotonic()))]
-            assert not still_open, f"{len(still_open)} connections still open after {HEAD_TIMEOUT + 2:g}s"
-        finally:
-            stop.set()
-            trickler.join()
+    with connection_flood(probes, "/healthz") as flood:
+        for _ in range(5):
+            status, _, seconds = get(probes, "/healthz", timeout=2.0)
+            assert status == 200 and seconds < 1.0, (status, seconds)
+            time.sleep(0.2)
+        assert threads() <= before + 1, f"{threads()} threads, {before} before the flood"  # the trickler
+        # Every idle and slow connection is closed: the flood's beyond the cap at once, the rest
+        # after the head timeout (the slow ones too, though they keep sending).
+        deadline = time.monotonic() + HEAD_TIMEOUT + 2.0
+        still_open = [s for s in flood if not closed_by_server(s, max(0.01, deadline - time.monotonic()))]
+        assert not still_open, f"{len(still_open)} connections still open after {HEAD_TIMEOUT + 2:g}s"
     assert get(probes, "/healthz")[0] == 200
 
 

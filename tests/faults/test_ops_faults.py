@@ -11,13 +11,11 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
-import socket
 import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from contextlib import ExitStack, closing
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +23,9 @@ import pytest
 
 from poller.metrics import HEAD_TIMEOUT
 from support import (
-    FaultCase, PollerProcess, SinkDeliveries, dumper_sink, free_port, queue_counts, send_messages, tally, wait_until,
+    JWT, SECRET_KEY, SESSION_TOKEN, STATIC_CREDENTIALS, FakeSts, FaultCase, PollerProcess, SinkDeliveries,
+    closed_by_server, connection_flood, dumper_sink, free_port, queue_counts, send_messages, tally, wait_until,
 )
-from test_logs import JWT, SECRET_KEY, SESSION_TOKEN, STATIC_CREDENTIALS, FakeSts
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
@@ -130,8 +128,7 @@ def test_health_port_flooded(
     case = fault_case("health port flooded (400 idle + 5 slowloris)", "http", max_duplicates=0)
     queue = make_queue(visibility_timeout=30)
     port = free_port()
-    stop = threading.Event()
-    with dumper_sink() as server, ExitStack() as stack:
+    with dumper_sink() as server:
         deliveries = SinkDeliveries(server)
         ids = send_messages(sqs, queue.url, [f"flood-{i}" for i in range(300)])
         case.count_with(lambda wait: tally(sqs, ids, deliveries, wait=wait))
@@ -139,43 +136,18 @@ def test_health_port_flooded(
                               "--max-rate", "100")
         wait_until(lambda: probe(port, "/readyz")[0] == 200, 30, "the poller to be ready")
         before = threads_of(poller.pid)
-        idle = [stack.enter_context(closing(socket.create_connection(("127.0.0.1", port)))) for _ in range(400)]
-        slow = [stack.enter_context(closing(socket.create_connection(("127.0.0.1", port)))) for _ in range(5)]
-
-        def trickle() -> None:  # a byte of a request head every 0.2 s, never its end
-            head = b"GET /metrics HTTP/1.1\r\nX-Pad: " + b"a" * 1000
-            for i in range(len(head)):
-                if stop.wait(0.2):
-                    return
-                for sock in slow:
-                    try:
-                        sock.send(head[i:i + 1])
-                    except OSError:
-                        pass
-
-        trickler = threading.Thread(target=trickle, daemon=True)
-        trickler.start()
-        stack.callback(trickler.join)
-        stack.callback(stop.set)
-        answers = []
-        for _ in range(5):
-            answers.append(probe(port, "/healthz"))
-            time.sleep(0.2)
-        answers.append(probe(port, "/metrics"))
-        during = threads_of(poller.pid)
-        assert all(status == 200 and seconds < 1.0 for status, _, seconds in answers), answers
-        assert during <= before, f"the supervisor went from {before} to {during} threads"
-        deadline = time.monotonic() + HEAD_TIMEOUT + 2.0
-        still_open = 0
-        for sock in idle + slow:
-            sock.settimeout(max(0.01, deadline - time.monotonic()))
-            try:
-                still_open += sock.recv(1) != b""
-            except ConnectionResetError:
-                pass
-            except TimeoutError:
-                still_open += 1
-        assert not still_open, f"{still_open} connections still open {HEAD_TIMEOUT + 2:g}s after the flood"
+        with connection_flood(port, "/metrics") as flood:
+            answers = []
+            for _ in range(5):
+                answers.append(probe(port, "/healthz"))
+                time.sleep(0.2)
+            answers.append(probe(port, "/metrics"))
+            during = threads_of(poller.pid)
+            assert all(status == 200 and seconds < 1.0 for status, _, seconds in answers), answers
+            assert during <= before, f"the supervisor went from {before} to {during} threads"
+            deadline = time.monotonic() + HEAD_TIMEOUT + 2.0
+            still_open = sum(not closed_by_server(s, max(0.01, deadline - time.monotonic())) for s in flood)
+            assert not still_open, f"{still_open} connections still open {HEAD_TIMEOUT + 2:g}s after the flood"
         case.note(f"slowest probe {max(seconds for _, _, seconds in answers) * 1000:.0f} ms; "
                   f"supervisor threads {before} -> {during}")
         wait_empty(sqs, queue.url)
