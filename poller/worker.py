@@ -791,6 +791,10 @@ class Worker:
                 timer.cancel()
             if run in self._parked:
                 self._parked.remove(run)
+            if run.probe:  # the probe out: the next one may go
+                run.probe = False
+                self._circuit.probe_failed(time.monotonic())
+                self._arm_probe()
             self._return_run(run, effects, visibility=0)
             self._limit_log.hit(f"message {run.entries[0].message.id}")
         self._apply(effects)
