@@ -208,7 +208,10 @@ class _SinkAnswers:
     """What the sink's refusals mean, decided across events (on the loop).
 
     A refusal (``_REFUSED``) sends its message to the DLQ in the end, so it is reported only once
-    the sink has shown it takes other events (the next 2xx), or when the attempt's deadline comes.
+    the sink has shown it takes other events (the next 2xx), or when the attempt's deadline comes:
+    then as a REJECT if the sink's last other answer was a 2xx (a quiet queue's poison message),
+    but as a RETRY if it was a failure (a sink coming back from an outage in a bad state, whose
+    refusals of the circuit's probes must not close the circuit and reject one probe after another).
     ``REFUSAL_RUN`` different events refused in a row with the same status, and no 2xx between,
     make it the sink's problem: those held and the next ones answered so are RETRY until a 2xx,
     and the worker's circuit pauses receiving. A sink that refuses the poller's credentials is
@@ -222,6 +225,7 @@ class _SinkAnswers:
         self._run: set[str] = set()  # the different events in it
         self.broken = 0  # a refusal status that means "the sink's problem" until a 2xx, or 0
         self._credentials = 0  # a credentials status logged since the last 2xx, or 0
+        self._working = True  # the sink's last answer other than a refusal was a 2xx
         self.quiet = True  # nothing above is set: a 2xx has nothing to do here
 
     def accepted(self) -> None:
@@ -229,9 +233,14 @@ class _SinkAnswers:
         if self.broken or self._credentials:
             log.warning("sink %s accepts events again", self._sink)
         self._status, self.broken, self._credentials, self.quiet = 0, 0, 0, True
+        self._working = True
         self._run.clear()
         for message in list(self._held):
             self._confirm(message)
+
+    def failed(self) -> None:
+        """An answer (or none) to be retried: the sink is failing."""
+        self._working, self.quiet = False, False
 
     def credentials_refused(self, status: int) -> None:
         self.quiet = False
@@ -253,7 +262,7 @@ class _SinkAnswers:
             self._run.clear()
         self._run.add(message.id)
         if len(self._run) < REFUSAL_RUN:
-            timer = asyncio.get_running_loop().call_at(deadline, self._confirm, message)
+            timer = asyncio.get_running_loop().call_at(deadline, self._at_deadline, message)
             self._held[message] = (report, reason, timer)
             return
         self.broken = status
@@ -279,6 +288,15 @@ class _SinkAnswers:
             report, reason, timer = entry
             timer.cancel()
             report(message, Outcome.REJECT, reason)
+
+    def _at_deadline(self, message: Message) -> None:
+        if self._working:
+            self._confirm(message)
+            return
+        entry = self._held.pop(message, None)
+        if entry is not None:
+            report, reason, _ = entry
+            report(message, Outcome.RETRY, f"{reason} while it was failing (not taken for a verdict)")
 
     def _broken_reason(self, status: int) -> str:
         return (f"sink {self._sink} answered HTTP {status} to {REFUSAL_RUN} different events in a row "
@@ -349,6 +367,7 @@ class HttpChannel(Channel):
             if self._in_flight == 0 and self._idle is not None:
                 self._idle.set()
         if error is not None:
+            self._answers.failed()
             report(message, Outcome.RETRY, f"sink {self._sink}: {type(error).__name__}: {error}")
         elif 200 <= status < 300:
             report(message, Outcome.ACK, "")
@@ -357,6 +376,7 @@ class HttpChannel(Channel):
         elif status in _REFUSED:
             self._answers.refused(message, report, status, f"sink {self._sink} answered HTTP {status}", deadline)
         else:
+            self._answers.failed()
             if status in _CREDENTIALS:
                 self._answers.credentials_refused(status)
             report(message, Outcome.RETRY, f"sink {self._sink} answered HTTP {status}", retry_after)

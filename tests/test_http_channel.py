@@ -174,6 +174,23 @@ async def test_a_refusal_waits_for_a_2xx_that_shows_the_sink_works() -> None:
 
 
 @on_loop
+async def test_a_refusal_from_a_failing_sink_is_not_a_verdict_at_the_deadline() -> None:
+    """A sink back from an outage in a bad state (503, then 400 to all): the circuit's lone probe
+    is refused, nothing confirms it; at the deadline it is retried, not rejected (else each probe
+    in turn was rejected and closed the circuit)."""
+    answers = {"m-1": 503, "m-2": 400}
+    with dumper(respond=lambda event, headers: answers[event["id"]]) as d:
+        channel = HttpConfig(sink=d.url, concurrency=1, timeout=0.5).create(SOURCE)
+        reports = Reports()
+        channel.publish([message(1)], reports)
+        await reports.wait(1)
+        channel.publish([message(2)], reports)
+        outcomes = await reports.wait(2)
+        await channel.aclose(5)
+    assert outcomes[1][:2] == ("m-2", Outcome.RETRY) and "while it was failing" in outcomes[1][2]
+
+
+@on_loop
 async def test_the_same_refusal_for_many_different_events_is_the_sinks_problem() -> None:
     """A sink answering 400 to everything (a wrong endpoint, a broken deploy) must not send a
     backlog to the DLQ: REFUSAL_RUN different events refused alike are retried, and so is every
