@@ -1,0 +1,227 @@
+"""Fault suite: what the poller gives back to the queue. Messages that arrive while the poller
+stops must not be left invisible; a FIFO queue's groups must keep their order while messages are
+refused, returned and held by a worker that is killed.
+
+Real LocalStack SQS -> the real ``poller run`` -> the dumper. Each case counts what the sink
+really accepted and what is back on the queue.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pytest
+
+from support import (
+    Deliveries, FaultCase, PollerProcess, SinkDeliveries, Tally, drain, dumper_sink, queue_counts, send_messages,
+    tally, wait_until,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.faults]
+
+
+def quick_tally(sqs: Any, ids: Sequence[str], deliveries: Deliveries, url: str, wait: float, *,
+                receives: Counter[int] | None = None, dlq_url: str | None = None) -> Tally:
+    """``tally`` for a case whose flow has ended: what the queue (and ``dlq_url``) holds is
+    drained (receive and delete, until a 1 s receive comes back empty twice), the rest is what
+    the sink received. Shorter than ``tally(drain_url=...)``, which waits for broken-off
+    receives to come back. ``receives``: filled with how many times SQS had handed out each
+    message drained from the queue before the drain. The queue first: a message the drain's
+    receive takes past the redrive policy's maxReceiveCount is moved to the DLQ by SQS instead."""
+    drained = drain(sqs, url, idle_receives=2, wait_seconds=1)
+    dead = Counter(m["MessageId"] for m in drain(sqs, dlq_url, idle_receives=1)) if dlq_url else Counter()
+    if receives is not None:  # the drain's own receive is the last one
+        receives.update(int(m["Attributes"]["ApproximateReceiveCount"]) - 1 for m in drained)
+    queued = Counter(m["MessageId"] for m in drained)
+    expected = set(ids) - queued.keys() - dead.keys()
+    return Tally(frozenset(ids), deliveries.ids(expected, timeout=wait), dead, queued)
+
+
+def exit_code(poller: PollerProcess, timeout: float) -> int:
+    """Wait for a poller that is stopping already (``stop()`` would signal it a second time: a
+    second SIGTERM kills the workers at once)."""
+    poller.proc.wait(timeout)
+    return poller.stop()
+
+
+# -- 6. a stop does not leave the messages of its last long polls invisible -------------------------
+
+
+def brought_after_stop(log_text: str) -> int:
+    """Messages the workers say long polls brought after the stop (and they gave back at once)."""
+    return sum(int(line.split("returned ")[1].split()[0]) for line in log_text.splitlines()
+               if "a long poll brought after the stop" in line)
+
+
+def sigterm_while_messages_arrive(sqs: Any, url: str, poller: PollerProcess, n: int) -> tuple[list[str], str]:
+    """The poller waits on an empty queue, every receiver in a long poll; SIGTERM, and right after
+    it ``n`` messages arrive. Waits for the poller to exit 0; returns the ids and a note."""
+    poller.wait_for_workers(2)
+    time.sleep(1.0)  # every receiver is in a long poll
+    poller.proc.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    ids = send_messages(sqs, url, [f"at-sigterm-{i}" for i in range(n)])
+    sent_after = time.monotonic() - signalled
+    assert exit_code(poller, 30) == 0, poller.log_text()[-3000:]
+    return ids, (f"sent {sent_after:.2f} s after SIGTERM; exited after {time.monotonic() - signalled:.1f} s; "
+                 f"{brought_after_stop(poller.log_text())} brought by long polls after the stop")
+
+
+def test_sigterm_during_long_polls_orphans_no_message(
+    sqs: Any, make_queue: Any, start_poller: Callable[..., PollerProcess], fault_case: Callable[..., FaultCase],
+) -> None:
+    """The poller waits on an empty queue with --wait-time 5 (eight long polls in flight); SIGTERM,
+    and right after it 10 messages arrive, which SQS hands to those polls. The queue's visibility
+    timeout is 60 s: a poll broken off, or one whose messages were kept, would leave them
+    invisible for a minute. The poller lets the polls finish and gives what they bring back at
+    once: when it has exited 0, all 10 are visible. Duplicates: 0 (nothing was delivered)."""
+    case = fault_case("SIGTERM during long polls, messages arriving", "http", max_duplicates=0)
+    queue = make_queue(visibility_timeout=60)
+    with dumper_sink() as server:
+        deliveries = SinkDeliveries(server)
+        ids: list[str] = []
+        receives: Counter[int] = Counter()
+        case.count_with(lambda wait: quick_tally(sqs, ids, deliveries, queue.url, wait, receives=receives))
+        poller = start_poller(queue.url, deliveries.poller_args(), "--wait-time", "5")
+        sent, note = sigterm_while_messages_arrive(sqs, queue.url, poller, 10)
+        ids += sent
+        counts = queue_counts(sqs, queue.url)
+    text = poller.log_text()
+    case.note(f"{note}; queue (visible, invisible) {counts}")
+    assert counts == (10, 0), f"queue (visible, invisible) = {counts} once the poller exited\n{text[-3000:]}"
+    assert brought_after_stop(text), f"no long poll brought a message after the stop: no fault\n{text[-3000:]}"
+    result = case.finish()
+    case.note("times handed out before the drain: " + ", ".join(f"{n}: {k}" for n, k in sorted(receives.items())))
+    assert len(result.queued) == 10 and not result.delivered, result
+
+
+def test_sigterm_during_long_polls_sends_nothing_to_the_dlq(
+    sqs: Any, make_queue: Any, start_poller: Callable[..., PollerProcess], fault_case: Callable[..., FaultCase],
+) -> None:
+    """As above, with a DLQ that takes a message at its fourth receive (maxReceiveCount 3). A stop
+    must not send healthy messages there: a message arriving during the stop may be handed to
+    one poll (one receive, given back), not passed from poll to poll, each receive counted. When
+    the poller has exited 0, the next receive (the count's drain, as a new poller's would) must
+    find all 10 on the queue, none moved to the DLQ. Duplicates: 0.
+
+    Fails at e0cf4cb: each message a poll brings after the stop is given back at once (visibility
+    0), so another poll still in flight takes it, gives it back, and so on: the 10 messages were
+    handed out 3-4 times each during one stop (30-40 returns, 8 polls in flight), and the next
+    receive moves those handed out 3 times to the DLQ."""
+    case = fault_case("SIGTERM during long polls, DLQ at maxReceiveCount 3", "http", max_duplicates=0)
+    queue = make_queue(visibility_timeout=60, dlq_max_receive_count=3)
+    with dumper_sink() as server:
+        deliveries = SinkDeliveries(server)
+        ids: list[str] = []
+        receives: Counter[int] = Counter()
+        case.count_with(lambda wait: quick_tally(sqs, ids, deliveries, queue.url, wait, receives=receives,
+                                                 dlq_url=queue.dlq_url))
+        poller = start_poller(queue.url, deliveries.poller_args(), "--wait-time", "5")
+        sent, note = sigterm_while_messages_arrive(sqs, queue.url, poller, 10)
+        ids += sent
+        counts = queue_counts(sqs, queue.url)
+    case.note(f"{note}; queue (visible, invisible) {counts}")
+    assert brought_after_stop(poller.log_text()), "no long poll brought a message after the stop: no fault"
+    result = case.finish()
+    case.note("times handed out before the drain: " + ", ".join(f"{n}: {k}" for n, k in sorted(receives.items())))
+    assert not result.dead, (f"{len(result.dead)} of 10 healthy messages in the DLQ after one SIGTERM; "
+                             f"times the queue's messages were handed out: {dict(receives)}")
+
+
+def test_until_empty_stop_orphans_no_message(
+    sqs: Any, make_queue: Any, start_poller: Callable[..., PollerProcess], fault_case: Callable[..., FaultCase],
+) -> None:
+    """``poller run --until-empty`` drains 20 messages; as soon as it says the queue is empty and
+    stops, 10 more arrive while its last long polls (1 s once the queue looked empty) are in
+    flight. The queue's visibility timeout is 60 s. When it has exited 0, every message is either
+    delivered or visible again: none is left invisible. Duplicates: 0."""
+    case = fault_case("--until-empty stop, messages arriving", "http", max_duplicates=0)
+    queue = make_queue(visibility_timeout=60)
+    with dumper_sink() as server:
+        deliveries = SinkDeliveries(server)
+        ids = send_messages(sqs, queue.url, [f"before-stop-{i}" for i in range(20)])
+        case.count_with(lambda wait: quick_tally(sqs, ids, deliveries, queue.url, wait))
+        poller = start_poller(queue.url, deliveries.poller_args(), "--until-empty")
+        wait_until(lambda: "the queue is empty" in poller.log_text(), 60, "the poller to find the queue empty",
+                   interval=0.01)
+        ids += send_messages(sqs, queue.url, [f"at-stop-{i}" for i in range(10)])
+        assert exit_code(poller, 30) == 0, poller.log_text()[-3000:]
+        visible, invisible = queue_counts(sqs, queue.url)
+        delivered = len(server.events)
+    text = poller.log_text()
+    brought = brought_after_stop(text)
+    case.note(f"after the exit: {delivered} delivered, {visible} visible, {invisible} invisible; "
+              f"{brought} brought by long polls after the stop")
+    assert invisible == 0, f"{invisible} messages left invisible\n{text[-3000:]}"
+    assert visible + delivered == len(ids), (visible, delivered, len(ids))
+    case.finish()
+
+
+# -- 7. FIFO order while messages are refused, returned, and held by a killed worker ----------------
+
+GROUPS = 6
+PER_GROUP = 30
+# A message returned after its first receive is invisible 2 or 3 s (2.5 s +/- the backoff's 20%
+# jitter, rounded), after its second 4 or 5 s: the messages of one run would get different
+# visibilities if each had its own. Capped at 5 s so the case stays short.
+NACKS = ("--nack-backoff", "2.5", "--nack-backoff-max", "5")
+
+
+def test_fifo_order_when_messages_are_given_back(
+    sqs: Any, make_queue: Any, start_poller: Callable[..., PollerProcess], fault_case: Callable[..., FaultCase],
+) -> None:
+    """A FIFO queue, 6 groups x 30 messages; the sink answers 503 to 20% of the events (seeded),
+    --retries 1, so some runs are returned to SQS; one worker is SIGKILLed mid-flow (what it held
+    comes back after the 3 s visibility timeout). For each group, the order in which the sink
+    first accepted its messages is the send order: a message accepted before an earlier one of
+    its group would break it. Duplicates <= 30 (--max-in-flight): only the killed worker's
+    messages, accepted by the sink and not yet deleted, are delivered twice."""
+    max_in_flight = 30
+    case = fault_case("FIFO order: 503 to 20%, returns, worker SIGKILL", "http", max_duplicates=max_in_flight)
+    queue = make_queue(fifo=True, visibility_timeout=3)
+    rng, lock = random.Random(7), threading.Lock()
+
+    def flaky(event: dict[str, Any], headers: Any) -> int | None:
+        with lock:
+            return 503 if rng.random() < 0.2 else None
+
+    with dumper_sink(respond=flaky) as server:
+        deliveries = SinkDeliveries(server)
+        sent = {f"g{g}": send_messages(sqs, queue.url, [f"g{g}-{i}" for i in range(PER_GROUP)], group_id=f"g{g}")
+                for g in range(GROUPS)}
+        ids = [mid for group in sent.values() for mid in group]
+        case.count_with(lambda wait: tally(sqs, ids, deliveries, wait=wait))
+        poller = start_poller(queue.url, deliveries.poller_args(), "--retries", "1", "--max-in-flight",
+                              str(max_in_flight), *NACKS)
+        poller.wait_for_workers(2)
+        wait_until(lambda: len(server.events) >= 40, 60, "40 events accepted", interval=0.02)
+        victim = poller.worker_pids()[0]
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: queue_counts(sqs, queue.url) == (0, 0), 120, "the queue to be empty")
+        assert poller.stop() == 0, poller.log_text()[-3000:]
+        accepted = [e["id"] for e in server.events]
+    first: dict[str, int] = {}
+    for position, mid in enumerate(accepted):
+        first.setdefault(mid, position)
+    # Per group: the most messages first accepted ahead of an earlier message of their group.
+    ahead = {group: max(sum(1 for later in group_ids[k + 1:] if first.get(later, -1) < first.get(mid, -1)
+                            and later in first) for k, mid in enumerate(group_ids))
+             for group, group_ids in sent.items()}
+    case.note(f"sink refused {server.counts.refused} events; most accepted ahead of an earlier one, "
+              f"per group: {ahead}")
+    assert server.counts.refused >= 10, "the sink hardly refused anything: the fault did not hit"
+    assert "was killed by SIGKILL" in poller.log_text()
+    result = case.finish()
+    for group, group_ids in sent.items():
+        order = sorted(group_ids, key=first.__getitem__)
+        assert order == group_ids, (
+            f"group {group}: first accepted in the order "
+            f"{[group_ids.index(mid) for mid in order]}, sent 0..{PER_GROUP - 1}")
+    assert result.duplicates <= max_in_flight
