@@ -328,9 +328,10 @@ def _describe(config: ChannelConfig) -> str:
 def check(**opts: Any) -> int:
     """Check what `poller run` would use, with the same flags, and print a short report.
 
-    Credentials, the queue (visibility timeout, redrive policy and DLQ, FIFO, depth), and the
-    sink (an OPTIONS request) or the Kafka broker and topic. Warns when the visibility timeout
-    is shorter than a delivery may take, and when there is no DLQ.
+    Credentials, the queue (visibility timeout, redrive policy and DLQ, FIFO, depth), the
+    permissions to delete and to change visibility (a call with a made-up receipt handle), and
+    the sink (an OPTIONS request) or the Kafka broker and topic. Warns when the visibility
+    timeout is shorter than a delivery may take, and when there is no DLQ.
     """
     from poller.check import run_check
 
