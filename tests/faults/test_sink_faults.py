@@ -89,7 +89,7 @@ def test_sink_answering_an_error_to_every_event(
     status: int, sqs: Any, make_queue: Any, start_poller: Callable[..., PollerProcess],
     fault_case: Callable[..., FaultCase],
 ) -> None:
-    """For 5 s from its first request the sink answers ``status`` to every event, then 200. The
+    """For 3 s from its first request the sink answers ``status`` to every event, then 200. The
     queue's DLQ takes a message at its third receive (maxReceiveCount 2) and the visibility
     timeout is 3 s: a message wrongly rejected or returned twice would be in the DLQ within
     seconds, once would be delivered at its second receive. The answer is the sink's problem, not
@@ -98,9 +98,9 @@ def test_sink_answering_an_error_to_every_event(
     first receive, nothing is in the DLQ. Duplicates: 0 (the dumper keeps only the events it
     answered 2xx, and nothing was given back)."""
     processes, logged = ANSWERS[status]
-    case = fault_case(f"sink answering {status} to every event 5 s", "http", max_duplicates=0)
+    case = fault_case(f"sink answering {status} to every event 3 s", "http", max_duplicates=0)
     queue = make_queue(visibility_timeout=3, dlq_max_receive_count=2)
-    with dumper_sink(respond=answering((status, 5.0))) as server:
+    with dumper_sink(respond=answering((status, 3.0))) as server:
         deliveries = SinkDeliveries(server)
         ids = send_messages(sqs, queue.url, [f"answer-{status}-{i}" for i in range(40)])
         case.count_with(lambda wait: tally(sqs, ids, deliveries, wait=wait, dlq_url=queue.dlq_url))
