@@ -269,8 +269,8 @@ class _SinkAnswers:
         log.warning("sink %s answered HTTP %d to %d different events in a row: taken for a problem of the "
                     "sink, not of the events; they are retried, not rejected, until it accepts one",
                     self._sink, status, REFUSAL_RUN)
-        held, self._held = self._held, {}
-        for other, (other_report, _, timer) in held.items():
+        pending, self._held = self._held, {}
+        for other, (other_report, _, timer) in pending.items():
             timer.cancel()
             other_report(other, Outcome.RETRY, self._broken_reason(status))
         report(message, Outcome.RETRY, self._broken_reason(status))
