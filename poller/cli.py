@@ -22,7 +22,7 @@ from click.core import ParameterSource
 from channels.base import ChannelConfig, ChannelError
 from channels.events import parse_overrides
 from channels.http import HttpConfig, check_url, redact
-from poller.config import RunConfig, WorkerConfig
+from poller.config import RunConfig, WorkerConfig, check_attempt_bound
 from poller.cpus import default_processes
 from poller.logs import setup_logging
 from poller.options import RUN_OPTIONS, apply
@@ -150,6 +150,10 @@ def _plan(opts: dict[str, Any], *, reach_queue: bool = True) -> Plan:
     check_url(queue_url, "queue")
     _refuse_other_channels_flags(ctx, opts["channel_name"])
     channel = _channel_config(opts)
+    try:  # a usage error, before SQS is asked anything
+        check_attempt_bound(opts["max_processing_time"], channel)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     target = _resolve(opts)
     mismatch = region_mismatch(target)
     if mismatch:

@@ -12,7 +12,23 @@ from channels.base import ChannelConfig
 from poller.options import check
 from poller.sqs import SqsTarget
 
-__all__ = ["RunConfig", "WorkerConfig"]
+__all__ = ["RunConfig", "WorkerConfig", "check_attempt_bound"]
+
+
+# What makes each channel's deadline for one attempt, for the error below.
+_DEADLINE_OF = {"http": "--http-timeout",
+                "kafka": "twice message.timeout.ms: a record may wait that long for room, then for the broker"}
+
+
+def check_attempt_bound(max_processing_time: float, channel: ChannelConfig) -> None:
+    """ValueError unless ``--max-processing-time`` is above the channel's own deadline for one
+    attempt: else every slow but working attempt is given up before the channel could answer,
+    and its request may still reach the sink after the message went back to SQS."""
+    attempt = channel.attempt_timeout
+    if max_processing_time <= attempt:
+        what = _DEADLINE_OF.get(channel.name, "its own deadline")
+        raise ValueError(f"--max-processing-time {max_processing_time:g} s must be above the {channel.name} "
+                         f"channel's deadline for one attempt ({attempt:g} s: {what})")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -65,14 +81,7 @@ class WorkerConfig:
             raise ValueError(f"the circuit threshold must be between 1 and 10000, not {self.circuit_threshold}")
         if not 0 < self.shutdown_timeout <= 3600:
             raise ValueError(f"a worker's shutdown timeout must be above 0, not {self.shutdown_timeout}")
-        attempt = self.channel.attempt_timeout
-        if self.max_processing_time <= attempt:
-            # Else every slow but working attempt is given up before the channel could answer,
-            # and its request may still reach the sink after the message went back to SQS.
-            raise ValueError(
-                f"--max-processing-time {self.max_processing_time:g} s must be above the {self.channel.name} "
-                f"channel's own deadline for one attempt ({attempt:g} s: --http-timeout, or twice the Kafka "
-                "producer's message.timeout.ms: a record may wait that long for room, then for the broker)")
+        check_attempt_bound(self.max_processing_time, self.channel)
 
     @property
     def effective_visibility_timeout(self) -> int:

@@ -49,6 +49,8 @@ class Option:
         """ValueError in one line unless ``value`` is within this option's range."""
         if value is None or self.kind not in (int, float):
             return
+        if value != value:  # NaN: every comparison below is False, so it would pass them all
+            raise ValueError(f"{self.flag} must be a number, not {value}")
         if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
             if self.high is None:
                 raise ValueError(f"{self.flag} must be at least {_number(self.low)}, not {value}")
@@ -62,7 +64,7 @@ class Option:
         if self.kind is int:
             return click.IntRange(_int(self.low), _int(self.high))
         if self.kind is float:
-            return click.FloatRange(self.low, self.high)
+            return _FloatRange(self.low, self.high)
         return click.STRING
 
     def shown_default(self) -> str:
@@ -205,6 +207,16 @@ _BY_FLAG = {o.flag: o for o in RUN_OPTIONS}
 
 def option(flag: str) -> Option:
     return _BY_FLAG[flag]
+
+
+class _FloatRange(click.FloatRange):
+    """click's FloatRange, which takes "nan": it compares false with both bounds."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if number != number:
+            self.fail(f"{value!r} is not a number.", param, ctx)
+        return number
 
 
 def check(flag: str, value: Any) -> None:

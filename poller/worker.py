@@ -29,11 +29,12 @@ one probe at a time; the first success closes the circuit. An outage therefore c
 counts, and healthy messages do not reach the DLQ.
 
 Shutdown (SIGTERM / SIGINT), within ``shutdown_timeout``: stop receiving, return what waits for
-a retry (visibility 0, so it comes back at once), let the channel finish or give back what it
-holds (``aclose``), return the rest, flush the deletes of everything acknowledged, exit 0. Long
-polls in progress are let finish (within ``--wait-time``), because SQS still hands messages to
-a poll until it returns: one broken off would leave them invisible for the visibility timeout;
-what they bring is given back, visible again once every poll in flight has ended. The extender runs until the channel has closed.
+a retry, let the channel finish or give back what it holds (``aclose``), return the rest, flush
+the deletes of everything acknowledged, exit 0. Long polls in progress are let finish (within
+``--wait-time``), because SQS still hands messages to a poll until it returns: one broken off
+would leave them invisible for the visibility timeout. What the stop gives back (and what those
+polls bring) is visible again once every poll in flight has ended (``_stop_visibility``). The
+extender runs until the channel has closed.
 """
 
 from __future__ import annotations
@@ -309,7 +310,7 @@ class Worker:
         if self._probe_timer is not None:
             self._probe_timer.cancel()
         for run in waiting:
-            self._return_run(run, effects, visibility=0)
+            self._return_run(run, effects, visibility=self._stop_visibility())
         self._apply(effects)
         # Leave a third of the time for the deletes and returns that closing produces.
         closing = loop.create_task(self._channel.aclose(timeout=max(0.5, (deadline - loop.time()) * 2 / 3)))
@@ -324,11 +325,12 @@ class Worker:
         await closing
         # Anything the channel did not report (it broke, or ran out of time) goes back too.
         effects = _Effects()
+        visibility = self._stop_visibility()
         for held in list(self._ledger):  # in receipt order: a FIFO group's head first
             if held.stage is not Stage.DELETING:
                 held.run.live = False
                 self._ledger.release(held.message.ack_id)
-                effects.give_back(held, 0)
+                effects.give_back(held, visibility)
         self._apply(effects)
         extender.cancel()  # only now: the channel's final deliveries were kept invisible
         finished = await self._deleter.close(max(0.5, deadline - loop.time()))
@@ -359,6 +361,16 @@ class Worker:
             return False
         ledger.reserve(n)
         return True
+
+    def _stop_visibility(self) -> int:
+        """The visibility of what a stop gives back: 0 once no long poll can still be in flight,
+        this process's or those of the processes the supervisor stopped with it (they end within
+        a poll's wait of the stop); until then, long enough for them to have ended. Visible at
+        once, SQS would hand a message to one stopping poll after another, a receive count each
+        time (seen: 3-4 receives during one stop, healthy messages in a DLQ at maxReceiveCount 2)."""
+        assert self._loop is not None
+        left = max(self._polls_end, self._stopped_at + self._poll_wait) - self._loop.time()
+        return math.ceil(left) + 1 if left > 0 else 0
 
     def _circuit_holds_receiving(self) -> bool:
         """While the circuit is open, receiving waits, one receive at a time excepted when:
@@ -488,13 +500,7 @@ class Worker:
         self.counters.add("received", len(messages))
         now = time.monotonic()
         if self._stopping:  # a long poll that ended after the stop: give it all back
-            # Visible again once the other polls in flight have ended: this process's, and those
-            # of the processes the supervisor stopped with it, which end within a poll's wait
-            # of the stop. Visible at once, each would be handed from poll to poll, a receive
-            # count each time (seen: 3-4 receives per message during one stop).
-            assert self._loop is not None
-            latest = max(self._polls_end, self._stopped_at + self._poll_wait)
-            visibility = math.ceil(max(0.0, latest - self._loop.time())) + 1
+            visibility = self._stop_visibility()
             ledger.unreserve(len(messages))
             self.counters.add("returned", len(messages))
             self._visibility.give_back([(m.ack_id, m.group_id) for m in messages], visibility)
@@ -633,7 +639,7 @@ class Worker:
             # Not from within this verdict: the shed requests' verdicts come back through it.
             self._loop.call_soon(self._shed)  # type: ignore[union-attr]
         if self._stopping:
-            self._return_run(run, effects, visibility=0)
+            self._return_run(run, effects, visibility=self._stop_visibility())
         elif self._circuit.is_open:
             self._park(run)  # a failed probe goes to the back: the next probe tries another run
         else:

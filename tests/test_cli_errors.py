@@ -598,3 +598,21 @@ def test_a_queue_the_credentials_may_not_read_is_named_in_one_line(
                             _env(aws_env))
     assert_one_line_error(result, f"the credentials may not sqs:GetQueueAttributes on {queue_url}", "AccessDenied")
     assert result.returncode == 3
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--sink", SINK, "--http-timeout", "400"], ["--max-processing-time 300", "--http-timeout"]),
+    (["--channel", "kafka", "--kafka-bootstrap-servers", "127.0.0.1:9", "--kafka-topic", "t",
+      "--kafka-config", "message.timeout.ms=200000"], ["--max-processing-time 300", "twice message.timeout.ms"]),
+    (["--sink", SINK, "--stats-interval", "nan"], ["--stats-interval", "a number"]),
+])
+def test_bounds_that_need_no_queue_are_usage_errors_before_sqs_is_asked(
+    run_poller: RunPoller, args: list[str], expected: list[str],
+) -> None:
+    """Checked before the queue: an unreachable endpoint and a queue that does not exist must not
+    hide them (exit 2, the flag named), and each names its own channel's deadline."""
+    env = _env({"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1"})
+    result = run_poller(["run", "--queue-url", "http://127.0.0.1:9/000000000000/missing",
+                         "--endpoint-url", "http://127.0.0.1:9", *args], env)
+    assert_one_line_error(result, *expected)
+    assert result.returncode == 2

@@ -259,6 +259,18 @@ def test_an_event_format_content_type_never_makes_a_forged_event(fmt: str, data_
     assert ce_kafka.from_kafka(kmsg(record), JSONFormat()).get_id() == "id-1"
 
 
+def test_raw_refuses_ce_attributes_that_would_make_a_forged_event() -> None:
+    """raw copies attributes as headers: ce_specversion, ce_id, ... would make a CloudEvents
+    reader take the record for a binary-mode event of the sender's making."""
+    forged = {name: {"DataType": "String", "StringValue": value} for name, value in (
+        ("ce_specversion", "1.0"), ("ce_id", "FORGED-ID"), ("ce_source", "https://bank.example/"),
+        ("ce_type", "payment.approved"))}
+    with pytest.raises(EventError, match="refused"):
+        RecordBuilder(config(format="raw"), SOURCE).build(message(body="x", **forged))
+    record = RecordBuilder(config(format="binary"), SOURCE).build(message(body="x", **forged))
+    assert ce_kafka.from_kafka(kmsg(record), JSONFormat()).get_id() == "id-1"  # the queue's event
+
+
 def test_key_from_attribute() -> None:
     builder = RecordBuilder(config(key="attribute:tenant"), SOURCE)
     assert builder.key(message(tenant={"DataType": "String", "StringValue": "acme"})) == b"acme"

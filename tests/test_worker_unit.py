@@ -232,12 +232,19 @@ async def test_a_retry_waits_its_backoff_or_the_sinks_retry_after() -> None:
 
 
 @on_loop
-async def test_retry_while_stopping_returns_at_once_with_visibility_0() -> None:
-    rig = make_rig()
-    await rig.receive([raw_message(1, receive_count=8)])
+async def test_retry_while_stopping_returns_once_the_long_polls_have_ended() -> None:
+    """What a stop gives back must not be handed to the long polls still in flight (this
+    process's, or those of the processes stopped with it): visible again once they have ended,
+    not at once, nor after the nack backoff (receive count 8)."""
+    rig = make_rig(wait_time=20)
+    await rig.receive([raw_message(1, receive_count=8), raw_message(2)])
     rig.worker.stop()
-    rig.channel.report_last(Outcome.RETRY, "channel closed before delivery")
-    assert rig.lanes.returned == [("rh-1", 0)]
+    rig.channel.published[0][1](handed(rig.channel)[0], Outcome.RETRY, "channel closed before delivery")
+    [(handle, visibility)] = rig.lanes.returned
+    assert handle == "rh-1" and 20 <= visibility <= 21
+    rig.worker._stopped_at -= 25  # the polls' wait has passed: nothing can take it any more
+    rig.channel.published[1][1](handed(rig.channel)[1], Outcome.RETRY, "channel closed before delivery")
+    assert rig.lanes.returned[1] == ("rh-2", 0)
     assert rig.deletes.items == []
 
 
@@ -271,7 +278,7 @@ async def test_an_attempt_given_up_is_a_failure_like_any_other() -> None:
 
 @on_loop
 async def test_max_processing_time_must_be_above_the_channels_own_deadline() -> None:
-    with pytest.raises(ValueError, match="must be above the fake channel's own deadline"):
+    with pytest.raises(ValueError, match="must be above the fake channel's deadline"):
         make_rig(max_processing_time=30)
     make_rig(max_processing_time=31)
 

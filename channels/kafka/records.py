@@ -73,6 +73,11 @@ def attribute_headers(message: Message, *, cloudevents: bool) -> list[tuple[str,
         lowered = name.lower()
         if cloudevents and (lowered == "content-type" or lowered.startswith("ce_")):
             continue
+        if lowered.startswith("ce_"):
+            # raw: with ce_* headers a CloudEvents reader takes the record for a binary-mode event
+            # (Kafka binding 3.2.3) whose id, source and type the sender chose.
+            raise EventError(f"attribute {name[:40]!r} would make a reader take the record for an event "
+                             "of the sender's making: refused")
         value = attribute_value(name, attribute)
         if lowered == "content-type" and is_event_format(value.decode("utf-8", "replace")):
             # raw: a CloudEvents reader would take the body for a whole event of the sender's
