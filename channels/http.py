@@ -355,6 +355,12 @@ class HttpChannel(Channel):
             self._pool.send(request, functools.partial(self._answered, message, report, deadline),
                             timeout=self._timeout)
 
+    def _request_done(self) -> None:
+        """A request's answer (or error) is in: one fewer in flight; aclose waits for none."""
+        self._in_flight -= 1
+        if self._in_flight == 0 and self._idle is not None:
+            self._idle.set()
+
     def _bind(self) -> asyncio.AbstractEventLoop:
         # Looked up once: asyncio.get_running_loop() makes a getpid() syscall each time on 3.11.
         self._loop = asyncio.get_running_loop()
@@ -363,9 +369,7 @@ class HttpChannel(Channel):
     def _answered(self, message: Message, report: Report, deadline: float, status: int, retry_after: float,
                   body: bytes | None, error: BaseException | None, *, counted: bool = True) -> None:
         if counted:
-            self._in_flight -= 1
-            if self._in_flight == 0 and self._idle is not None:
-                self._idle.set()
+            self._request_done()
         if error is not None:
             self._answers.failed()
             report(message, Outcome.RETRY, f"sink {self._sink}: {type(error).__name__}: {error}")
@@ -425,9 +429,7 @@ class HttpChannel(Channel):
         """The status applies to every event, unless a 2xx answer lists ``batchItemFailures``
         (EventBridge Pipes' shape: ``{"batchItemFailures": [{"itemIdentifier": "<event id>"}]}``):
         those are retried, the rest acked. A refused batch is split and sent again in halves."""
-        self._in_flight -= 1
-        if self._in_flight == 0 and self._idle is not None:
-            self._idle.set()
+        self._request_done()
         if error is None and status in _REFUSED and len(batch) > 1 and status != self._answers.broken:
             # A sink's limit on the request (413 above its size) is not a verdict on each event.
             half = len(batch) // 2

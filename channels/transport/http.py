@@ -297,7 +297,6 @@ class _Connection(asyncio.Protocol):
         self._retry_after = b""
         self._parts = [] if request.keep_body else None
         self._kept, self._max_body, self._too_large = 0, request.max_body, False
-        self._pool._arm(request)
         assert self._transport is not None
         self._transport.write(request.data)
 
