@@ -11,6 +11,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
@@ -31,6 +33,7 @@ from poller.kit.services import free_port
 __all__ = [
     "BATCH_MAX_BYTES", "BATCH_MAX_ENTRIES", "CLK_TCK", "JWT", "SECRET_KEY", "SESSION_TOKEN", "STATIC_CREDENTIALS",
     "UNICODE", "Deliveries", "FakeSts", "FaultCase", "PollerProcess", "closed_by_server", "connection_flood",
+    "http_get", "threads_of", "wait_empty",
     "SinkDeliveries", "Tally", "TopicDeliveries", "ce_id", "consume_topic", "cpu_seconds", "drain",
     "drain_count", "dumper_sink", "free_port", "has_ids", "make_body", "message_size", "new_topic", "pid_alive",
     "poller_cpu", "queue_counts", "send_messages", "send_parallel", "silent_server", "split", "tally",
@@ -214,6 +217,29 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interva
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(interval)
+
+
+def wait_empty(sqs: Any, url: str, timeout: float = 60) -> None:
+    """Until the queue holds nothing, visible or not."""
+    wait_until(lambda: queue_counts(sqs, url) == (0, 0), timeout, "the queue to be empty")
+
+
+def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int, str, float]:
+    """A GET of 127.0.0.1:``port``: (status, body, seconds); status 0 when nothing answered."""
+    started = time.monotonic()
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as response:
+            return response.status, response.read().decode(), time.monotonic() - started
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(), time.monotonic() - started
+    except (urllib.error.URLError, OSError) as exc:  # not listening (yet), or no answer in time
+        return 0, str(exc), time.monotonic() - started
+
+
+def threads_of(pid: int) -> int:
+    """The threads of a process, as the kernel counts them."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("Threads:")).split()[1])
 
 
 class PollerProcess:

@@ -25,7 +25,9 @@ from cloudevents.core.bindings.http import HTTPMessage, from_http_event
 
 from channels.http import REFUSAL_RUN
 from poller.kit.dumper import DumperServer
-from support import PollerProcess, drain, free_port, make_body, queue_counts, send_messages, wait_until
+from support import (
+    PollerProcess, drain, free_port, http_get, make_body, queue_counts, send_messages, wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -271,15 +273,6 @@ def test_a_scrape_during_a_real_run_matches_what_the_sink_received(
     assert metrics["sqs_poller_publish_seconds_sum"] > 0
 
 
-def _probe(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-    except urllib.error.URLError as exc:  # not listening yet
-        return 0, str(exc)
-
 
 def test_healthz_flips_when_a_worker_stalls_and_readyz_when_ready(
     sqs: Any, make_queue: Any, aws_env: dict[str, str], tmp_path: Path
@@ -290,24 +283,24 @@ def test_healthz_flips_when_a_worker_stalls_and_readyz_when_ready(
         poller = PollerProcess(poller_args(queue.url, server.url, "--health-port", str(port)),
                                aws_env, tmp_path / "poller.log")
         try:
-            wait_until(lambda: _probe(port, "/readyz")[0] == 200, 30, "ready")
-            wait_until(lambda: _probe(port, "/healthz")[0] == 200, 30, "healthy")
-            assert _probe(port, "/metrics")[0] == 404  # --health-port alone serves no metrics
+            wait_until(lambda: http_get(port, "/readyz", 5)[0] == 200, 30, "ready")
+            wait_until(lambda: http_get(port, "/healthz", 5)[0] == 200, 30, "healthy")
+            assert http_get(port, "/metrics", 5)[0] == 404  # --health-port alone serves no metrics
             victim = poller.worker_pids()[0]
             os.kill(victim, signal.SIGSTOP)  # alive, but stuck: no heartbeat
             try:
                 # One stuck worker is named, but the pod stays live: the supervisor replaces it
                 # (--worker-timeout) while the other one works; liveness fails only when none does.
-                wait_until(lambda: "no heartbeat" in _probe(port, "/healthz")[1], 30, "/healthz to see the stall")
-                assert _probe(port, "/healthz")[0] == 200
+                wait_until(lambda: "no heartbeat" in http_get(port, "/healthz", 5)[1], 30, "/healthz to see the stall")
+                assert http_get(port, "/healthz", 5)[0] == 200
             finally:
                 os.kill(victim, signal.SIGCONT)
-            wait_until(lambda: "no heartbeat" not in _probe(port, "/healthz")[1], 30, "healthy again")
+            wait_until(lambda: "no heartbeat" not in http_get(port, "/healthz", 5)[1], 30, "healthy again")
             os.kill(poller.worker_pids()[0], signal.SIGKILL)  # dead: named until it is replaced
-            wait_until(lambda: "not running" in _probe(port, "/healthz")[1], 10, "/healthz to see the death",
+            wait_until(lambda: "not running" in http_get(port, "/healthz", 5)[1], 10, "/healthz to see the death",
                        interval=0.02)
-            assert _probe(port, "/healthz")[0] == 200 and _probe(port, "/readyz")[0] == 200
-            wait_until(lambda: "not running" not in _probe(port, "/healthz")[1], 30, "the worker replaced")
+            assert http_get(port, "/healthz", 5)[0] == 200 and http_get(port, "/readyz", 5)[0] == 200
+            wait_until(lambda: "not running" not in http_get(port, "/healthz", 5)[1], 30, "the worker replaced")
         finally:
             assert poller.stop() == 0
 

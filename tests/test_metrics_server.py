@@ -3,35 +3,19 @@ serves (probes, Prometheus metrics). In-process: the server is one thread of thi
 
 from __future__ import annotations
 
+import os
 import socket
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack, closing
-from pathlib import Path
 
 import pytest
 
 from poller.metrics import HEAD_TIMEOUT, HttpServer, PollerCollector, serve
 from poller.stats import SLOTS
-from support import closed_by_server, connection_flood
+from support import closed_by_server, connection_flood, http_get, threads_of
 
 
-def get(port: int, path: str, timeout: float = 2.0) -> tuple[int, str, float]:
-    """(status, body, seconds) of a GET."""
-    started = time.monotonic()
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as response:
-            return response.status, response.read().decode(), time.monotonic() - started
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode(), time.monotonic() - started
-
-
-def threads() -> int:
-    """This process's threads, as the kernel counts them."""
-    status = Path("/proc/self/status").read_text()
-    return int(next(line for line in status.splitlines() if line.startswith("Threads:")).split()[1])
 
 
 def raw(port: int, data: bytes, timeout: float = 5.0) -> bytes:
@@ -53,26 +37,26 @@ def probes() -> Iterator[int]:
 
 
 def test_probes_answer_and_unknown_paths_are_404(probes: int) -> None:
-    assert get(probes, "/healthz")[:2] == (200, "ok\n")
-    assert get(probes, "/readyz")[:2] == (503, "starting\n")
-    status, body, _ = get(probes, "/metrics")
+    assert http_get(probes, "/healthz")[:2] == (200, "ok\n")
+    assert http_get(probes, "/readyz")[:2] == (503, "starting\n")
+    status, body, _ = http_get(probes, "/metrics")
     assert status == 404 and "/healthz" in body
 
 
 def test_healthz_answers_at_once_while_400_idle_and_5_slowloris_connections_are_open(probes: int) -> None:
-    before = threads()
+    before = threads_of(os.getpid())
     with connection_flood(probes, "/healthz") as flood:
         for _ in range(5):
-            status, _, seconds = get(probes, "/healthz", timeout=2.0)
+            status, _, seconds = http_get(probes, "/healthz", timeout=2.0)
             assert status == 200 and seconds < 1.0, (status, seconds)
             time.sleep(0.2)
-        assert threads() <= before + 1, f"{threads()} threads, {before} before the flood"  # the trickler
+        assert threads_of(os.getpid()) <= before + 1, f"{threads_of(os.getpid())} threads, {before} before the flood"  # the trickler
         # Every idle and slow connection is closed: the flood's beyond the cap at once, the rest
         # after the head timeout (the slow ones too, though they keep sending).
         deadline = time.monotonic() + HEAD_TIMEOUT + 2.0
         still_open = [s for s in flood if not closed_by_server(s, max(0.01, deadline - time.monotonic()))]
         assert not still_open, f"{len(still_open)} connections still open after {HEAD_TIMEOUT + 2:g}s"
-    assert get(probes, "/healthz")[0] == 200
+    assert http_get(probes, "/healthz")[0] == 200
 
 
 def test_over_the_cap_the_oldest_idle_connection_is_closed_and_the_newest_served() -> None:
@@ -132,7 +116,7 @@ def test_metrics_through_the_server() -> None:
                                 queue="orders", channel="http", healthy=lambda: 1)
     server = serve("127.0.0.1", 0, health=lambda: (True, ""), ready=lambda: (True, ""), collector=collector)
     try:
-        status, body, _ = get(server.address[1], "/metrics")
+        status, body, _ = http_get(server.address[1], "/metrics")
     finally:
         server.close()
     assert status == 200

@@ -24,7 +24,7 @@ from channels.http import HttpConfig
 from poller.config import RunConfig, WorkerConfig
 from poller.sqs import SqsTarget
 from poller.supervisor import Supervisor
-from support import free_port, wait_until
+from support import free_port, http_get, wait_until
 
 TESTS = str(Path(__file__).parent)
 REPO = str(Path(__file__).parent.parent)
@@ -199,15 +199,6 @@ def test_a_second_sigterm_kills_the_workers_at_once(running: Any) -> None:
     assert "did not stop in time; killing it" in log
 
 
-def probe(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-    except urllib.error.URLError as exc:  # not listening yet
-        return 0, str(exc)
-
 
 def test_healthz_stays_200_while_one_worker_crash_loops_and_the_other_runs(running: Any) -> None:
     """The restart backoff (0.5, 1, 2 s, ...) keeps slot 0 down much of the time; /healthz is
@@ -215,13 +206,13 @@ def test_healthz_stays_200_while_one_worker_crash_loops_and_the_other_runs(runni
     and the metric counts one healthy worker."""
     port = free_port()
     sup = running("crash-one", health_port=port)
-    wait_until(lambda: probe(port, "/readyz")[0] == 200, 30, "the poller to be ready")
+    wait_until(lambda: http_get(port, "/readyz")[0] == 200, 30, "the poller to be ready")
     seen: list[tuple[int, str]] = []
     while len(sup.starts(0)) < 4:
         assert sup.proc.poll() is None, sup.log()
-        seen.append(probe(port, "/healthz"))
+        seen.append(http_get(port, "/healthz")[:2])
         assert seen[-1][0] == 200, seen[-1]
-        assert probe(port, "/readyz")[0] == 200
+        assert http_get(port, "/readyz")[0] == 200
         time.sleep(0.1)
     assert any("worker-0 is not running (restarting in" in body for _, body in seen), seen[-5:]
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:

@@ -24,7 +24,7 @@ import pytest
 from faultproxy import Fault, FaultProxy, Trickle
 from support import (
     Deliveries, FaultCase, PollerProcess, SinkDeliveries, Tally, TopicDeliveries, dumper_sink, free_port, new_topic,
-    queue_counts, send_messages, tally, wait_until,
+    queue_counts, send_messages, tally, wait_empty, wait_until,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
@@ -36,9 +36,6 @@ QUICK_NACKS = ("--nack-backoff", "1", "--nack-backoff-max", "8")
 def remaining(sqs: Any, url: str) -> int:
     return sum(queue_counts(sqs, url))
 
-
-def wait_empty(sqs: Any, url: str, timeout: float) -> None:
-    wait_until(lambda: queue_counts(sqs, url) == (0, 0), timeout, "the queue to be empty")
 
 
 def hold_until(deadline: float) -> None:

@@ -19,7 +19,8 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from faultproxy import Fault, FaultProxy
 from support import (
-    FaultCase, PollerProcess, Tally, TopicDeliveries, free_port, new_topic, queue_counts, send_messages, tally, wait_until,
+    FaultCase, PollerProcess, Tally, TopicDeliveries, free_port, new_topic, queue_counts, send_messages, tally, wait_empty,
+    wait_until,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
@@ -29,9 +30,6 @@ log = logging.getLogger(__name__)
 QUICK_NACKS = ("--nack-backoff", "1", "--nack-backoff-max", "8")
 KILLED = "sent no heartbeat"  # the supervisor's line when it kills a worker (poller/supervisor.py)
 
-
-def wait_empty(sqs: Any, url: str, timeout: float) -> None:
-    wait_until(lambda: queue_counts(sqs, url) == (0, 0), timeout, "the queue to be empty")
 
 
 def wait_taken(sqs: Any, url: str, timeout: float = 20) -> None:

@@ -13,8 +13,6 @@ import os
 import signal
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,31 +22,13 @@ import pytest
 from poller.metrics import HEAD_TIMEOUT
 from support import (
     JWT, SECRET_KEY, SESSION_TOKEN, STATIC_CREDENTIALS, FakeSts, FaultCase, PollerProcess, SinkDeliveries,
-    closed_by_server, connection_flood, dumper_sink, free_port, queue_counts, send_messages, tally, wait_until,
+    closed_by_server, connection_flood, dumper_sink, http_get, threads_of, wait_empty, free_port, send_messages, tally, wait_until,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
 
-def wait_empty(sqs: Any, url: str, timeout: float = 60) -> None:
-    wait_until(lambda: queue_counts(sqs, url) == (0, 0), timeout, "the queue to be empty")
 
-
-def probe(port: int, path: str, timeout: float = 2.0) -> tuple[int, str, float]:
-    """(status, body, seconds); status 0 when nothing answered."""
-    started = time.monotonic()
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as response:
-            return response.status, response.read().decode(), time.monotonic() - started
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode(), time.monotonic() - started
-    except (urllib.error.URLError, OSError) as exc:
-        return 0, str(exc), time.monotonic() - started
-
-
-def threads_of(pid: int) -> int:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(next(line for line in status.splitlines() if line.startswith("Threads:")).split()[1])
 
 
 def test_debug_log_with_irsa_credentials(
@@ -134,14 +114,14 @@ def test_health_port_flooded(
         case.count_with(lambda wait: tally(sqs, ids, deliveries, wait=wait))
         poller = start_poller(queue.url, deliveries.poller_args(), "--metrics-port", str(port),
                               "--max-rate", "100")
-        wait_until(lambda: probe(port, "/readyz")[0] == 200, 30, "the poller to be ready")
+        wait_until(lambda: http_get(port, "/readyz")[0] == 200, 30, "the poller to be ready")
         before = threads_of(poller.pid)
         with connection_flood(port, "/metrics") as flood:
             answers = []
             for _ in range(5):
-                answers.append(probe(port, "/healthz"))
+                answers.append(http_get(port, "/healthz"))
                 time.sleep(0.2)
-            answers.append(probe(port, "/metrics"))
+            answers.append(http_get(port, "/metrics"))
             during = threads_of(poller.pid)
             assert all(status == 200 and seconds < 1.0 for status, _, seconds in answers), answers
             assert during <= before, f"the supervisor went from {before} to {during} threads"
@@ -172,7 +152,7 @@ def test_one_worker_crash_loops(
         poller = start_poller(queue.url, deliveries.poller_args(), "--health-port", str(port),
                               "--max-in-flight", "50", "--max-rate", "50")
         survivor = poller.wait_for_workers(2)[1]
-        wait_until(lambda: probe(port, "/readyz")[0] == 200, 30, "the poller to be ready")
+        wait_until(lambda: http_get(port, "/readyz")[0] == 200, 30, "the poller to be ready")
         kills = 0
         probes: list[tuple[int, str, str]] = []
         delivered_before = len(server.events)
@@ -185,7 +165,7 @@ def test_one_worker_crash_loops(
                         kills += 1
                     except ProcessLookupError:
                         pass
-            (health, body, _), ready = probe(port, "/healthz"), probe(port, "/readyz")[0]
+            (health, body, _), ready = http_get(port, "/healthz"), http_get(port, "/readyz")[0]
             probes.append((health, body.strip(), str(ready)))
             time.sleep(0.1)
         assert survivor in poller.worker_pids(), "the survivor died"

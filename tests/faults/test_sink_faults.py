@@ -31,7 +31,8 @@ from poller.kit.cehttp import ServerOptions
 from poller.kit.dumper import DumperServer
 from poller.kit.inmemory import InMemoryChannelServer
 from support import (
-    FaultCase, PollerProcess, SinkDeliveries, Tally, dumper_sink, queue_counts, send_messages, tally, wait_until,
+    FaultCase, PollerProcess, SinkDeliveries, Tally, dumper_sink, send_messages, tally, wait_empty,
+    wait_until,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
@@ -40,9 +41,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.faults]
 SHORT_DEADLINES = ("--http-timeout", "2", "--max-processing-time", "3")
 QUICK_NACKS = ("--nack-backoff", "1", "--nack-backoff-max", "4")
 
-
-def wait_empty(sqs: Any, url: str, timeout: float) -> None:
-    wait_until(lambda: queue_counts(sqs, url) == (0, 0), timeout, "the queue to be empty")
 
 
 def receive_counts(server: DumperServer) -> Counter[int]:

@@ -19,14 +19,11 @@ import pytest
 
 from faultproxy import SQS_INTERNAL_ERROR, SQS_THROTTLING, Fault, FaultProxy, HttpError, SlowActions
 from support import (
-    FaultCase, PollerProcess, SinkDeliveries, dumper_sink, queue_counts, send_messages, tally, wait_until,
+    FaultCase, PollerProcess, SinkDeliveries, dumper_sink, send_messages, tally, wait_empty, wait_until,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
-
-def wait_empty(sqs: Any, url: str, timeout: float) -> None:
-    wait_until(lambda: queue_counts(sqs, url) == (0, 0), timeout, "the queue to be empty")
 
 
 # 600 messages at 25 msg/s take ~24 s: the flow is still going when a 10 s fault ends (the
