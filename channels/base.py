@@ -10,9 +10,11 @@ became of it, by calling ``report(message, outcome, reason[, retry_after])``:
   poller leaves it to the queue's redrive policy / DLQ; it is never deleted unacknowledged.
 
 The worker runs an event loop: ``publish`` is called on the loop's thread and must not block.
-Reports may come from any thread (the worker brings them to its loop), in any order, during
-``publish`` or later; a channel must report every message it was given at the latest in
-``aclose``, where what is still undelivered is reported as ``RETRY``.
+Reports are made on that thread too, in any order, during ``publish`` or later: a channel whose
+sink answers on threads of its own brings its reports over (``loop.call_soon_threadsafe``; the
+Kafka channel's ``channels.kafka.reports``); the worker restarts on a report from another thread.
+A channel must report every message it was given at the latest in ``aclose``, where what is
+still undelivered is reported as ``RETRY``.
 
 A channel makes one delivery attempt per ``publish`` (bounded by its own deadline) and does not
 retry: the worker owns retries, their backoff, the circuit that pauses receiving while the sink
@@ -30,7 +32,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import enum
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -76,9 +78,12 @@ class Message:
         return self.attributes.get("MessageGroupId")
 
 
-Report = Callable[..., None]
-"""``report(message, outcome, reason, retry_after=0.0)``: reason is a short human string, empty
-for ACK; ``retry_after``: seconds the sink asked to wait before the next attempt."""
+class Report(Protocol):
+    """``report(message, outcome, reason, retry_after=0.0)``: reason is a short human string, empty
+    for ACK; ``retry_after``: seconds the sink asked to wait before the next attempt."""
+
+    def __call__(self, message: Message, outcome: Outcome, reason: str = "", retry_after: float = 0.0,
+                 /) -> None: ...
 
 
 class ChannelError(Exception):

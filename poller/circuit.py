@@ -7,7 +7,7 @@ the circuit opens: the worker stops receiving, keeps what it holds (invisible, e
 one probe at a time through, after a growing backoff. The first delivery that succeeds closes it.
 EventBridge Pipes and Lambda's SQS poller back off polling on target errors the same way.
 
-Not thread-safe: the worker calls it under its own lock.
+Not thread-safe: it lives on the worker's event loop (the gate, ``poller.gate``, holds it).
 """
 
 from __future__ import annotations

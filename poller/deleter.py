@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 
 from poller.backoff import backoff
 from poller.logs import RateLimitedLog
-from poller.sqs import SqsClient, SqsError
+from poller.sqs import SqsClient, SqsError, error_text
 from poller.stats import Counters
 
 __all__ = ["Deleter"]
@@ -110,9 +110,9 @@ class Deleter:
                 if permanent or loop.time() + delay > min(deadline, self.deadline):
                     self._counters.add("delete_failed", len(pending))
                     log.error("deleting %d message(s) failed, they will be redelivered: %s",
-                              len(pending), _describe(exc))
+                              len(pending), error_text(exc))
                     return
-                self._retry_log.hit(_describe(exc))
+                self._retry_log.hit(error_text(exc))
                 await asyncio.sleep(delay)
                 continue
             self._counters.add("deleted", len(pending) - len(failures))
@@ -138,7 +138,3 @@ class Deleter:
             if retry:
                 await asyncio.sleep(delay)
             pending = retry
-
-
-def _describe(exc: BaseException) -> str:
-    return str(exc) if isinstance(exc, SqsError) else f"{type(exc).__name__}: {exc}"

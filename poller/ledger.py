@@ -14,13 +14,15 @@ Not thread-safe: it lives on the worker's event loop.
 
 from __future__ import annotations
 
+import asyncio
 import enum
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from channels.base import Message, Outcome
 
-__all__ = ["VISIBILITY_LIMIT", "Held", "Ledger", "Run", "Stage"]
+__all__ = ["VISIBILITY_LIMIT", "Held", "Ledger", "Room", "Run", "Stage"]
 
 # SQS: a message's visibility cannot be extended past 12 hours from its receipt
 # (https://docs.aws.amazon.com/AWSSimpleQueueService/latest/SQSDeveloperGuide/sqs-visibility-timeout.html).
@@ -39,8 +41,8 @@ class Stage(enum.Enum):
 class Held:
     message: Message
     run: Run
-    visible_until: float  # monotonic: when SQS would hand the message out again
-    received_at: float = 0.0  # monotonic: when the receive that brought it returned
+    visible_until: float  # when SQS would hand the message out again (the worker's clock)
+    received_at: float = 0.0  # when the receive that brought it returned
     stage: Stage = Stage.DELIVERING
     attempt_started: float = 0.0
     outcome: Outcome | None = None
@@ -116,11 +118,22 @@ class Ledger:
                 due.append(held)
         return due, at_limit
 
-    def extension_failed(self, handles: list[str], now: float) -> None:
+    def still_held(self, handles: Sequence[str]) -> set[str]:
+        return {handle for handle in handles if handle in self._held}
+
+    def extension_failed(self, handles: Sequence[str]) -> None:
+        """Due again at the next extension tick."""
         for handle in handles:
             held = self._held.get(handle)
             if held is not None:
-                held.visible_until = min(held.visible_until, now)
+                held.visible_until = -math.inf
+
+    def visibility_lost(self, handles: Sequence[str]) -> None:
+        """Visible again already: extending these further is pointless."""
+        for handle in handles:
+            held = self._held.get(handle)
+            if held is not None:
+                held.visible_until = math.inf
 
     def overdue_runs(self, now: float, limit: float) -> list[Run]:
         """Runs one delivery attempt has held longer than ``limit`` seconds."""
@@ -129,3 +142,40 @@ class Ledger:
             if held.stage is Stage.DELIVERING and now - held.attempt_started > limit:
                 runs[id(held.run)] = held.run
         return list(runs.values())
+
+
+class Room:
+    """Receivers waiting for room below ``--max-in-flight`` (or for the circuit to close): each
+    waits with a timeout and checks again; ``changed`` wakes them once a batch fits."""
+
+    def __init__(self, ledger: Ledger, batch: int, loop: asyncio.AbstractEventLoop, *,
+                 recheck: float = 0.5) -> None:
+        self._ledger = ledger
+        self._batch = batch
+        self._loop = loop
+        self._recheck = recheck  # a waiter looks again this often, woken or not
+        self._waiters: list[asyncio.Future[None]] = []
+
+    async def wait(self) -> None:
+        future: asyncio.Future[None] = self._loop.create_future()
+        self._waiters.append(future)
+        timer = self._loop.call_later(self._recheck, _resolve, future)
+        try:
+            await future
+        finally:
+            timer.cancel()
+
+    def changed(self) -> None:
+        """Messages were released: wake the waiters if a batch fits now."""
+        if self._waiters and self._ledger.fits(self._batch):
+            self.wake()
+
+    def wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for future in waiters:
+            _resolve(future)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -40,6 +40,7 @@ from botocore.exceptions import BotoCoreError
 
 import orjson
 
+from channels.base import Message
 from channels.transport.http import Aborted, HttpPool, RequestTemplate, encode_headers
 
 __all__ = [
@@ -337,7 +338,7 @@ class SqsClient:
     # -- the calls ------------------------------------------------------------------------
 
     async def receive(self, *, max_messages: int, wait_time: int,
-                      visibility_timeout: int | None = None) -> list[dict[str, Any]]:
+                      visibility_timeout: int | None = None) -> list[Message]:
         params: dict[str, Any] = {
             "QueueUrl": self.target.queue_url,
             "MaxNumberOfMessages": max_messages,
@@ -349,7 +350,7 @@ class SqsClient:
         if visibility_timeout is not None:
             params["VisibilityTimeout"] = visibility_timeout
         answer = await self._call("ReceiveMessage", params, timeout=wait_time + self._timeout)
-        return answer.get("Messages") or []
+        return _messages(answer.get("Messages") or ())
 
     async def delete_batch(self, receipt_handles: Sequence[str]) -> list[BatchFailure]:
         entries = [{"Id": str(i), "ReceiptHandle": h} for i, h in enumerate(receipt_handles)]
@@ -526,7 +527,7 @@ class BlockingSqsClient:
         self._client = SqsClient(target, **kwargs)
         self.target = target
 
-    def receive(self, **kwargs: Any) -> list[dict[str, Any]]:
+    def receive(self, **kwargs: Any) -> list[Message]:
         return self._run(self._client.receive(**kwargs))
 
     def delete_batch(self, receipt_handles: Sequence[str]) -> list[BatchFailure]:
@@ -583,6 +584,31 @@ def _force_refresh(credentials: Credentials) -> ReadOnlyCredentials | None:
     with lock:
         refresh(is_mandatory=True)
     return credentials.get_frozen_credentials()
+
+
+def error_text(exc: BaseException) -> str:
+    """An error as one log line: an ``SqsError`` says what failed itself; others need their type."""
+    return str(exc) if isinstance(exc, SqsError) else f"{type(exc).__name__}: {exc}"
+
+
+def _messages(raw: Iterable[Any]) -> list[Message]:
+    """ReceiveMessage's ``Messages`` as channel messages. One SQS never sends malformed is logged
+    and skipped (it is redelivered after its visibility timeout), never a crash of the receiver."""
+    messages = []
+    for m in raw:
+        try:
+            messages.append(Message(
+                id=m["MessageId"],
+                body=m["Body"],
+                ack_id=m["ReceiptHandle"],
+                attributes=m.get("Attributes") or {},
+                message_attributes=m.get("MessageAttributes") or {},
+                md5_of_body=m.get("MD5OfBody", ""),
+            ))
+        except (KeyError, TypeError, AttributeError) as exc:
+            log.error("skipping a malformed message from SQS (%s: %s); it will be redelivered",
+                      type(exc).__name__, exc)
+    return messages
 
 
 def _failures(answer: dict[str, Any]) -> list[BatchFailure]:

@@ -39,7 +39,8 @@ from typing import Any
 
 from poller.config import RunConfig
 from poller.stats import FIELDS, SLOTS, format_line, is_gauge
-from poller.worker import EXIT_BOOT, worker_main
+from poller.exits import EXIT_BOOT
+from poller.worker import worker_main
 
 __all__ = ["Supervisor", "WorkerStates"]
 

@@ -57,28 +57,28 @@ def test_round_trip(sqs: Any, make_queue: MakeQueue, client_for: Any) -> None:
         received += client.receive(max_messages=10, wait_time=1, visibility_timeout=60)
         if len(received) >= 5:
             break
-    assert sorted(m["MessageId"] for m in received) == sorted(ids)
-    by_id = {m["MessageId"]: m for m in received}
+    assert sorted(m.id for m in received) == sorted(ids)
+    by_id = {m.id: m for m in received}
     first = by_id[ids[0]]
-    assert first["Body"] == "body 0 \u00e9\u6f22"
-    assert first["MessageAttributes"]["kind"]["StringValue"] == "k0"
-    assert first["Attributes"]["ApproximateReceiveCount"] == "1"
-    assert "SentTimestamp" in first["Attributes"]
-    assert first["ReceiptHandle"] and first["MD5OfBody"]
+    assert first.body == "body 0 \u00e9\u6f22"
+    assert first.message_attributes["kind"]["StringValue"] == "k0"
+    assert first.attributes["ApproximateReceiveCount"] == "1"
+    assert "SentTimestamp" in first.attributes
+    assert first.ack_id and first.md5_of_body
     assert queue_counts(sqs, queue.url) == (0, 5)
 
     # Make two visible again at once, delete the other three.
     back, gone = received[:2], received[2:]
-    assert client.change_visibility_batch([(m["ReceiptHandle"], 0) for m in back]) == []
-    assert client.delete_batch([m["ReceiptHandle"] for m in gone]) == []
+    assert client.change_visibility_batch([(m.ack_id, 0) for m in back]) == []
+    assert client.delete_batch([m.ack_id for m in gone]) == []
     again: list[dict[str, Any]] = []
     for _ in range(10):
         again += client.receive(max_messages=10, wait_time=1)
         if len(again) >= 2:
             break
-    assert sorted(m["MessageId"] for m in again) == sorted(m["MessageId"] for m in back)
-    assert all(m["Attributes"]["ApproximateReceiveCount"] == "2" for m in again)
-    assert client.delete_batch([m["ReceiptHandle"] for m in again]) == []
+    assert sorted(m.id for m in again) == sorted(m.id for m in back)
+    assert all(m.attributes["ApproximateReceiveCount"] == "2" for m in again)
+    assert client.delete_batch([m.ack_id for m in again]) == []
     assert queue_counts(sqs, queue.url) == (0, 0)
 
 
@@ -103,7 +103,7 @@ def test_delete_batch_with_one_bogus_handle(sqs: Any, make_queue: MakeQueue, cli
     send_messages(sqs, queue.url, ["a", "b", "c"])
     client = client_for(queue.url)
     messages = _receive_all(client, 3)
-    handles = [m["ReceiptHandle"] for m in messages]
+    handles = [m.ack_id for m in messages]
     handles.insert(1, "bogus-receipt-handle")
 
     failures = client.delete_batch(handles)
@@ -126,7 +126,7 @@ def test_change_visibility_batch_with_one_bogus_handle(sqs: Any, make_queue: Mak
     send_messages(sqs, queue.url, ["a", "b"])
     client = client_for(queue.url)
     messages = _receive_all(client, 2)
-    entries = [(m["ReceiptHandle"], 0) for m in messages] + [("bogus-receipt-handle", 0)]
+    entries = [(m.ack_id, 0) for m in messages] + [("bogus-receipt-handle", 0)]
 
     failures = client.change_visibility_batch(entries)
 

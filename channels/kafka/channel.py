@@ -21,6 +21,7 @@ from channels.kafka.config import KafkaConfig, _error_text, _message_timeout
 from channels.kafka.msk import _MskToken, msk_oauth_callback
 from channels.kafka.progress import ProducerProgress
 from channels.kafka.records import Record, RecordBuilder
+from channels.kafka.reports import LoopReports
 
 __all__ = ["KafkaChannel"]
 
@@ -150,6 +151,7 @@ class KafkaChannel(Channel):
         self._alone_queue: deque[_Entry] = deque()  # for the poll thread to send alone, in order
         self._lock = threading.Lock()
         self._pending: set[_Entry] = set()  # handed over, not yet reported
+        self._reports = LoopReports()  # from the poll thread to the worker's loop
         self._last_error: KafkaError | None = None
         self._last_logged = ""
         self._librdkafka_log = _LibrdkafkaLog()
@@ -318,7 +320,7 @@ class KafkaChannel(Channel):
             log.warning("%d Kafka record(s) not delivered within %g s; their messages will be retried",
                         len(left), timeout)
         for entry in left:
-            _report(entry, Outcome.RETRY, _CLOSED)
+            self._report(entry, Outcome.RETRY, _CLOSED)
         self._producer = self._alone = self._retired = None
 
     def _drain(self, producer: Producer, deadline: float) -> None:
@@ -398,9 +400,11 @@ class KafkaChannel(Channel):
     def publish(self, batch: Sequence[Message], report: Report) -> None:
         if self._producer is None:
             if self._closing.is_set():  # a late caller: not sent, returned to the queue
-                _report_each(batch, report, Outcome.RETRY, _CLOSED)
+                for message in batch:
+                    self._reports.send(report, message, Outcome.RETRY, _CLOSED)
                 return
             raise ChannelError("the Kafka channel is not started")
+        self._reports.bind()
         entries = self._register(batch, report)
         if self._fatal is not None:
             self._settle_all(entries, Outcome.RETRY, "Kafka producer failed")
@@ -582,7 +586,7 @@ class KafkaChannel(Channel):
                     "(a broker that lost its state, e.g. restarted or replaced); %d undelivered "
                     "record(s) will be sent again through the new one", len(left))
         for entry in left:
-            _report(entry, Outcome.RETRY, _REPLACED)
+            self._report(entry, Outcome.RETRY, _REPLACED)
 
     def _take_generation(self, generation: int) -> list[_Entry]:
         """Take the unreported entries a producer took (now the caller's to report)."""
@@ -653,7 +657,11 @@ class KafkaChannel(Channel):
             if entry not in self._pending:
                 return  # already settled by close()
             self._pending.discard(entry)
-        _report(entry, outcome, reason)
+        self._report(entry, outcome, reason)
+
+    def _report(self, entry: _Entry, outcome: Outcome, reason: str) -> None:
+        """Every report goes here, once per entry (the worker logs a REJECT's reason)."""
+        self._reports.send(entry.report, entry.message, outcome, reason)
 
     def _settle_all(self, entries: Iterable[_Entry], outcome: Outcome, reason: str) -> None:
         for entry in entries:
@@ -664,23 +672,6 @@ class KafkaChannel(Channel):
         """Messages handed over and not yet reported."""
         with self._lock:
             return len(self._pending)
-
-
-def _report(entry: _Entry, outcome: Outcome, reason: str) -> None:
-    if outcome is Outcome.REJECT:
-        log.warning("Kafka rejected message %s: %s", entry.message.id, reason)
-    try:
-        entry.report(entry.message, outcome, reason)
-    except Exception:
-        log.exception("report callback failed for message %s", entry.message.id)
-
-
-def _report_each(batch: Sequence[Message], report: Report, outcome: Outcome, reason: str) -> None:
-    for message in batch:
-        try:
-            report(message, outcome, reason)
-        except Exception:
-            log.exception("report callback failed for message %s", message.id)
 
 
 def _callback(channel: KafkaChannel, entry: _Entry) -> Any:

@@ -1,0 +1,73 @@
+"""channels/kafka/reports.py: delivery reports made on the poll thread reach the loop that published."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from channels.base import Message, Outcome
+from channels.kafka.reports import LoopReports
+
+
+def test_reports_from_a_thread_run_on_the_loop_in_order_with_one_wakeup_per_batch() -> None:
+    async def main() -> tuple[list[tuple[str, Outcome, int]], int]:
+        loop = asyncio.get_running_loop()
+        reports = LoopReports()
+        reports.bind()
+        seen: list[tuple[str, Outcome, int]] = []
+        wakeups = 0
+        original = loop.call_soon_threadsafe
+
+        def counting(*args: object, **kwargs: object) -> asyncio.Handle:
+            nonlocal wakeups
+            wakeups += 1
+            return original(*args, **kwargs)  # type: ignore[arg-type]
+
+        loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+
+        def report(message: Message, outcome: Outcome, reason: str = "", retry_after: float = 0.0) -> None:
+            seen.append((message.id, outcome, threading.get_ident()))
+
+        messages = [Message(id=str(i), body="", ack_id=str(i)) for i in range(500)]
+
+        def poll_thread() -> None:
+            for message in messages:
+                reports.send(report, message, Outcome.ACK, "")
+
+        thread = threading.Thread(target=poll_thread)
+        thread.start()
+        await asyncio.to_thread(thread.join, 5)
+        for _ in range(100):
+            if len(seen) == len(messages):
+                break
+            await asyncio.sleep(0.01)
+        return seen, wakeups
+
+    seen, wakeups = asyncio.run(main())
+    assert [s[0] for s in seen] == [str(i) for i in range(500)]
+    assert {s[2] for s in seen} == {threading.get_ident()}  # all on the loop's thread
+    assert 1 <= wakeups < 500
+
+
+def test_without_a_loop_reports_are_made_on_the_calling_thread() -> None:
+    reports = LoopReports()
+    reports.bind()  # no running loop: nothing to bring reports to
+    seen: list[str] = []
+    reports.send(lambda m, o, r="", a=0.0: seen.append(m.id), Message(id="1", body="", ack_id="1"),
+                 Outcome.RETRY, "closed")
+    assert seen == ["1"]
+
+
+def test_a_report_after_the_loop_closed_is_still_made() -> None:
+    async def bind() -> LoopReports:
+        reports = LoopReports()
+        reports.bind()
+        return reports
+
+    reports = asyncio.run(bind())  # the loop is closed now
+    seen: list[str] = []
+    thread = threading.Thread(target=reports.send, args=(
+        lambda m, o, r="", a=0.0: seen.append(m.id), Message(id="1", body="", ack_id="1"), Outcome.RETRY, "x"))
+    thread.start()
+    thread.join(5)
+    assert seen == ["1"]
