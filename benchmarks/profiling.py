@@ -50,15 +50,16 @@ log = logging.getLogger(__name__)
 # (label, file suffix, function name; for C functions "~" and a part of the name): cumulative
 # CPU of these per message answers "where does it go". Indented rows are part of the row above.
 HOT_PATH: tuple[tuple[str, str, str], ...] = (
-    ("receive loop, per resume (Worker._receive_loop)", "poller/worker.py", "_receive_loop"),
-    ("  hand-over to the channel (Worker._hand_over)", "poller/worker.py", "_hand_over"),
+    ("receive loop, per resume (Receiver.run)", "poller/receiver.py", "run"),
+    ("  hand-over to the channel (Dispatcher.hand_over)", "poller/dispatcher.py", "hand_over"),
     ("HTTP channel publish (HttpChannel.publish)", "channels/http.py", "publish"),
     ("  event head (EventFormat.http_binary_head)", "channels/events.py", "http_binary_head"),
     ("    time attribute (rfc3339_from_millis)", "channels/events.py", "rfc3339_from_millis"),
     ("  request bytes (RequestTemplate.build)", "channels/transport/http.py", "build"),
     ("answers read and parsed (_Connection.data_received)", "channels/transport/http.py", "data_received"),
     ("  sink answer handling (HttpChannel._answered)", "channels/http.py", "_answered"),
-    ("outcome bookkeeping (Worker._on_report)", "poller/worker.py", "_on_report"),
+    ("outcome bookkeeping (Dispatcher._on_report)", "poller/dispatcher.py", "_on_report"),
+    ("  the decision (Dispatcher._settle)", "poller/dispatcher.py", "_settle"),
     ("deletes queued (Deleter.add)", "poller/deleter.py", "add"),
     ("SigV4 signing (SigV4Signer.headers)", "poller/sqs.py", "headers"),
     ("orjson.loads (SQS answers)", "~", "orjson.loads"),
