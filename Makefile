@@ -9,7 +9,7 @@ $(BIN)/poller: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
-	@# LocalStack needs Python 3.13 (PEP 695); poller/kit/services.py installs it into a cache on first use.
+	@# LocalStack needs Python 3.13 (PEP 695); poller/kit/installcache.py installs it into a cache on first use.
 	@touch $(BIN)/poller
 
 setup: $(BIN)/poller

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from benchmarks.contender import ContenderSpec, health_ready, log_ready
-from poller.kit.services import free_port
+from poller.kit.process import free_port
 
 __all__ = [
     "CREDENTIALS",

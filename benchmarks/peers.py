@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 
 from benchmarks.keys import order_of
-from poller.kit.services import HOST, free_port, wait_for
+from poller.kit.process import HOST, free_port, wait_for
 
 __all__ = ["DelayProxy", "Sink", "consume_count", "create_topic"]
 

@@ -1,6 +1,6 @@
 """``python -m benchmarks.run [--quick]``: the poller against mq-bridge and plain boto3, in one run.
 
-Starts (or reuses) LocalStack and tansu via ``poller.kit.services``, its own HTTP sinks (at once,
+Starts (or reuses) LocalStack and tansu via ``poller.kit.localsqs`` / ``localkafka``, its own HTTP sinks (at once,
 20 ms, stalled) and an SQS delay proxy, then measures every contender the same way (see
 ``benchmarks/measure.py``) and writes ``benchmarks/results/report.md``, ``latest.json`` and PNG
 plots; a full run also writes ``benchmarks/RESULTS.md``. ``--profile`` instead profiles one poller
@@ -44,7 +44,9 @@ from benchmarks.scenarios import (
     throughput_cases,
 )
 from benchmarks.sqs import sqs_client
-from poller.kit.services import Service, start_sqs, start_tansu
+from poller.kit.localkafka import start_tansu
+from poller.kit.localsqs import start_sqs
+from poller.kit.process import Service
 
 __all__ = ["main"]
 

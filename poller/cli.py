@@ -367,7 +367,8 @@ def demo_cmd(endpoint_url: str | None, messages: int, follow: bool, duration: fl
     """
     if endpoint_url:
         check_url(endpoint_url, "endpoint")
-        from poller.kit.services import ServiceError, check_endpoint
+        from poller.kit.localsqs import check_endpoint
+        from poller.kit.process import ServiceError
 
         try:  # before any log line: a dead endpoint is one line, as every bad input
             check_endpoint(endpoint_url)

@@ -19,7 +19,9 @@ import boto3
 import pytest
 from botocore.config import Config
 
-from poller.kit.services import Service, create_bucket, start_sqs, start_tansu, tansu_s3_env
+from poller.kit.localkafka import create_bucket, start_tansu, tansu_s3_env
+from poller.kit.localsqs import start_sqs
+from poller.kit.process import Service
 
 # Re-exported so tests can take them from either module.
 from support import drain, drain_count, queue_counts, send_messages  # noqa: F401

@@ -28,7 +28,7 @@ from confluent_kafka import Consumer, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
 
 from poller.kit.dumper import DumperServer
-from poller.kit.services import free_port
+from poller.kit.process import free_port
 
 __all__ = [
     "BATCH_MAX_BYTES", "BATCH_MAX_ENTRIES", "CLK_TCK", "JWT", "SECRET_KEY", "SESSION_TOKEN", "STATIC_CREDENTIALS",

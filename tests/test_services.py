@@ -17,16 +17,10 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from faultproxy import FaultProxy, SlowPaths
 from support import consume_topic, drain_count, earliest_offsets, queue_counts, send_messages, wait_until
-from poller.kit.services import (
-    Service,
-    ServiceError,
-    free_port,
-    install_once,
-    localstack_health,
-    start_moto,
-    start_sqs,
-    tansu_s3_env,
-)
+from poller.kit.installcache import install_once
+from poller.kit.localkafka import tansu_s3_env
+from poller.kit.localsqs import localstack_health, start_moto, start_sqs
+from poller.kit.process import Service, ServiceError, free_port
 
 
 def _alive(pid: int) -> bool:
@@ -166,29 +160,29 @@ def test_stop_kills_the_broker_and_is_idempotent(tansu_factory: Any) -> None:
 def test_a_tansu_that_never_gets_ready_is_started_once_more(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from poller.kit import services
+    from poller.kit import localkafka
 
     attempts: list[Path] = []
 
     def start(launch: Any, ready: Any, timeout: float, cleanup: Any) -> str:
         attempts.append(launch.log_path)
         if len(attempts) == 1:
-            raise services.ServiceError("tansu on 127.0.0.1:1: not ready after 30 s")
+            raise ServiceError("tansu on 127.0.0.1:1: not ready after 30 s")
         return "second"
 
-    monkeypatch.setattr(services, "_tansu_binary", lambda cache_dir: tmp_path / "tansu")
-    monkeypatch.setattr(services, "_start", start)
-    assert services.start_tansu(port=free_port(), log_dir=tmp_path) == "second"
+    monkeypatch.setattr(localkafka, "tansu_binary", lambda cache_dir: tmp_path / "tansu")
+    monkeypatch.setattr(localkafka, "start_process", start)
+    assert localkafka.start_tansu(port=free_port(), log_dir=tmp_path) == "second"
     assert len(attempts) == 2 and attempts[0] != attempts[1]  # each start has its own log
 
     def never_ready(launch: Any, ready: Any, timeout: float, cleanup: Any) -> str:
         attempts.append(launch.log_path)
-        raise services.ServiceError("tansu on 127.0.0.1:1: not ready after 30 s")
+        raise ServiceError("tansu on 127.0.0.1:1: not ready after 30 s")
 
     attempts.clear()
-    monkeypatch.setattr(services, "_start", never_ready)
-    with pytest.raises(services.ServiceError, match="not ready"):
-        services.start_tansu(port=free_port(), log_dir=tmp_path)
+    monkeypatch.setattr(localkafka, "start_process", never_ready)
+    with pytest.raises(ServiceError, match="not ready"):
+        localkafka.start_tansu(port=free_port(), log_dir=tmp_path)
     assert len(attempts) == 2  # twice at most
 
 
@@ -270,7 +264,7 @@ def test_stop_escalates_to_sigkill_for_the_whole_group(tmp_path: Path) -> None:
 
 _OWNER = """
 import sys
-from poller.kit.services import start_tansu
+from poller.kit.localkafka import start_tansu
 broker = start_tansu(log_dir=sys.argv[1])
 print(broker.pid, flush=True)
 input()  # never stops the broker itself: it is SIGKILLed while waiting here

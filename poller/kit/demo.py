@@ -25,7 +25,8 @@ import orjson
 
 from poller.kit.dumper import DumperServer
 from poller.kit.inmemory import InMemoryChannelServer
-from poller.kit.services import ServiceError, start_sqs
+from poller.kit.localsqs import start_sqs
+from poller.kit.process import ServiceError
 
 __all__ = ["DemoOptions", "run_demo"]
 
