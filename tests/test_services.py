@@ -15,8 +15,6 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from faultproxy import FaultProxy, SlowPaths
-from support import consume_topic, drain_count, earliest_offsets, queue_counts, send_messages, wait_until
 from poller.kit.services import (
     Service,
     ServiceError,
@@ -27,6 +25,9 @@ from poller.kit.services import (
     start_sqs,
     tansu_s3_env,
 )
+
+from faultproxy import FaultProxy, SlowPaths
+from support import consume_topic, drain_count, earliest_offsets, queue_counts, send_messages, wait_until
 
 
 def _alive(pid: int) -> bool:
@@ -248,7 +249,8 @@ def test_counts_read_from_offset_0_since_tansu_earliest_follows_write_order(
 _STUBBORN = """
 import os, signal, subprocess, sys, time
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
-child = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"])
+child = subprocess.Popen([sys.executable, "-c",
+                          "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"])
 print(child.pid, flush=True)
 time.sleep(60)
 """
@@ -279,7 +281,8 @@ input()  # never stops the broker itself: it is SIGKILLed while waiting here
 
 @pytest.mark.integration
 def test_services_die_with_an_owner_killed_before_stop(tmp_path: Path) -> None:
-    owner = subprocess.Popen([sys.executable, "-c", _OWNER, str(tmp_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    owner = subprocess.Popen([sys.executable, "-c", _OWNER, str(tmp_path)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     assert owner.stdout is not None
     try:
         broker_pid = int(owner.stdout.readline())
