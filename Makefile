@@ -18,9 +18,9 @@ demo: setup
 	$(BIN)/poller demo
 
 # ruff on the whole tree, mypy --strict on poller/ and channels/ (pyproject.toml: [tool.ruff], [tool.mypy]).
+# Both run, so one pass shows every finding; either failing fails the target.
 lint: setup
-	$(BIN)/ruff check .
-	$(BIN)/python -m mypy
+	status=0; $(BIN)/ruff check . || status=1; $(BIN)/python -m mypy || status=1; exit $$status
 
 # pytest's exit code 5 ("no tests ran") is not a failure of the build; every other code is.
 test: setup
