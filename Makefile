@@ -3,12 +3,12 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo lint test bench clean
 
 $(BIN)/poller: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,lint]'
 	@# LocalStack needs Python 3.13 (PEP 695); poller/kit/installcache.py installs it into a cache on first use.
 	@touch $(BIN)/poller
 
@@ -16,6 +16,11 @@ setup: $(BIN)/poller
 
 demo: setup
 	$(BIN)/poller demo
+
+# ruff on the whole tree, mypy --strict on poller/ and channels/ (pyproject.toml: [tool.ruff], [tool.mypy]).
+# Both run, so one pass shows every finding; either failing fails the target.
+lint: setup
+	status=0; $(BIN)/ruff check . || status=1; $(BIN)/python -m mypy || status=1; exit $$status
 
 # pytest's exit code 5 ("no tests ran") is not a failure of the build; every other code is.
 test: setup

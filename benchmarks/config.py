@@ -71,8 +71,9 @@ def _names(text: str, allowed: Sequence[str], parser: argparse.ArgumentParser, w
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.run",
-                                description="SQS -> HTTP / Kafka: the poller against mq-bridge and boto3 loops, in one run.")
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.run",
+        description="SQS -> HTTP / Kafka: the poller against mq-bridge and boto3 loops, in one run.")
     p.add_argument("--quick", action="store_true", help="the quick preset (under 5 minutes on 2 cores)")
     p.add_argument("--messages", type=int, help="messages per throughput case (full 20000, quick 2000)")
     p.add_argument("--slow-messages", type=int, help="messages per 20 ms-sink case (full 10000, quick 1000)")

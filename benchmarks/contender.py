@@ -77,7 +77,8 @@ def health_ready(port: int, processes: int | None) -> ReadyRule:
 class ContenderProcess:
     def __init__(self, spec: ContenderSpec, log_dir: Path) -> None:
         self.spec = spec
-        self.log_path = log_dir / f"{spec.label.replace(' ', '-').replace('/', '-')}-{int(time.time() * 1000) % 10**8}.log"
+        stem = spec.label.replace(" ", "-").replace("/", "-")
+        self.log_path = log_dir / f"{stem}-{int(time.time() * 1000) % 10**8}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()/kill()
         self.proc = subprocess.Popen(
             list(spec.argv), env={**os.environ, **spec.env}, cwd=ROOT,

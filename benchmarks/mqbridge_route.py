@@ -15,6 +15,8 @@ import threading
 
 import mq_bridge
 
+log = logging.getLogger("mqbridge_route")
+
 
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -26,12 +28,12 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     route.start()  # deploys the route (connections checked) and returns; errors surface here
-    logging.info("ready: mq-bridge %s route %s", mq_bridge.__version__, json.dumps(config))
+    log.info("ready: mq-bridge %s route %s", mq_bridge.__version__, json.dumps(config))
     while not stop.wait(0.5):
         pass
     route.stop()
     route.join()
-    logging.info("stopped")
+    log.info("stopped")
     return 0
 
 

@@ -97,13 +97,15 @@ class DelayedPipe(asyncio.Protocol):
 async def serve(port: int, upstream_host: str, upstream_port: int, rtt_ms: float, host: str = "127.0.0.1") -> None:
     loop = asyncio.get_running_loop()
     delay = rtt_ms / 2000
+    connecting: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to tasks
 
     def accepted() -> DelayedPipe:
         client = DelayedPipe(delay)
 
         async def connect() -> None:
             try:
-                _transport, server = await loop.create_connection(lambda: DelayedPipe(delay), upstream_host, upstream_port)
+                _transport, server = await loop.create_connection(lambda: DelayedPipe(delay),
+                                                                  upstream_host, upstream_port)
             except OSError as exc:
                 log.warning("upstream %s:%d refused: %s", upstream_host, upstream_port, exc)
                 if client.transport is not None:
@@ -112,7 +114,9 @@ async def serve(port: int, upstream_host: str, upstream_port: int, rtt_ms: float
             server.link(client)
             client.link(server)
 
-        loop.create_task(connect())
+        task = loop.create_task(connect())
+        connecting.add(task)
+        task.add_done_callback(connecting.discard)
         return client
 
     server = await loop.create_server(accepted, host, port, backlog=1024)

@@ -265,7 +265,8 @@ def render_markdown(report: RunReport, *, image_prefix: str = "") -> str:
     if report.plots:
         body += ["## Plots", ""] + [f"![{Path(p).stem}]({image_prefix}{p})" for p in report.plots] + [""]
     notes = list(report.notes)
-    failed = [r for r in [*report.rows, *report.sweep, *report.latency] if r.error and not r.error.startswith("skipped")]
+    failed = [r for r in [*report.rows, *report.sweep, *report.latency]
+              if r.error and not r.error.startswith("skipped")]
     if failed:
         notes.append(f"{len(failed)} case(s) failed; their logs are in {report.log_dir}")
     if notes:

@@ -201,7 +201,8 @@ def throughput_cases(bench: Bench) -> list[Throughput]:
                                        count=c.naive_messages, sink=fast))
         if c.runs("fast", "good"):
             rows.append(run_throughput(bench, FAST, "good", "good boto3 loop",
-                                       lambda url: loop_spec("good", bench.endpoint, url, sink=fast.url, threads=c.threads),
+                                       lambda url: loop_spec("good", bench.endpoint, url, sink=fast.url,
+                                                             threads=c.threads),
                                        count=c.messages, sink=fast))
         if c.runs("fast", "mq-bridge"):
             rows.append(_mqbridge_http(bench, FAST, fast, c.messages))

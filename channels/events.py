@@ -218,7 +218,7 @@ class EventFormat:
 
     def structured(self, message: Message) -> bytes:
         """Structured mode: the whole event as one JSON document."""
-        event: dict[str, object] = self.attributes(message)
+        event: dict[str, object] = dict(self.attributes(message))
         if self.data_mode == "message":
             event["datacontenttype"] = "application/json"
             event["data"] = message_document(message)

@@ -13,4 +13,4 @@ def nack_visibility(receive_count: int, *, base: float, cap: float) -> int:
     Grows with SQS's own ``ApproximateReceiveCount``, so a dead sink is retried ever less often
     instead of spinning, and a restart of the poller does not reset the backoff.
     """
-    return int(round(backoff(max(1, receive_count), base=base, cap=cap)))
+    return round(backoff(max(1, receive_count), base=base, cap=cap))

@@ -33,8 +33,10 @@ def cpu_quota(cgroup_root: Path = Path("/sys/fs/cgroup")) -> float | None:
         if quota == "max":
             return None
         return _ratio(quota, period)
-    quota = _read(cgroup_root / "cpu" / "cpu.cfs_quota_us") or _read(cgroup_root / "cpu,cpuacct" / "cpu.cfs_quota_us")
-    period = _read(cgroup_root / "cpu" / "cpu.cfs_period_us") or _read(cgroup_root / "cpu,cpuacct" / "cpu.cfs_period_us")
+    quota = (_read(cgroup_root / "cpu" / "cpu.cfs_quota_us")
+             or _read(cgroup_root / "cpu,cpuacct" / "cpu.cfs_quota_us"))
+    period = (_read(cgroup_root / "cpu" / "cpu.cfs_period_us")
+              or _read(cgroup_root / "cpu,cpuacct" / "cpu.cfs_period_us"))
     if quota and period and quota.strip() != "-1":
         return _ratio(quota, period)
     return None

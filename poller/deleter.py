@@ -102,7 +102,7 @@ class Deleter:
             attempt += 1
             try:
                 failures = await self._sqs.delete_batch(pending)
-            except Exception as exc:  # SqsError, a credential refresh error: retry until the deadline
+            except Exception as exc:  # noqa: BLE001 - SqsError, a credential refresh error: retry until the deadline
                 delay = backoff(attempt, base=0.2, cap=5.0)
                 # Permanent: not allowed, no such queue. A call refused for its time or for an
                 # expired token is not (the client re-signs it once itself; then it is retried here).

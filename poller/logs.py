@@ -130,7 +130,7 @@ class RedactingFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         try:
             message = record.getMessage()
-        except Exception:  # bad arguments: log what can be shown, not logging's own traceback
+        except Exception:  # noqa: BLE001 - bad arguments: log what can be shown, not logging's own traceback
             message = f"{record.msg} (unformattable log arguments)"
         record.msg, record.args = self._redact(message), None
         if record.exc_info and not record.exc_text:

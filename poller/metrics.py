@@ -39,7 +39,7 @@ from prometheus_client.registry import Collector
 from poller.logs import RateLimitedLog
 from poller.stats import FIELDS, HISTOGRAMS, histogram
 
-__all__ = ["HEAD_TIMEOUT", "MAX_CONNECTIONS", "HttpServer", "Probe", "PollerCollector", "serve"]
+__all__ = ["HEAD_TIMEOUT", "MAX_CONNECTIONS", "HttpServer", "PollerCollector", "Probe", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class PollerCollector(Collector):
             yield family
 
 
-def _one(family: Any, labels: list[str], value: float) -> Metric:
+def _one(family: GaugeMetricFamily | CounterMetricFamily, labels: list[str], value: float) -> Metric:
     family.add_metric(labels, value)
     return family
 
@@ -234,7 +234,7 @@ class HttpServer:
 
         try:
             body = b"".join(self._app(environ, start_response))
-        except Exception as exc:  # one line, and the server keeps serving
+        except Exception as exc:  # noqa: BLE001 - one line, and the server keeps serving
             log.warning("http server: %s failed: %s: %s", environ["PATH_INFO"], type(exc).__name__, exc)
             return _plain_answer(HTTPStatus.INTERNAL_SERVER_ERROR)
         if not answer:  # the app broke WSGI's contract

@@ -174,8 +174,8 @@ class Supervisor:
         self._signals.put_nowait(signum)
 
     def run(self) -> int:
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(signum, self._on_signal)
+        for handled in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(handled, self._on_signal)
         for slot in self._slots:
             self._spawn(slot)
         last_totals, last_time = self._totals(), time.monotonic()

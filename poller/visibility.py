@@ -129,7 +129,7 @@ class VisibilityLanes:
             return
         try:
             failures = await self._sqs.change_visibility_batch([(c.handle, c.timeout) for c in changes])
-        except Exception as exc:  # SqsError, a credential refresh error...: never kill the lane
+        except Exception as exc:  # noqa: BLE001 - SqsError, a credential refresh error...: never kill the lane
             self._failed_log.hit(str(exc))
             self._extension_failed([c.handle for c in changes if c.extension])
             return

@@ -186,14 +186,16 @@ def test_bad_kafka_config(run_poller: RunPoller, aws_env: Mapping[str, str], que
     assert_one_line_error(result, *expected)
 
 
-def test_kafka_config_env_bad_line_is_named_not_echoed(run_poller: RunPoller, aws_env: Mapping[str, str], queue_url: str) -> None:
+def test_kafka_config_env_bad_line_is_named_not_echoed(run_poller: RunPoller, aws_env: Mapping[str, str],
+                                                       queue_url: str) -> None:
     env = {**_env(aws_env), "POLLER_KAFKA_CONFIG": "linger.ms=5\nhunter2 secret tail"}
     result = run_poller(["run", "--queue-url", queue_url, *KAFKA], env)
     line = assert_one_line_error(result, "POLLER_KAFKA_CONFIG line 2")
     assert "hunter2" not in result.stderr and "tail" not in result.stderr, line
 
 
-def test_kafka_config_env_keeps_a_value_with_spaces_whole(run_poller: RunPoller, aws_env: Mapping[str, str], queue_url: str) -> None:
+def test_kafka_config_env_keeps_a_value_with_spaces_whole(run_poller: RunPoller, aws_env: Mapping[str, str],
+                                                          queue_url: str) -> None:
     """Split per line, not per space: the config is valid, so the poller gets as far as the broker."""
     env = {**_env(aws_env), "POLLER_KAFKA_CONFIG": "sasl.password=abc def\n\n# a comment\nlinger.ms=5\n"}
     result = run_poller(["run", "--queue-url", queue_url, *KAFKA], env)
@@ -358,7 +360,8 @@ def test_endpoint_refuses_connections(run_poller: RunPoller, aws_env: Mapping[st
     assert_one_line_error(result, "cannot reach SQS", endpoint)
 
 
-def test_endpoint_refuses_connections_via_env(run_poller: RunPoller, aws_env: Mapping[str, str], queue_url: str) -> None:
+def test_endpoint_refuses_connections_via_env(run_poller: RunPoller, aws_env: Mapping[str, str],
+                                              queue_url: str) -> None:
     endpoint = f"http://127.0.0.1:{free_port()}"
     result = run_poller(["run", "--queue-url", queue_url, "--sink", SINK],
                         _env(aws_env, {"AWS_ENDPOINT_URL_SQS": endpoint}))
@@ -372,7 +375,8 @@ def silent_endpoint() -> Iterator[str]:
         yield f"http://{address}"
 
 
-def test_endpoint_never_answers(run_poller: RunPoller, aws_env: Mapping[str, str], queue_url: str, silent_endpoint: str) -> None:
+def test_endpoint_never_answers(run_poller: RunPoller, aws_env: Mapping[str, str], queue_url: str,
+                                silent_endpoint: str) -> None:
     # Bounded by the SQS client's deadline (10 s): a hang fails the test at pytest's timeout.
     result = run_poller(["run", "--queue-url", queue_url, "--sink", SINK, "--endpoint-url", silent_endpoint],
                         _env(aws_env))

@@ -53,7 +53,8 @@ HAND_CHECKED = {
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob"}
 POLLER_IMAGE = "sqs-poller"
 ROLE_ARN = re.compile(r"^arn:aws:iam::\d{12}:role/[\w+=,.@/-]+$")
-AWS_SECRET_ENV = re.compile(r"^AWS_(ACCESS_KEY_ID|SECRET_ACCESS_KEY|SESSION_TOKEN|SHARED_CREDENTIALS_FILE|CONFIG_FILE)$")
+AWS_SECRET_ENV = re.compile(
+    r"^AWS_(ACCESS_KEY_ID|SECRET_ACCESS_KEY|SESSION_TOKEN|SHARED_CREDENTIALS_FILE|CONFIG_FILE)$")
 GRACE_MARGIN = 10  # seconds the grace period must exceed --shutdown-timeout by
 
 
@@ -205,7 +206,7 @@ def _healthcheck_url(env: dict[str, str]) -> str:
     asked: list[str] = []
     with mock.patch.dict(os.environ, env, clear=True), \
             mock.patch.object(urllib.request, "urlopen", lambda url, *a, **k: asked.append(url)):
-        exec(compile(argv[2], "HEALTHCHECK", "exec"), {})  # noqa: S102 - the repo's own Dockerfile
+        exec(compile(argv[2], "HEALTHCHECK", "exec"), {})
     assert len(asked) == 1, f"HEALTHCHECK should make one request, made {asked}"
     return asked[0]
 
@@ -306,7 +307,8 @@ def test_manifest_validates_against_kubernetes_schema(doc: Doc) -> None:
             assert doc.key in HAND_CHECKED, \
                 f"{doc}: no Kubernetes {version} schema for {doc.key}, and no hand check either"
         except kubernetes_validate.ValidationError as e:
-            problem = f"{doc} is invalid for Kubernetes {version} at {'.'.join(map(str, e.path)) or '(top)'}: {e.message}"
+            where = ".".join(map(str, e.path)) or "(top)"
+            problem = f"{doc} is invalid for Kubernetes {version} at {where}: {e.message}"
         if problem:
             pytest.fail(problem, pytrace=False)
 
@@ -501,7 +503,8 @@ def test_poller_options_exist(poller: PollerContainer) -> None:
 
 def test_cronjob_runs_until_empty() -> None:
     jobs = [p for p in POLLERS if p.doc.example == "cronjob"]
-    assert jobs and all(p.doc.body["kind"] == "CronJob" for p in jobs), "deploy/cronjob/ should run the poller in a CronJob"
+    assert jobs and all(p.doc.body["kind"] == "CronJob" for p in jobs), \
+        "deploy/cronjob/ should run the poller in a CronJob"
     for p in jobs:
         assert "--until-empty" in p.container.get("args", []), f"{p}: batch mode needs `poller run --until-empty`"
         assert p.pod.get("restartPolicy") in ("Never", "OnFailure"), f"{p}: a Job's pod cannot restart Always"

@@ -23,7 +23,15 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from faultproxy import (
-    HTTP_500, SQS_INTERNAL_ERROR, SQS_THROTTLING, Delay, Fault, FaultProxy, HttpError, SlowActions, SlowPaths,
+    HTTP_500,
+    SQS_INTERNAL_ERROR,
+    SQS_THROTTLING,
+    Delay,
+    Fault,
+    FaultProxy,
+    HttpError,
+    SlowActions,
+    SlowPaths,
     Trickle,
 )
 
@@ -36,7 +44,7 @@ TIMEOUT = 5.0
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, like the sink and LocalStack
 
-    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+    def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         target = self.headers.get("X-Amz-Target", "")
         server: CountingServer = self.server  # type: ignore[assignment]

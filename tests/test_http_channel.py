@@ -19,8 +19,9 @@ import orjson
 import pytest
 
 from channels.base import Message, Outcome
-from poller.kit.dumper import DumperServer
 from channels.http import HttpConfig, basic_auth, redact
+from poller.kit.dumper import DumperServer
+
 from support import silent_server
 
 SOURCE = "https://sqs.us-east-1.amazonaws.com/123456789012/q"

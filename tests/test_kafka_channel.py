@@ -19,10 +19,11 @@ import pytest
 from cloudevents.core.bindings import kafka as ce_kafka
 from confluent_kafka import TIMESTAMP_CREATE_TIME, Consumer, KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
-from support import consume_topic
 
 from channels.base import ChannelError, Message, Outcome
 from channels.kafka import KafkaChannel, KafkaConfig
+
+from support import consume_topic
 
 pytestmark = pytest.mark.integration
 log = logging.getLogger(__name__)

@@ -873,7 +873,7 @@ def test_iam_token_failure_names_its_cause_for_producer_and_admin(monkeypatch: p
 
 
 def test_librdkafka_repeats_its_outage_lines_only_once_a_minute(caplog: pytest.LogCaptureFixture) -> None:
-    from channels.kafka import _LibrdkafkaLog
+    from channels.kafka.channel import _LibrdkafkaLog
 
     sink = _LibrdkafkaLog()
     with caplog.at_level(logging.DEBUG, logger="channels.kafka.librdkafka"):

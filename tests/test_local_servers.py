@@ -34,6 +34,7 @@ from cloudevents.core.v1.event import CloudEvent
 from poller.kit.cehttp import Reply, ServerOptions
 from poller.kit.dumper import DumperServer
 from poller.kit.inmemory import FanoutOptions, InMemoryChannelServer
+
 from support import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,7 +195,8 @@ def test_slow_subscriber_does_not_block_other_requests(stack: ExitStack) -> None
     d1, d2 = dumper(stack, respond=respond), dumper(stack)
     ch = channel(stack, d1.url, d2.url)
     slow_status: list[int] = []
-    slow = threading.Thread(target=lambda: slow_status.append(post(ch.url, to_binary_event(sample_event("slow"))).status_code))
+    slow = threading.Thread(
+        target=lambda: slow_status.append(post(ch.url, to_binary_event(sample_event("slow"))).status_code))
     slow.start()
     time.sleep(0.1)
     start = time.monotonic()

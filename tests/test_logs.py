@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from poller.logs import DEBUG_LOGGERS_ENV, THIRD_PARTY_LOGGERS, Redactor, setup_logging
+
 from support import JWT, SECRET_KEY, SESSION_TOKEN, STATIC_CREDENTIALS, FakeSts
 
 # Recognisable fakes, the shapes real ones have (JWT, SECRET_KEY, SESSION_TOKEN: tests/support.py).

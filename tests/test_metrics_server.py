@@ -13,9 +13,8 @@ import pytest
 
 from poller.metrics import HEAD_TIMEOUT, HttpServer, PollerCollector, serve
 from poller.stats import SLOTS
+
 from support import closed_by_server, connection_flood, http_get, threads_of
-
-
 
 
 def raw(port: int, data: bytes, timeout: float = 5.0) -> bytes:
@@ -50,7 +49,8 @@ def test_healthz_answers_at_once_while_400_idle_and_5_slowloris_connections_are_
             status, _, seconds = http_get(probes, "/healthz", timeout=2.0)
             assert status == 200 and seconds < 1.0, (status, seconds)
             time.sleep(0.2)
-        assert threads_of(os.getpid()) <= before + 1, f"{threads_of(os.getpid())} threads, {before} before the flood"  # the trickler
+        # + 1: the trickler
+        assert threads_of(os.getpid()) <= before + 1, f"{threads_of(os.getpid())} threads, {before} before the flood"
         # Every idle and slow connection is closed: the flood's beyond the cap at once, the rest
         # after the head timeout (the slow ones too, though they keep sending).
         deadline = time.monotonic() + HEAD_TIMEOUT + 2.0

@@ -15,12 +15,13 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from faultproxy import FaultProxy, SlowPaths
-from support import consume_topic, drain_count, earliest_offsets, queue_counts, send_messages, wait_until
 from poller.kit.installcache import install_once
 from poller.kit.localkafka import tansu_s3_env
 from poller.kit.localsqs import localstack_health, start_moto, start_sqs
 from poller.kit.process import Service, ServiceError, free_port
+
+from faultproxy import FaultProxy, SlowPaths
+from support import consume_topic, drain_count, earliest_offsets, queue_counts, send_messages, wait_until
 
 
 def _alive(pid: int) -> bool:
@@ -242,7 +243,8 @@ def test_counts_read_from_offset_0_since_tansu_earliest_follows_write_order(
 _STUBBORN = """
 import os, signal, subprocess, sys, time
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
-child = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"])
+child = subprocess.Popen([sys.executable, "-c",
+                          "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"])
 print(child.pid, flush=True)
 time.sleep(60)
 """
@@ -273,7 +275,8 @@ input()  # never stops the broker itself: it is SIGKILLed while waiting here
 
 @pytest.mark.integration
 def test_services_die_with_an_owner_killed_before_stop(tmp_path: Path) -> None:
-    owner = subprocess.Popen([sys.executable, "-c", _OWNER, str(tmp_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    owner = subprocess.Popen([sys.executable, "-c", _OWNER, str(tmp_path)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     assert owner.stdout is not None
     try:
         broker_pid = int(owner.stdout.readline())

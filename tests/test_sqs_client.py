@@ -12,12 +12,19 @@ from typing import Any
 import pytest
 from botocore.credentials import Credentials
 
+from poller.sqs import (
+    BatchFailure,
+    BlockingSqsClient,
+    SqsError,
+    SqsTarget,
+    queue_url_from_arn,
+    region_from_queue_url,
+    region_mismatch,
+    resolve_target,
+)
+
 from conftest import REGION, MakeQueue
 from support import free_port, queue_counts, send_messages
-from poller.sqs import (
-    BatchFailure, BlockingSqsClient, SqsError, SqsTarget, queue_url_from_arn, region_from_queue_url,
-    region_mismatch, resolve_target,
-)
 
 pytestmark = pytest.mark.integration
 

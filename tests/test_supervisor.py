@@ -15,6 +15,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from channels.http import HttpConfig
 from poller.config import RunConfig, WorkerConfig
 from poller.sqs import SqsTarget
 from poller.supervisor import Supervisor
+
 from support import free_port, http_get, wait_until
 
 TESTS = str(Path(__file__).parent)
@@ -180,7 +182,7 @@ def test_a_crashing_worker_is_restarted_with_a_growing_backoff(running: Any) -> 
     sup = running("crash", processes=1)
     wait_until(lambda: len(sup.starts(0)) >= 5, 60, "five starts")
     starts = sup.starts(0)
-    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    gaps = [b - a for a, b in pairwise(starts)]
     assert gaps[3] > gaps[0] * 2, f"restarts did not back off: {gaps}"
     assert "restarting in" in sup.log()
     assert sup.stop() == 0

@@ -79,7 +79,7 @@ those again through the new one. A producer that librdkafka declares fatal, or t
 fences, still fails the channel, and the worker process is replaced.
 """
 
-from channels.kafka.channel import KafkaChannel, _LibrdkafkaLog  # the tests use _LibrdkafkaLog
+from channels.kafka.channel import KafkaChannel
 from channels.kafka.config import (
     AUTH_MODES,
     DEFAULTS,

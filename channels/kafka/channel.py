@@ -220,7 +220,8 @@ class KafkaChannel(Channel):
             username = os.environ.get("KAFKA_SASL_USERNAME")
             password = os.environ.get("KAFKA_SASL_PASSWORD")
             if not username or not password:
-                raise ChannelError("--kafka-auth scram-sha-512 needs KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD in the environment")
+                raise ChannelError("--kafka-auth scram-sha-512 needs KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD "
+                                   "in the environment")
             conf.setdefault("sasl.username", username)
             conf.setdefault("sasl.password", password)
         elif self.config.auth == "iam" and _uses_oauthbearer(conf):
@@ -283,7 +284,8 @@ class KafkaChannel(Channel):
         try:
             future.result(timeout=self.config.metadata_timeout + 5)
         except KafkaException as exc:
-            if exc.args and isinstance(exc.args[0], KafkaError) and exc.args[0].code() == KafkaError.TOPIC_ALREADY_EXISTS:
+            error = exc.args[0] if exc.args else None
+            if isinstance(error, KafkaError) and error.code() == KafkaError.TOPIC_ALREADY_EXISTS:
                 return  # another worker won the race
             raise ChannelError(f"cannot create Kafka topic {name!r}: {_error_text(exc)}{self._token_cause()}") from None
         except (TimeoutError, CancelledError) as exc:  # no answer within the bound

@@ -135,7 +135,8 @@ class KafkaConfig:
         if self.partitions < 1:
             raise ValueError(f"Kafka partitions must be at least 1, not {self.partitions}")
         if self.replication < 1 and self.replication != -1:
-            raise ValueError(f"Kafka replication must be at least 1 (or -1: the broker's default), not {self.replication}")
+            raise ValueError("Kafka replication must be at least 1 (or -1: the broker's default), "
+                             f"not {self.replication}")
         if self.metadata_timeout <= 0:
             raise ValueError("Kafka metadata timeout must be positive")
         # Accept a mapping too, but store hashable, picklable pairs.

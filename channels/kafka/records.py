@@ -6,7 +6,7 @@ import base64
 import binascii
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 from channels.base import Message
 from channels.events import EventError, EventFormat, is_event_format
@@ -17,6 +17,9 @@ __all__ = ["STRUCTURED_CONTENT_TYPE", "Record", "RecordBuilder", "attribute_head
 
 STRUCTURED_CONTENT_TYPE = b"application/cloudevents+json"
 
+# A header as Producer.produce types it: its list is invariant, so ours are this (values are bytes).
+Header: TypeAlias = tuple[str, str | bytes | None]
+
 
 @dataclass(frozen=True, slots=True)
 class Record:
@@ -24,7 +27,7 @@ class Record:
 
     value: bytes
     key: bytes | None
-    headers: list[tuple[str, bytes]]
+    headers: list[Header]
     timestamp: int
 
 
@@ -41,6 +44,7 @@ class RecordBuilder:
 
     def build(self, message: Message) -> Record:
         """Raises ``EventError`` when the message cannot be made a record of this format."""
+        headers: list[Header]
         if self._format == "binary":
             value, content_type = self._event.data(message)
             headers = [("ce_" + name, v.encode()) for name, v in self._event.attributes(message).items()]
@@ -66,9 +70,9 @@ class RecordBuilder:
         return None
 
 
-def attribute_headers(message: Message, *, cloudevents: bool) -> list[tuple[str, bytes]]:
+def attribute_headers(message: Message, *, cloudevents: bool) -> list[Header]:
     """Message attributes as Kafka headers (see the module docstring for the mapping)."""
-    headers = []
+    headers: list[Header] = []
     for name, attribute in message.message_attributes.items():
         lowered = name.lower()
         if cloudevents and (lowered == "content-type" or lowered.startswith("ce_")):

@@ -59,26 +59,29 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Generic, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Self, TypeVar
 
 import orjson
 from cloudevents.core.bindings.http import HTTPMessage, from_binary, from_structured
 from cloudevents.core.exceptions import CloudEventValidationError
 from cloudevents.core.formats.json import JSONFormat
 
-C = TypeVar("C")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+C = TypeVar("C", bound="DataclassInstance")  # Tally's counts: replaced with dataclasses.replace
 
 __all__ = [
-    "Tally",
     "BATCH_CONTENT_TYPE",
     "STRUCTURED_CONTENT_TYPE",
     "CloudEventServer",
-    "batch_reply",
-    "is_batch",
-    "parse_batch",
     "NotACloudEvent",
     "Reply",
     "ServerOptions",
+    "Tally",
+    "batch_reply",
+    "is_batch",
+    "parse_batch",
     "parse_event",
     "run_until_signalled",
 ]
@@ -316,17 +319,20 @@ class _Handler(BaseHTTPRequestHandler):
     server: _HTTPServer
 
     def setup(self) -> None:
-        self.timeout = self.server.options.idle_timeout  # applied by StreamRequestHandler.setup
         super().setup()
+        idle_timeout = self.server.options.idle_timeout
+        if idle_timeout is not None:
+            self.connection.settimeout(idle_timeout)
         self.rfile.close()  # the stdlib's socket file: replaced by one that keeps a deadline
-        self._input = _RequestInput(self.connection, self.timeout)
-        self.rfile = io.BufferedReader(self._input)
+        self._input = _RequestInput(self.connection, idle_timeout)
+        self._reader = io.BufferedReader(self._input)
+        self.rfile = self._reader
 
     def handle_one_request(self) -> None:
         # An idle keep-alive connection waits up to idle_timeout for a request; from the
         # request's first byte on, all of it must arrive within request_timeout.
         try:
-            if not self.rfile.peek(1):
+            if not self._reader.peek(1):
                 self.close_connection = True  # the client closed it
                 return
         except TimeoutError:
@@ -382,7 +388,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _method_not_allowed(self) -> None:
         self._answer(Reply(405, "only POST is accepted"), extra={"Allow": "POST"})
 
-    do_GET = do_PUT = do_DELETE = do_PATCH = _method_not_allowed
+    do_GET = do_PUT = do_DELETE = do_PATCH = _method_not_allowed  # noqa: N815 - http.server's names
 
     def do_HEAD(self) -> None:
         self.send_response(405)
@@ -495,7 +501,7 @@ class _HTTPServer(ThreadingHTTPServer):
         if isinstance(exc, (ConnectionError, TimeoutError)) or self.stopping:
             log.debug("connection from %s ended: %r", client_address, exc)
         else:
-            log.exception("error serving %s", client_address)
+            log.exception("error serving %s", client_address)  # noqa: LOG004 - socketserver calls this in its except
 
     def process_request(self, request: Any, client_address: Any) -> None:
         with self.connections_lock:

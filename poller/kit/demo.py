@@ -19,6 +19,7 @@ import time
 import uuid
 from contextlib import ExitStack
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import boto3
 import orjson
@@ -27,6 +28,9 @@ from poller.kit.dumper import DumperServer
 from poller.kit.inmemory import InMemoryChannelServer
 from poller.kit.localsqs import start_sqs
 from poller.kit.process import ServiceError
+
+if TYPE_CHECKING:
+    from mypy_boto3_sqs import SQSClient
 
 __all__ = ["DemoOptions", "run_demo"]
 
@@ -90,14 +94,14 @@ def run_demo(options: DemoOptions) -> int:
         log.info("demo stopped")
 
 
-def _create_queue(sqs: object) -> str:
+def _create_queue(sqs: SQSClient) -> str:
     name = f"poller-demo-{uuid.uuid4().hex[:8]}"
-    dlq = sqs.create_queue(QueueName=f"{name}-dlq")["QueueUrl"]  # type: ignore[attr-defined]
-    dlq_arn = sqs.get_queue_attributes(  # type: ignore[attr-defined]
+    dlq = sqs.create_queue(QueueName=f"{name}-dlq")["QueueUrl"]
+    dlq_arn = sqs.get_queue_attributes(
         QueueUrl=dlq, AttributeNames=["QueueArn"]
     )["Attributes"]["QueueArn"]
     redrive = orjson.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "5"}).decode()
-    return sqs.create_queue(  # type: ignore[attr-defined]
+    return sqs.create_queue(
         QueueName=name, Attributes={"RedrivePolicy": redrive, "VisibilityTimeout": "30"}
     )["QueueUrl"]
 
@@ -124,14 +128,14 @@ def _stop_poller(poller: subprocess.Popen[bytes]) -> None:
             poller.wait()
 
 
-def _send_samples(sqs: object, queue_url: str, options: DemoOptions) -> None:
+def _send_samples(sqs: SQSClient, queue_url: str, options: DemoOptions) -> None:
     started = time.monotonic()
     sent = 0
 
     def send() -> None:
         nonlocal sent
         sent += 1
-        sqs.send_message(  # type: ignore[attr-defined]
+        sqs.send_message(
             QueueUrl=queue_url,
             MessageBody=orjson.dumps({"order": sent, "item": "coffee", "sent_at": time.time()}).decode(),
             MessageAttributes={"source": {"DataType": "String", "StringValue": "poller-demo"}},
@@ -141,7 +145,7 @@ def _send_samples(sqs: object, queue_url: str, options: DemoOptions) -> None:
         send()
     log.info("sent %d sample message(s)%s; Ctrl-C stops", sent,
              ", then one a second" if options.follow else "")
-    endpoint = sqs.meta.endpoint_url  # type: ignore[attr-defined]
+    endpoint = sqs.meta.endpoint_url
     log.info("send one of your own: AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test aws sqs send-message "
              "--region us-east-1 --endpoint-url %s --queue-url %s --message-body '{\"hello\": \"world\"}'",
              endpoint, queue_url)

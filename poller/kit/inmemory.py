@@ -36,9 +36,9 @@ from urllib.parse import urlsplit
 import urllib3
 
 from poller.kit.cehttp import (
+    STRUCTURED_CONTENT_TYPE,
     CloudEventServer,
     NotACloudEvent,
-    STRUCTURED_CONTENT_TYPE,
     Reply,
     ServerOptions,
     Tally,
