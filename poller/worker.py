@@ -34,7 +34,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, MutableSequence
+from collections.abc import Callable, Coroutine, MutableSequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -177,7 +177,7 @@ class Worker:
                             watchdog=self._watchdog, clock=clock)
         return _Parts(channel, ledger, receiver, dispatcher, acker, polls, deleter, lanes, sqs, receive_sqs)
 
-    def _task(self, coro: Any, name: str) -> asyncio.Task[None]:
+    def _task(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         """A long-lived task: an exception escaping it restarts the worker. SQS's and the
         channel's errors are handled where they happen, so what escapes is a bug: logged with
         its traceback."""
