@@ -2,11 +2,11 @@
 
 The flags and the queue were checked already (``boot.make_plan``: credentials are proven by the
 queue's ``GetQueueAttributes``, the permissions to delete and to change visibility by a call
-with a made-up receipt handle each); this reports them and the queue and checks the channel:
-the sink answers an ``OPTIONS`` request (any HTTP status proves it is there), or the broker and
-the topic. The first failure is one line and exit 3, as a failed start of ``run``; warnings do
-not fail. What proves the sink is there is the channel's own ``probe``
-(``channels.plugin.ChannelPlugin``).
+with a made-up receipt handle each); this reports them and the queue and checks the channel with
+its own ``probe`` (``channels.plugin.ChannelPlugin``): the HTTP sink answers an ``OPTIONS``
+request (any status proves it is there), the Kafka broker answers and the topic exists; a
+channel without a probe is started and closed. The first failure is one line and exit 3, as a
+failed start of ``run``; warnings do not fail.
 """
 
 from __future__ import annotations
