@@ -62,11 +62,13 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import orjson
 
-from channels.base import Channel, Message, Outcome, Report
+from channels.base import Channel, ChannelError, Message, Outcome, Report
 from channels.events import EventError, EventFormat, is_extension_name
+from channels.options import Option
+from channels.plugin import BuildContext, ChannelPlugin
 from channels.transport.http import HttpPool, RequestTemplate
 
-__all__ = ["REFUSAL_RUN", "HttpChannel", "HttpConfig", "check_url", "outcome_of", "redact"]
+__all__ = ["CHANNEL", "REFUSAL_RUN", "HttpChannel", "HttpConfig", "check_url", "outcome_of", "redact"]
 
 MODES = ("binary", "structured", "batch")
 # The sink refuses this one event (Knative: 400 "unparsable event"; RFC 9110: 413 content too
@@ -475,3 +477,65 @@ class HttpChannel(Channel):
 
     def close(self, timeout: float = 30.0) -> None:
         raise RuntimeError("the HTTP channel lives on the worker's event loop: await aclose()")
+
+
+# -- the channel as the poller finds it (entry point "http" of sqs_poller.channels) ---------------
+
+OPTIONS = (
+    Option(flag="--sink", envvars=("K_SINK",),
+           help="HTTP channel: the sink URL (Knative's K_SINK works too); user:password@ is sent as "
+                "Basic auth."),
+    Option(flag="--http-mode", choices=MODES, default="binary",
+           help="HTTP channel: CloudEvents content mode; batch: up to --http-batch-size events per request."),
+    Option(flag="--http-batch-size", kind=int, low=1, high=1000, default=10,
+           help="HTTP channel, batch mode: events per request; a 2xx answer with batchItemFailures "
+                "retries just those."),
+    Option(flag="--http-concurrency", kind=int, low=1, high=1024, default=64,
+           help="HTTP channel: requests in flight per process at most, each on a keep-alive connection."),
+    Option(flag="--http-timeout", kind=float, low=0.001, high=3600, default=30.0,
+           help="HTTP channel: seconds for a whole delivery attempt (waiting for a connection, connect, "
+                "send, the full answer)."),
+)
+
+
+def _build(context: BuildContext) -> HttpConfig:
+    values = context.values
+    if not values["sink"]:
+        raise ValueError("the http channel needs a sink: pass --sink URL or set K_SINK")
+    return HttpConfig(sink=values["sink"], mode=values["http_mode"], data_mode=context.data_mode,
+                      overrides=context.overrides, concurrency=values["http_concurrency"],
+                      timeout=values["http_timeout"], batch_size=values["http_batch_size"])
+
+
+def _describe(config: HttpConfig) -> str:
+    return f"sink {redact(config.sink)} ({config.mode}, data={config.data_mode})"
+
+
+def _probe(config: HttpConfig, source: str) -> tuple[str, str]:
+    """An OPTIONS request: any status proves the sink is there (``poller check``)."""
+    import http.client  # only `poller check` asks
+    import ssl
+
+    url = urlsplit(config.sink)
+    https = url.scheme == "https"
+    kwargs: dict[str, object] = {"timeout": min(config.timeout, 10.0)}
+    if https:
+        kwargs["context"] = ssl.create_default_context()
+    conn_class = http.client.HTTPSConnection if https else http.client.HTTPConnection
+    conn = conn_class(url.hostname or "", url.port, **kwargs)  # type: ignore[arg-type]
+    headers = {"User-Agent": "sqs-poller check"}
+    auth = basic_auth(config.sink)
+    if auth:
+        headers["Authorization"] = auth
+    try:
+        conn.request("OPTIONS", (url.path or "/") + (f"?{url.query}" if url.query else ""), headers=headers)
+        status = conn.getresponse().status
+    except (OSError, http.client.HTTPException) as exc:
+        raise ChannelError(f"sink {redact(config.sink)} does not answer: {type(exc).__name__}: {exc}") from None
+    finally:
+        conn.close()
+    return "sink", f"{redact(config.sink)} answered OPTIONS with HTTP {status}"
+
+
+CHANNEL = ChannelPlugin(name="http", options=OPTIONS, build=_build, deadline="--http-timeout",
+                        describe=_describe, probe=_probe)

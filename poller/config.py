@@ -15,20 +15,16 @@ from poller.sqs import SqsTarget
 __all__ = ["RunConfig", "WorkerConfig", "check_attempt_bound"]
 
 
-# What makes each channel's deadline for one attempt, for the error below.
-_DEADLINE_OF = {"http": "--http-timeout",
-                "kafka": "twice message.timeout.ms: a record may wait that long for room, then for the broker"}
-
-
-def check_attempt_bound(max_processing_time: float, channel: ChannelConfig) -> None:
+def check_attempt_bound(max_processing_time: float, channel: ChannelConfig,
+                        deadline: str = "its own deadline") -> None:
     """ValueError unless ``--max-processing-time`` is above the channel's own deadline for one
     attempt: else every slow but working attempt is given up before the channel could answer,
-    and its request may still reach the sink after the message went back to SQS."""
+    and its request may still reach the sink after the message went back to SQS. ``deadline``:
+    what sets it, in the channel's words (``ChannelPlugin.deadline``)."""
     attempt = channel.attempt_timeout
     if max_processing_time <= attempt:
-        what = _DEADLINE_OF.get(channel.name, "its own deadline")
         raise ValueError(f"--max-processing-time {max_processing_time:g} s must be above the {channel.name} "
-                         f"channel's deadline for one attempt ({attempt:g} s: {what})")
+                         f"channel's deadline for one attempt ({attempt:g} s: {deadline})")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

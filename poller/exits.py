@@ -1,14 +1,14 @@
-"""The poller's exit codes, for every process of it (the CLI, the supervisor, a worker)."""
+"""The poller's exit codes, defined once: the CLI, the supervisor and the workers use these."""
 
 from __future__ import annotations
 
 __all__ = ["EXIT_BOOT", "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE"]
 
 EXIT_OK = 0
-# A worker: the channel or a task broke, and a new process fixes it (the supervisor replaces it).
-EXIT_FAILED = 1
-EXIT_USAGE = 2  # a bad flag, config value or URL: one line says which
-# Cannot start: a start check failed (credentials, the queue, the channel's sink or broker). From
-# a worker: its channel did not start; the supervisor stops the poller with it while starting.
+EXIT_FAILED = 1  # a worker's channel or task broke: the supervisor replaces the process
+EXIT_USAGE = 2  # bad flags or config (click's own code for usage errors)
+# The poller (or one worker) cannot start: SQS or the channel is unusable. A worker exiting with
+# it while the poller starts stops the supervisor instead of a restart loop (gunicorn's
+# WORKER_BOOT_ERROR).
 EXIT_BOOT = 3
-EXIT_INTERRUPTED = 130  # SIGINT before the poller was running (128 + SIGINT, the shell's convention)
+EXIT_INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT, as shells report it

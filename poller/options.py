@@ -1,82 +1,28 @@
 """Every option of ``poller run`` (and ``poller check``), declared once: flag, environment
-variable, default, range, help and the channel it belongs to.
+variable, default, range and help. The poller's own are here; each channel declares its own with
+the channel (``channels.plugin.ChannelPlugin.options``), and the installed channels' options are
+flags of ``run`` too (``run_options``).
 
 The click options, the range checks of ``poller.config`` and the README's flag table are all made
-from these declarations (``python -m poller.options`` prints the table), so they cannot drift.
+from these declarations (``python -m poller.options`` prints the table, with the poller's own
+channels), so they cannot drift.
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import Any
 
 import click
 
-__all__ = ["CHANNEL_NAMES", "Option", "RUN_OPTIONS", "apply", "check", "markdown_table", "option"]
+from channels.options import Option, number_text
+from channels.registry import Registry, load_channels
+from poller.logs import LOG_FORMATS, LOG_LEVELS
 
-CHANNEL_NAMES = ("http", "kafka")
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Option:
-    flag: str
-    help: str
-    kind: type = str  # str, int, float or bool (a flag)
-    default: Any = None
-    default_text: str = ""  # for --help and the README when the default is not a plain value
-    low: float | None = None
-    high: float | None = None
-    choices: tuple[str, ...] = ()
-    envvars: tuple[str, ...] = ()  # read too, after POLLER_<FLAG>
-    multiple: bool = False
-    required: bool = False
-    channel: str | None = None  # only with this --channel
-    dest: str = ""  # the parameter's name, if not the flag's
-    lines: bool = False  # env var: one value per line (a value may contain spaces)
-
-    @property
-    def name(self) -> str:
-        return self.dest or self.flag[2:].replace("-", "_")
-
-    @property
-    def env(self) -> str:
-        return "POLLER_" + self.flag[2:].upper().replace("-", "_")
-
-    def check(self, value: Any) -> None:
-        """ValueError in one line unless ``value`` is within this option's range."""
-        if value is None or self.kind not in (int, float):
-            return
-        if value != value:  # NaN: every comparison below is False, so it would pass them all
-            raise ValueError(f"{self.flag} must be a number, not {value}")
-        if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
-            if self.high is None:
-                raise ValueError(f"{self.flag} must be at least {_number(self.low)}, not {value}")
-            raise ValueError(f"{self.flag} must be between {_number(self.low)} and {_number(self.high)}, not {value}")
-
-    def click_type(self) -> Any:
-        if self.choices:
-            return click.Choice(self.choices, case_sensitive=self.flag != "--log-level")
-        if self.lines:
-            return _Lines()
-        if self.kind is int:
-            return click.IntRange(_int(self.low), _int(self.high))
-        if self.kind is float:
-            return _FloatRange(self.low, self.high)
-        return click.STRING
-
-    def shown_default(self) -> str:
-        if self.default_text:
-            return self.default_text
-        if self.required:
-            return "(required)"
-        if self.kind is bool:
-            return "off"
-        if self.default is None:
-            return ""
-        return f"`{_number(self.default)}`" if not isinstance(self.default, str) else f"`{self.default}`"
+__all__ = ["POLLER_OPTIONS", "Option", "apply", "check", "installed_channels", "markdown_table", "option",
+           "run_options"]
 
 
 class _Lines(click.ParamType):
@@ -90,19 +36,25 @@ class _Lines(click.ParamType):
         return value
 
 
-def _number(value: Any) -> str:
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
-
-
 def _int(value: float | None) -> int | None:
     return None if value is None else int(value)
 
 
+def _click_type(o: Option) -> Any:
+    if o.choices:
+        return click.Choice(o.choices, case_sensitive=not o.ignore_case)
+    if o.lines:
+        return _Lines()
+    if o.kind is int:
+        return click.IntRange(_int(o.low), _int(o.high))
+    if o.kind is float:
+        return _FloatRange(o.low, o.high)
+    return click.STRING
+
+
 O = Option  # short, for the table below
 
-RUN_OPTIONS: tuple[Option, ...] = (
+POLLER_OPTIONS: tuple[Option, ...] = (
     # -- the queue ----------------------------------------------------------------------------
     O(flag="--queue-url", required=True, help="URL of the SQS queue to poll (a queue ARN is turned into its URL)."),
     O(flag="--region", envvars=("AWS_REGION",),
@@ -112,7 +64,8 @@ RUN_OPTIONS: tuple[Option, ...] = (
       help="SQS endpoint, e.g. LocalStack's."),
     O(flag="--profile", default_text="AWS_PROFILE", help="AWS profile."),
     # -- processes and polling ----------------------------------------------------------------
-    O(flag="--channel", dest="channel_name", choices=CHANNEL_NAMES, default="http", help="Where messages go."),
+    # its choices are the installed channels' names (run_options)
+    O(flag="--channel", dest="channel_name", default="http", help="Where messages go."),
     O(flag="--processes", kind=int, low=1, high=256,
       default_text="the container's CPU quota, rounded up (else the usable CPUs)",
       help="Worker processes under the supervisor."),
@@ -156,8 +109,8 @@ RUN_OPTIONS: tuple[Option, ...] = (
       help="Batch mode: stop after this many messages were received (then drain as on SIGTERM)."),
     O(flag="--stats-interval", kind=float, low=0.1, default=10.0,
       help="Seconds between throughput log lines (none while idle)."),
-    O(flag="--log-level", choices=LOG_LEVELS, default="INFO", help="Log level; logs go to stderr."),
-    O(flag="--log-format", choices=("text", "json"), default="text",
+    O(flag="--log-level", choices=LOG_LEVELS, ignore_case=True, default="INFO", help="Log level; logs go to stderr."),
+    O(flag="--log-format", choices=LOG_FORMATS, default="text",
       help="Log lines as text, or one JSON object per line for log shippers."),
     O(flag="--metrics-port", kind=int, low=1, high=65535, default_text="off",
       help="Serve Prometheus /metrics, and /healthz and /readyz, on this port."),
@@ -165,47 +118,32 @@ RUN_OPTIONS: tuple[Option, ...] = (
       help="Address for --metrics-port and --health-port (0.0.0.0 to let Prometheus or the kubelet in)."),
     O(flag="--health-port", kind=int, low=1, high=65535, default_text="off",
       help="Serve /healthz and /readyz on this port (when there is no --metrics-port)."),
-    # -- the HTTP channel -----------------------------------------------------------------------
-    O(flag="--sink", envvars=("K_SINK",), channel="http",
-      help="HTTP channel: the sink URL (Knative's K_SINK works too); user:password@ is sent as "
-           "Basic auth."),
-    O(flag="--http-mode", choices=("binary", "structured", "batch"), default="binary", channel="http",
-      help="HTTP channel: CloudEvents content mode; batch: up to --http-batch-size events per request."),
-    O(flag="--http-batch-size", kind=int, low=1, high=1000, default=10, channel="http",
-      help="HTTP channel, batch mode: events per request; a 2xx answer with batchItemFailures "
-           "retries just those."),
-    O(flag="--http-concurrency", kind=int, low=1, high=1024, default=64, channel="http",
-      help="HTTP channel: requests in flight per process at most, each on a keep-alive connection."),
-    O(flag="--http-timeout", kind=float, low=0.001, high=3600, default=30.0, channel="http",
-      help="HTTP channel: seconds for a whole delivery attempt (waiting for a connection, connect, send, the full answer)."),
-    # -- the Kafka channel ----------------------------------------------------------------------
-    O(flag="--kafka-bootstrap-servers", channel="kafka", help="Kafka channel: host:port[,host:port...]."),
-    O(flag="--kafka-topic", channel="kafka", help="Kafka channel: the topic."),
-    O(flag="--kafka-config", multiple=True, lines=True, channel="kafka",
-      help="Kafka channel: a librdkafka setting KEY=VALUE, repeatable (env: one per line)."),
-    O(flag="--kafka-format", choices=("binary", "structured", "raw"), default="binary", channel="kafka",
-      help="Kafka channel: CloudEvents binary or structured mode, or the raw body."),
-    O(flag="--kafka-key", default="group", channel="kafka",
-      help="Kafka channel: record key: group (FIFO MessageGroupId), attribute:NAME, or none."),
-    O(flag="--kafka-timestamp", choices=("now", "sent"), default="now", channel="kafka",
-      help="Kafka channel: record timestamp: the produce time, or SentTimestamp (a backlog older "
-           "than the topic's retention.ms may be deleted by the broker at once)."),
-    O(flag="--kafka-auth", choices=("none", "tls", "scram-sha-512", "iam"), default="none", channel="kafka",
-      help="Kafka channel: authentication (iam needs the msk extra)."),
-    O(flag="--kafka-region", channel="kafka", default_text="the queue's region",
-      help="Kafka channel: the MSK cluster's region, for --kafka-auth iam."),
-    O(flag="--kafka-create-topic", kind=bool, channel="kafka",
-      help="Kafka channel: create the topic if it is missing."),
-    O(flag="--kafka-partitions", kind=int, low=1, high=100_000, default=3, channel="kafka",
-      help="Kafka channel: partitions of a created topic."),
-    O(flag="--kafka-replication", kind=int, low=1, high=100, default=1, channel="kafka",
-      help="Kafka channel: replication factor of a created topic (use 3 on MSK)."),
 )
 
-_BY_FLAG = {o.flag: o for o in RUN_OPTIONS}
+_BY_FLAG = {o.flag: o for o in POLLER_OPTIONS}
+
+
+def installed_channels() -> Registry:
+    """The channels installed with the poller or beside it (entry points ``sqs_poller.channels``)."""
+    return load_channels(reserved=POLLER_OPTIONS)
+
+
+def run_options(channels: Registry) -> tuple[Option, ...]:
+    """The options of ``poller run`` with these channels: the poller's own, then each channel's."""
+    own = tuple(replace(o, choices=channels.names()) if o.flag == "--channel" else o for o in POLLER_OPTIONS)
+    return (*own, *channels.options())
+
+
+def __getattr__(name: str) -> Any:
+    # RUN_OPTIONS: every flag of `poller run` as installed, made when asked for (it imports the
+    # channels' declarations, which the workers' range checks do not need).
+    if name == "RUN_OPTIONS":
+        return run_options(installed_channels())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def option(flag: str) -> Option:
+    """The declaration of one of the poller's own flags."""
     return _BY_FLAG[flag]
 
 
@@ -220,7 +158,7 @@ class _FloatRange(click.FloatRange):
 
 
 def check(flag: str, value: Any) -> None:
-    """The range check of ``flag``'s declaration (for ``poller.config``)."""
+    """The range check of the poller's own ``flag`` (for ``poller.config``)."""
     _BY_FLAG[flag].check(value)
 
 
@@ -244,7 +182,7 @@ def _click_option(o: Option) -> Callable[[Any], Any]:
     if o.kind is bool:
         kwargs.update(is_flag=True, default=False)
     else:
-        kwargs["type"] = o.click_type()
+        kwargs["type"] = _click_type(o)
         # Only a real default: click >= 8.3 takes an explicit None as a value, and a required
         # option with a "value" is never missing.
         if o.multiple:
@@ -261,14 +199,17 @@ def _click_option(o: Option) -> Callable[[Any], Any]:
     return click.option(o.flag, o.name, **kwargs)
 
 
-def markdown_table(options: Sequence[Option] = RUN_OPTIONS) -> str:
-    """The README's flag table: flag, environment variable, default, what it does."""
+def markdown_table(options: Sequence[Option] | None = None) -> str:
+    """The README's flag table: flag, environment variable, default, what it does; by default
+    with the poller's own channels only, whatever else is installed."""
+    if options is None:
+        options = run_options(installed_channels().own())
     lines = ["| flag | env | default | |", "|---|---|---|---|"]
     for o in options:
         envs = ", ".join(f"`{e}`" for e in (o.env, *o.envvars))
         rng = ""
         if o.kind in (int, float) and (o.low is not None or o.high is not None):
-            rng = f" ({_number(o.low)}-{_number(o.high)})" if o.high is not None else f" (>= {_number(o.low)})"
+            rng = f" ({number_text(o.low)}-{number_text(o.high)})" if o.high is not None else f" (>= {number_text(o.low)})"
         choices = f" (`{'`, `'.join(o.choices)}`)" if o.choices and len(o.choices) <= 4 else ""
         lines.append(f"| `{o.flag}` | {envs} | {o.shown_default()} | {o.help}{rng}{choices} |")
     return "\n".join(lines)

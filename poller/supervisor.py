@@ -38,8 +38,8 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from poller.config import RunConfig
-from poller.stats import FIELDS, SLOTS, format_line, is_gauge
 from poller.exits import EXIT_BOOT
+from poller.stats import FIELDS, SLOTS, format_line, is_gauge
 from poller.worker import worker_main
 
 __all__ = ["Supervisor", "WorkerStates"]

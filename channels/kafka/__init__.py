@@ -79,18 +79,40 @@ those again through the new one. A producer that librdkafka declares fatal, or t
 fences, still fails the channel, and the worker process is replaced.
 """
 
-from channels.kafka.channel import KafkaChannel
-from channels.kafka.config import (
-    AUTH_MODES,
-    DEFAULTS,
-    FORMATS,
-    TIMESTAMPS,
-    KafkaConfig,
-    parse_kafka_config,
-    parse_kafka_config_env,
-)
-from channels.kafka.msk import msk_oauth_callback
-from channels.kafka.records import Record, RecordBuilder
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from channels.kafka.channel import KafkaChannel
+    from channels.kafka.config import (
+        AUTH_MODES,
+        DEFAULTS,
+        FORMATS,
+        TIMESTAMPS,
+        KafkaConfig,
+        parse_kafka_config,
+        parse_kafka_config_env,
+    )
+    from channels.kafka.msk import msk_oauth_callback
+    from channels.kafka.records import Record, RecordBuilder
+
+# Imported on first use, not with the package: the poller imports channels.kafka.plugin (the
+# channel's options) for every --help, and that must not cost confluent-kafka's import.
+_HOME = {
+    "KafkaChannel": "channel",
+    "AUTH_MODES": "config", "DEFAULTS": "config", "FORMATS": "config", "TIMESTAMPS": "config",
+    "KafkaConfig": "config", "parse_kafka_config": "config", "parse_kafka_config_env": "config",
+    "msk_oauth_callback": "msk", "Record": "records", "RecordBuilder": "records",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
+
 
 __all__ = [
     "AUTH_MODES",
