@@ -105,7 +105,7 @@ def _load(point: EntryPoint) -> ChannelPlugin:
         raise _Unusable("a channel's name is lower-case letters, digits, '-' and '_', starting with a letter")
     try:
         plugin = point.load()
-    except Exception as exc:  # anything a third party's import may raise: one line, not a traceback
+    except Exception as exc:  # noqa: BLE001 - anything a third party's import may raise: one line, not a traceback
         raise _Unusable(f"cannot import {point.value}: {type(exc).__name__}: {_first_line(exc)}") from None
     if not isinstance(plugin, ChannelPlugin):
         raise _Unusable(f"{point.value} is a {type(plugin).__name__}, not a channels.plugin.ChannelPlugin")

@@ -156,7 +156,7 @@ def _channel_config(plugin: ChannelPlugin, opts: dict[str, Any], ctx: click.Cont
         return plugin.build(context)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    except Exception as exc:  # a channel's own bug: still one line
+    except Exception as exc:  # noqa: BLE001 - a channel's own bug: still one line
         raise BootError(f"{plugin.name} channel: cannot make its config: {_one_line(exc)}") from None
 
 
@@ -168,7 +168,7 @@ def _resolve(opts: dict[str, Any]) -> SqsTarget:
                               endpoint_url=opts["endpoint_url"], profile=opts["profile"])
     except ValueError as exc:
         raise BootError(str(exc)) from None
-    except Exception as exc:  # botocore's ProfileNotFound and friends
+    except Exception as exc:  # noqa: BLE001 - botocore's ProfileNotFound and friends
         raise BootError(f"cannot configure AWS: {exc}") from None
 
 
@@ -223,7 +223,7 @@ def check_channel(plan: Plan) -> None:
         start_and_close(plan.channel, plan.target.queue_url)
     except ChannelError as exc:
         raise BootError(f"{plan.plugin.name} channel: {exc}") from None
-    except Exception as exc:  # a channel's own bug: still one line
+    except Exception as exc:  # noqa: BLE001 - a channel's own bug: still one line
         raise BootError(f"{plan.plugin.name} channel cannot start: {_one_line(exc)}") from None
 
 
@@ -237,7 +237,7 @@ def probe_channel(plan: Plan) -> tuple[str, str]:
         return probe(plan.channel, plan.target.queue_url)
     except ChannelError as exc:
         raise BootError(f"{plan.plugin.name} channel: {exc}") from None
-    except Exception as exc:  # a channel's own bug: still one line
+    except Exception as exc:  # noqa: BLE001 - a channel's own bug: still one line
         raise BootError(f"{plan.plugin.name} channel: its check failed: {_one_line(exc)}") from None
 
 
@@ -245,7 +245,7 @@ def describe_channel(plan: Plan) -> str:
     """The channel's own words for the start's log line (where events go, without secrets)."""
     try:
         return plan.plugin.describe(plan.channel)
-    except Exception as exc:  # a log line is not worth failing the start for
+    except Exception as exc:  # noqa: BLE001 - a log line is not worth failing the start for
         log.debug("the %s channel cannot describe itself: %s", plan.plugin.name, _one_line(exc))
         return ""
 

@@ -1,8 +1,8 @@
 """The ``poller`` command: ``run``, ``check``, ``demo``, ``channel``, ``dump``.
 
 The options of ``run`` and ``check`` are declared once, in ``poller.options`` and with each
-installed channel (``channels.registry``); each has an environment variable (``POLLER_<FLAG>``). AWS settings come the AWS way (default credential
-chain, ``AWS_REGION``, ``AWS_ENDPOINT_URL_SQS``). Bad input ends in one line on stderr and a
+installed channel (``channels.registry``); each has an environment variable (``POLLER_<FLAG>``).
+AWS settings come the AWS way (default credential chain, ``AWS_REGION``, ``AWS_ENDPOINT_URL_SQS``). Bad input ends in one line on stderr and a
 non-zero exit, never a traceback.
 """
 

@@ -153,7 +153,7 @@ class Dispatcher:
         self._publishing = True
         try:
             self._channel.publish(messages, self.report)
-        except Exception as exc:  # the channel is broken: restart the process, lose nothing
+        except Exception as exc:  # noqa: BLE001 - the channel is broken: restart the process, lose nothing
             self._fail(f"channel failed: {type(exc).__name__}: {exc}")
         finally:
             self._publishing = False

@@ -52,7 +52,7 @@ def _click_type(o: Option) -> Any:
     return click.STRING
 
 
-O = Option  # short, for the table below
+O = Option  # noqa: E741 - short, for the table below
 
 POLLER_OPTIONS: tuple[Option, ...] = (
     # -- the queue ----------------------------------------------------------------------------
@@ -209,7 +209,8 @@ def markdown_table(options: Sequence[Option] | None = None) -> str:
         envs = ", ".join(f"`{e}`" for e in (o.env, *o.envvars))
         rng = ""
         if o.kind in (int, float) and (o.low is not None or o.high is not None):
-            rng = f" ({number_text(o.low)}-{number_text(o.high)})" if o.high is not None else f" (>= {number_text(o.low)})"
+            rng = (f" ({number_text(o.low)}-{number_text(o.high)})" if o.high is not None
+                   else f" (>= {number_text(o.low)})")
         choices = f" (`{'`, `'.join(o.choices)}`)" if o.choices and len(o.choices) <= 4 else ""
         lines.append(f"| `{o.flag}` | {envs} | {o.shown_default()} | {o.help}{rng}{choices} |")
     return "\n".join(lines)

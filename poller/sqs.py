@@ -35,10 +35,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import botocore.session
+import orjson
 from botocore.credentials import Credentials, ReadOnlyCredentials, RefreshableCredentials
 from botocore.exceptions import BotoCoreError
-
-import orjson
 
 from channels.base import Message
 from channels.transport.http import Aborted, HttpPool, RequestTemplate, encode_headers
@@ -463,7 +462,7 @@ class SqsClient:
             headers = self._signer.headers(action, body, creds=used)
         except SqsError:
             raise
-        except Exception as exc:  # a credential refresh failed (STS, instance metadata, a process)
+        except Exception as exc:  # noqa: BLE001 - a credential refresh failed (STS, instance metadata, a process)
             raise SqsError("CredentialError", f"{action}: cannot get AWS credentials: "
                            f"{type(exc).__name__}: {exc}", retryable=True) from None
         # Encoded as they are: every value is ours (the session token was checked when frozen).
@@ -508,7 +507,7 @@ class SqsClient:
             self._forced_at = now
             try:
                 frozen = await asyncio.get_running_loop().run_in_executor(None, _force_refresh, self._credentials)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - whatever the credential provider raises
                 raise SqsError("CredentialError", "SQS said the session token expired; refreshing the AWS "
                                f"credentials failed: {type(exc).__name__}: {exc}", retryable=True) from None
             if frozen is None:  # static keys: nothing to refresh

@@ -300,7 +300,7 @@ def worker_main(slot: int, config: WorkerConfig, shared_stats: MutableSequence[i
 
     try:
         worker = Worker(config, counters, heartbeat=beat, budget=budget)
-    except Exception as exc:  # no credentials yet (a failing refresh): the supervisor retries
+    except Exception as exc:  # noqa: BLE001 - no credentials yet (a failing refresh): the supervisor retries
         log.error("worker cannot start: %s", error_text(exc))
         raise SystemExit(EXIT_FAILED) from None
 

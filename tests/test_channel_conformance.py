@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import orjson
 import pytest
@@ -142,7 +142,7 @@ class _Memory:
 
         class _Channel(Channel):
             keeps_order = True
-            held: list[Any] = []
+            held: ClassVar[list[Any]] = []
 
             def publish(self, batch: Any, report: Any) -> None:
                 for message in reversed(batch) if memory.fault == "reorder" else batch:

@@ -87,7 +87,8 @@ TAKES_AN_HTTP_ENV = ChannelPlugin(name="sneaky", options=(Option(flag="--sneaky-
 
 
 @pytest.mark.parametrize(("point", "expected"), [
-    (_point("broken", "no_such_module_anywhere:CHANNEL"), "cannot import no_such_module_anywhere:CHANNEL: ModuleNotFoundError"),
+    (_point("broken", "no_such_module_anywhere:CHANNEL"),
+     "cannot import no_such_module_anywhere:CHANNEL: ModuleNotFoundError"),
     (_point("notone", f"{__name__}:NOT_A_PLUGIN"), "is a object, not a channels.plugin.ChannelPlugin"),
     (_point("good", f"{__name__}:WRONG_NAME"), "is named 'other', not 'good'"),
     (_point("greedy", f"{__name__}:TAKES_A_POLLER_FLAG"), "--batch-size takes --batch-size, which the poller has"),
@@ -105,8 +106,8 @@ def test_an_unusable_channel_is_left_out_with_one_line(point: EntryPoint, expect
 
 
 def test_a_channel_named_twice_is_used_by_neither_and_the_builtin_name_stays_the_builtin() -> None:
-    registry = load_channels(POLLER_OPTIONS, found=[_point("good", f"{__name__}:GOOD"), _point("good", f"{__name__}:GOOD"),
-                                                    _point("http", f"{__name__}:GOOD")])
+    found = [_point("good", f"{__name__}:GOOD"), _point("good", f"{__name__}:GOOD"), _point("http", f"{__name__}:GOOD")]
+    registry = load_channels(POLLER_OPTIONS, found=found)
     assert "good" not in registry.channels and "registered by" in registry.problems["good"]
     assert registry.channels["http"].options[0].flag == "--sink"
     assert any("is the poller's own channel" in w for w in registry.warnings())

@@ -197,7 +197,7 @@ def wait_for(
         try:
             if predicate():
                 return
-        except Exception:
+        except Exception:  # noqa: BLE001 - a readiness check that fails is not ready yet
             pass
         if process is not None and process.poll() is not None:
             raise ServiceError(with_log_tail(
