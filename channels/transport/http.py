@@ -551,7 +551,7 @@ class HttpPool:
 
     def close(self) -> None:
         """Close the idle connections (the busy ones close when their answer is in)."""
-        for conn in list(self._idle):
+        for conn in reversed(self._idle[:]):  # from the top: each leaves the index by a pop
             conn.close()
 
     @property
@@ -657,8 +657,10 @@ class HttpPool:
             self._fail_waiting(error)  # before its slot frees: one attempt per waiting request
             conn.connect_failed()
             return
-        except asyncio.CancelledError:  # aborted (or the loop is closing)
-            conn.connect_failed()
+        except asyncio.CancelledError:
+            if self.aborted:  # abort() cancelled it; no connect follows a closed slot now
+                conn.connect_failed()
+            # else the loop is shutting down: it stays counted, so nothing starts on it
             raise
         finally:
             conn.opening = None
