@@ -35,6 +35,7 @@ from channels.http import HttpConfig
 from channels.transport.http import (
     Aborted,
     HttpPool,
+    PoolState,
     ProtocolError,
     RequestTemplate,
     encode_headers,
@@ -287,15 +288,46 @@ async def post(pool: HttpPool, body: bytes = b"", *, timeout: float = 5.0) -> in
     return answer.status
 
 
+def inconsistencies(pool: HttpPool) -> list[str]:
+    """Where the pool's indexes (idle connections, connects in flight) disagree with what a scan
+    of its connections' states counts, or its queue holds a finished request."""
+    state, found = pool.state(), []
+    idle = [conn for conn in pool._connections if conn.state is not None and conn.state.name == "IDLE"]
+    if set(pool._idle) != set(idle) or len(pool._idle) != state.idle:
+        found.append(f"idle index {len(pool._idle)}, idle connections {state}")
+    if pool._connecting != state.connecting:
+        found.append(f"connecting index {pool._connecting}, {state}")
+    if not pool.connections == state.open <= pool.limit:
+        found.append(f"{pool.connections} connections, {state}, limit {pool.limit}")
+    if any(request.finished for request in pool._waiting) or state.waiting != len(pool._waiting):
+        found.append(f"a finished request in the queue, {state}")
+    return found
+
+
 @asynccontextmanager
 async def pool_for(port: int, **kwargs: Any) -> AsyncIterator[HttpPool]:
-    """A pool to 127.0.0.1:``port``; aborted at the end, its connections seen closed."""
+    """A pool to 127.0.0.1:``port``; aborted at the end, its connections seen closed.
+
+    Its state is checked at every ``done`` callback (state changes come before callbacks) and at
+    the end: the indexes must agree with the connections' states in every scenario."""
     pool = HttpPool("127.0.0.1", port, **kwargs)
+    seen: list[str] = []
+    send = pool.send
+
+    def checked_send(data: bytes, done: Any, **options: Any) -> None:
+        def checked(*answer: Any) -> None:
+            seen.extend(inconsistencies(pool))  # not raised: it would break the loop's callback
+            done(*answer)
+        send(data, checked, **options)
+
+    pool.send = checked_send  # type: ignore[method-assign]
     try:
         yield pool
+        seen.extend(inconsistencies(pool))
     finally:
         pool.abort()
         await until(lambda: not pool._connections, "the pool's connections to close")
+    assert seen == [] and pool.state() == PoolState(connecting=0, idle=0, active=0, closing=0, waiting=0)
 
 
 def discarded(pool: HttpPool) -> Callable[[], bool]:
@@ -891,6 +923,98 @@ def test_a_reused_connection_is_resent_only_once(run: Run, serve: Serve) -> None
     assert server.bodies() == [b"x", b"y", b"y"]
 
 
+# -- keep-alive expiry -------------------------------------------------------------------------
+
+
+def per_connection(answer: bytes, idle_timeout: float | None = None) -> tuple[Handler, list[list[bytes]], list[int]]:
+    """Answers every request with ``answer``; keeps the bodies each connection carried, in the
+    order of the connections, and which connections the client closed (EOF while idle).
+    ``idle_timeout``: the server closes a connection idle that long, as a keep-alive server does."""
+    carried: list[list[bytes]] = []
+    closed_by_client: list[int] = []
+
+    def handler(server: RawServer, conn: socket.socket, reader: Reader) -> None:
+        bodies: list[bytes] = []
+        carried.append(bodies)
+        number = len(carried) - 1
+        if idle_timeout is not None:
+            conn.settimeout(idle_timeout)  # the Reader's recv times out: the server closes it
+        while (request := reader.request()) is not None:
+            server.record(request)
+            bodies.append(request.partition(b"\r\n\r\n")[2])
+            conn.sendall(answer)
+        closed_by_client.append(number)
+
+    return handler, carried, closed_by_client
+
+
+def test_an_idle_connection_past_its_expiry_is_closed_not_reused(run: Run, serve: Serve) -> None:
+    # The server keeps idle connections for ever (as nginx's 75 s, seen from a short test): the
+    # client closes one that idled past its keepalive_expiry and writes the next request on a new
+    # one. The sleep is the idle time under test.
+    handler, carried, closed_by_client = per_connection(OK)
+    server = serve(handler)
+
+    async def main() -> None:
+        async with pool_for(server.port, keepalive_expiry=0.3) as pool:
+            assert await post(pool, b"1") == 200
+            assert await post(pool, b"2") == 200  # idle for less than 0.3 s: the same connection
+            await asyncio.sleep(0.5)
+            assert await post(pool, b"3") == 200
+            await until(lambda: closed_by_client == [0], "the expired connection to be closed")
+            assert pool.state() == PoolState(connecting=0, idle=1, active=0, closing=0, waiting=0)
+
+    run(main())
+    assert server.connections == 2 and carried == [[b"1", b"2"], [b"3"]]
+
+
+def test_no_keepalive_expiry_means_no_reuse_after_an_answer(run: Run, serve: Serve) -> None:
+    handler, carried, _ = per_connection(OK)
+    server = serve(handler)
+
+    async def main() -> None:
+        async with pool_for(server.port, keepalive_expiry=0) as pool:
+            for body in (b"1", b"2"):
+                assert await post(pool, body) == 200
+
+    run(main())
+    assert carried == [[b"1"], [b"2"]]
+
+
+def test_the_default_keepalive_expiry_is_below_common_servers_idle_timeouts() -> None:
+    assert HttpPool("127.0.0.1", 80)._keepalive_expiry < 2  # gunicorn's --keep-alive: 2 s
+    with pytest.raises(ValueError):
+        HttpPool("127.0.0.1", 80, keepalive_expiry=-1)
+
+
+@pytest.mark.parametrize(("keep_alive", "carried"), [
+    (b"timeout=1", [[b"1"], [b"2"]]),  # the server closes it after 1 s idle: we after 0.5 s
+    (b"max=100, timeout=1", [[b"1"], [b"2"]]),
+    (b"timeout=5, max=100", [[b"1", b"2"]]),  # 4 s for us: reused after 0.7 s
+    (b"timeout=soon", [[b"1", b"2"]]),  # not a number: the pool's own expiry (10 s) stands
+    (b"timeout=0", [[b"1"], [b"2"]]),  # closed at once: never idle
+])
+def test_a_keep_alive_timeout_header_is_honoured(
+    run: Run, serve: Serve, keep_alive: bytes, carried: list[list[bytes]]
+) -> None:
+    # The server closes a connection idle for the timeout it announces (as Apache does, with
+    # "Keep-Alive: timeout=5, max=100"); the client must not write a request on it in the last
+    # moments, however long its own keepalive_expiry. 0.7 s idle: past our limit for timeout=1
+    # (0.5 s), before the server's close (1 s).
+    handler, seen, _ = per_connection(
+        b"HTTP/1.1 200 OK\r\nKeep-Alive: " + keep_alive + b"\r\nContent-Length: 0\r\n\r\n", idle_timeout=1.0)
+    server = serve(handler)
+
+    async def main() -> None:
+        async with pool_for(server.port, keepalive_expiry=10) as pool:
+            assert await post(pool, b"1") == 200
+            await asyncio.sleep(0.7)
+            assert await post(pool, b"2") == 200
+
+    run(main())
+    assert seen == carried
+
+
 def test_refused_connection_is_an_oserror(run: Run) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -1058,10 +1182,12 @@ def test_the_pool_limit_is_respected_and_the_rest_wait_their_turn(run: Run, serv
                 pool.send(build(pool, b"%d" % i), done, timeout=10, keep_body=True)
             await until(lambda: len(server.requests) == 2, "two requests on two connections")
             assert pool.connections == 2 and done.items == []
+            assert pool.state() == PoolState(connecting=0, idle=0, active=2, closing=0, waiting=4)
             release.set()
             answers = await done.wait(6)
             assert [(a.status, a.body, a.error) for a in answers] == [(200, b"ok", None)] * 6
             assert pool.connections == 2
+            assert pool.state() == PoolState(connecting=0, idle=2, active=0, closing=0, waiting=0)
 
     run(main())
     assert server.connections == 2

@@ -22,6 +22,13 @@ with them (threads paid for each one in GIL hand-offs).
   readability check). A closed connection's place goes to the requests waiting for one.
 - A reused connection that closes before any byte of the answer arrived (the server closed it
   while idle) is retried once on a new connection: all our requests are safe to repeat.
+- Keep-alive expiry: an idle connection is not reused after ``keepalive_expiry`` seconds (less
+  if the answer's ``Keep-Alive: timeout=N`` says the server closes sooner), so that a request is
+  not written on a connection its server is closing. It is checked when a connection is picked
+  (one timestamp compared); expired idle connections are closed then, or by the deadline sweep.
+- The pool's state is its connections' states (httpcore's model): a connection tells its pool
+  of each change of state through one call (``_Owner``), where the pool updates its two
+  indexes (idle connections, connects in flight); no counter is kept by hand elsewhere.
 
 Errors reach the callback as an exception: ``TimeoutError``; ``ProtocolError`` (the answer is
 not HTTP/1.x we can frame); ``Aborted`` (``abort()``); other ``OSError`` (refused, reset, TLS).
@@ -31,12 +38,15 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import enum
 import functools
 import re
 import ssl
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
 
 import httptools
 
@@ -44,6 +54,7 @@ __all__ = [
     "Aborted",
     "Done",
     "HttpPool",
+    "PoolState",
     "ProtocolError",
     "RequestTemplate",
     "default_context",
@@ -55,6 +66,12 @@ _SWEEP = 0.05  # seconds between two checks of the requests' deadlines
 MAX_HEAD = 65536  # bytes before the final answer's headers end (counted by reads: a bound, not exact)
 # A kept body's default bound: SQS answers (ten messages of up to 1 MiB each, JSON-escaped) fit.
 MAX_BODY = 64 * 1024 * 1024
+# An idle connection's default lifetime: below the shortest idle timeout of common servers, so
+# that we close it first. gunicorn's --keep-alive is 2 s, and its UvicornWorker passes it on as
+# uvicorn's timeout_keep_alive; uvicorn alone: 5 s; Node.js's keepAliveTimeout: 5 s (65 s in its
+# newest releases); Apache's KeepAliveTimeout: 5 s; nginx's keepalive_timeout: 75 s. A reconnect
+# after 1.5 s idle costs a connect; a request written on a connection being closed fails.
+KEEPALIVE_EXPIRY = 1.5
 # A header block is "name: value\r\n"*: names are RFC 9110 tokens; values have no CR, LF or NUL.
 # One fullmatch over the whole block, plus one count of its LFs (a value "a\r\nX: b" would match
 # as two headers), checks every header of a request.
@@ -144,7 +161,7 @@ def authority(host: str, port: int, tls: bool) -> str:
 
 
 class _Request:
-    __slots__ = ("attempts", "conn", "data", "deadline", "done", "finished", "keep_body", "max_body", "timeout")
+    __slots__ = ("attempts", "data", "deadline", "done", "finished", "keep_body", "max_body", "timeout")
 
     def __init__(self, data: bytes, done: Done, timeout: float, keep_body: bool, max_body: int) -> None:
         self.data = data
@@ -153,7 +170,6 @@ class _Request:
         self.keep_body = keep_body
         self.max_body = max_body
         self.attempts = 0
-        self.conn: _Connection | None = None
         self.finished = False
         self.deadline = 0.0  # loop time; 0: not started
 
@@ -165,11 +181,61 @@ class _Request:
         self.done(status, retry_after, body, error)
 
 
-class _Connection(asyncio.Protocol):
-    """One keep-alive connection; one request at a time (no pipelining)."""
+class _State(enum.Enum):
+    """A connection's life: CONNECTING -> IDLE <-> ACTIVE -> CLOSING -> CLOSED; a failed connect
+    or the server's close goes straight to CLOSED."""
 
-    def __init__(self, pool: HttpPool) -> None:
-        self._pool = pool
+    CONNECTING = "connecting"
+    IDLE = "idle"
+    ACTIVE = "active"
+    CLOSING = "closing"  # closed by us; it keeps its slot until its connection_lost
+    CLOSED = "closed"
+
+
+# Module names for the members: ``_State.IDLE`` costs ~0.3 us per lookup on Python 3.11 (the
+# enum metaclass), a global ~0.03 us, and a request passes through a dozen of them.
+_CONNECTING, _IDLE, _ACTIVE, _CLOSING, _CLOSED = _State
+
+
+class _Owner(Protocol):
+    """All a connection may tell its pool (httpcore's pool asks its connections instead; ours are
+    told, so that the pool's indexes stay O(1) per request)."""
+
+    def connection_changed(self, conn: _Connection, old: _State | None, new: _State) -> None:
+        """``conn`` went from ``old`` to ``new`` (``old`` None: it was just made)."""
+
+    def resend(self, request: _Request) -> None:
+        """Send ``request`` once more, on another connection: a reused one closed before any
+        byte of its answer (the server closed it while idle, as we wrote)."""
+
+
+def _keep_alive_timeout(value: bytes) -> int | None:
+    """The ``timeout`` parameter of a ``Keep-Alive`` header (``timeout=5, max=100``), or None."""
+    for param in value.split(b","):
+        name, _, seconds = param.partition(b"=")
+        if name.strip().lower() == b"timeout":
+            seconds = seconds.strip()
+            return int(seconds) if seconds.isdigit() else None
+    return None
+
+
+def _idle_limit(server_timeout: int) -> float:
+    """How long we keep a connection idle when its server closes it after ``server_timeout``
+    seconds: a second less (half of it below 2 s), since our idle clock starts when the answer
+    arrives and the server's when it was sent, and the next request needs time to arrive too."""
+    return max(server_timeout - 1.0, server_timeout / 2)
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection; one request at a time (no pipelining).
+
+    ``state`` changes in ``_become`` only, which tells the owner (``_Owner.connection_changed``):
+    the pool's view of its connections follows from that one call."""
+
+    def __init__(self, owner: _Owner, loop: asyncio.AbstractEventLoop, keepalive_expiry: float) -> None:
+        self._owner = owner
+        self._loop = loop
+        self._keepalive_expiry = keepalive_expiry
         self._transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
         self._request: _Request | None = None
@@ -186,8 +252,25 @@ class _Connection(asyncio.Protocol):
         self._keep = False  # the answer allows keep-alive (llhttp knows it only in its callbacks)
         self._head_bytes = 0
         self._retry_after = b""
-        self.reused = False
-        self.closed = False
+        self._keep_alive = b""  # the answer's Keep-Alive header (its timeout), if any
+        self._reused = False
+        self._aborted = False
+        self.opening: asyncio.Task[None] | None = None  # the connect while it runs (set by the pool)
+        self.expires_at = 0.0  # loop time from which it is not reused any more (set when it goes idle)
+        self.state: _State | None = None
+        self._become(_CONNECTING)
+
+    def _become(self, new: _State) -> None:
+        old = self.state
+        if old is new or old is _CLOSED:
+            return
+        self.state = new
+        self._owner.connection_changed(self, old, new)
+
+    @property
+    def request(self) -> _Request | None:
+        """The request on it (ACTIVE), if any."""
+        return self._request
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -196,7 +279,7 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._request is None:  # unasked: a stray answer, or garbage; never reuse it
-            self._pool._discard(self)
+            self._drop()
             return
         self._got_bytes = True
         try:
@@ -207,7 +290,7 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError as exc:  # a callback's exception comes wrapped in one
             if self._too_large:  # the status stands; the rest of the body is not worth reading
                 request, self._request = self._request, None
-                self._pool._discard(self)
+                self._drop()
                 if request is not None:
                     request.finish(self._status, None, None,
                                    _seconds(self._retry_after) if self._retry_after else 0.0)
@@ -226,20 +309,18 @@ class _Connection(asyncio.Protocol):
                 self._fail(ProtocolError(f"answer head longer than {MAX_HEAD} bytes"))
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self._pool._lost(self)
         request, self._request = self._request, None
+        self._become(_CLOSED)  # first: its slot goes to the requests waiting for one
         if request is not None and not request.finished:
             self._settle(request, exc)
-        self._pool._refill()  # requests waiting for a connection get a new one
 
     def _settle(self, request: _Request, exc: Exception | None) -> None:
         """The connection closed with ``request`` on it."""
         if self._status and not self._framed and not self._interim:  # read until close: done
             request.finish(self._status, self._body(), None)
-        elif not self._got_bytes and self.reused and request.attempts == 1 and not self._pool.aborted:
-            self._pool._retry(request)  # the server closed the idle connection as we sent
-        elif self._pool.aborted:
+        elif not self._got_bytes and self._reused and request.attempts == 1 and not self._aborted:
+            self._owner.resend(request)  # the server closed the idle connection as we sent
+        elif self._aborted:
             request.finish(0, None, Aborted("the connection was aborted"))
         elif self._got_bytes:
             request.finish(0, None, ProtocolError("the server closed the connection in the middle of an answer"))
@@ -258,6 +339,8 @@ class _Connection(asyncio.Protocol):
             self._framed = True
         elif size == 11 and name.lower() == b"retry-after":
             self._retry_after = value
+        elif size == 10 and name.lower() == b"keep-alive":
+            self._keep_alive = value
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
@@ -267,7 +350,7 @@ class _Connection(asyncio.Protocol):
             self._interim += 1
             if self._interim > MAX_INTERIM:
                 raise httptools.HttpParserError(f"more than {MAX_INTERIM} interim (1xx) answers")
-            self._framed, self._retry_after = False, b""  # a 1xx's headers are not the answer's
+            self._framed, self._retry_after, self._keep_alive = False, b"", b""  # not the answer's
             return
         self._interim = 0
         self._status = status
@@ -286,27 +369,53 @@ class _Connection(asyncio.Protocol):
         self._complete = True
         self._keep = self._parser.should_keep_alive()
 
-    # -- the pool's side ---------------------------------------------------------------------
+    # -- what the pool asks of it --------------------------------------------------------------
+
+    def ready(self) -> None:
+        """The connect succeeded: IDLE (unless it was closed or aborted meanwhile)."""
+        if self.state is _CONNECTING:
+            self.expires_at = self._loop.time() + self._keepalive_expiry
+            self._become(_IDLE)
+
+    def connect_failed(self) -> None:
+        self._become(_CLOSED)
 
     def send(self, request: _Request) -> None:
-        request.conn = self
         request.attempts += 1
         self._request = request
         self._status = self._interim = self._head_bytes = 0
         self._framed = self._got_bytes = self._complete = self._stray = False
-        self._retry_after = b""
+        self._retry_after = self._keep_alive = b""
         self._parts = [] if request.keep_body else None
         self._kept, self._max_body, self._too_large = 0, request.max_body, False
+        self._become(_ACTIVE)
         assert self._transport is not None
         self._transport.write(request.data)
 
     def abort(self) -> None:
-        if self._transport is not None:
-            self._transport.abort()
+        """Break it off (``HttpPool.abort``): its request fails with ``Aborted``, a connect is cancelled."""
+        self._aborted = True
+        if self.opening is not None:
+            self.opening.cancel()
+        self._drop()
 
     def close(self) -> None:
+        """Close it when idle (expired, or the pool closes)."""
         if self._transport is not None:
             self._transport.close()
+            self._become(_CLOSING)
+
+    def expire(self, request: _Request) -> None:
+        if self._request is request:
+            self._fail(TimeoutError("no complete answer within the request's deadline"))
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _drop(self) -> None:
+        """Close it at once, unread bytes and all: it is not reused."""
+        if self._transport is not None:
+            self._transport.abort()
+            self._become(_CLOSING)
 
     def _body(self) -> bytes | None:
         return b"".join(self._parts) if self._parts is not None else None
@@ -317,47 +426,74 @@ class _Connection(asyncio.Protocol):
         # Read before the pool hands us the next request.
         status, body = self._status, self._body()
         retry_after = _seconds(self._retry_after) if self._retry_after else 0.0
-        if not self._stray and self._keep:
-            self.reused = True
-            self._pool._ready(self)
+        idle_for = self._keepalive_expiry if self._keep and not self._stray else 0.0
+        if self._keep_alive:  # the server says when it closes an idle connection: sooner?
+            server_timeout = _keep_alive_timeout(self._keep_alive)
+            if server_timeout is not None:
+                idle_for = min(idle_for, _idle_limit(server_timeout))
+        if idle_for > 0:
+            self._reused = True
+            self.expires_at = self._loop.time() + idle_for
+            self._become(_IDLE)  # the pool may hand it the next request at once
         else:
-            self._pool._discard(self)
+            self._drop()
         request.finish(status, body, None, retry_after)
 
     def _fail(self, error: BaseException) -> None:
         request, self._request = self._request, None
-        self._pool._discard(self)
+        self._drop()
         if request is not None:
             request.finish(0, None, error)
 
-    def expire(self, request: _Request) -> None:
-        if self._request is request:
-            self._fail(TimeoutError("no complete answer within the request's deadline"))
+
+@dataclass(frozen=True, slots=True)
+class PoolState:
+    """A pool's connections by state, and its requests waiting for a connection."""
+
+    connecting: int
+    idle: int
+    active: int
+    closing: int
+    waiting: int
+
+    @property
+    def open(self) -> int:
+        """Connections that hold a slot of the pool's ``limit``."""
+        return self.connecting + self.idle + self.active + self.closing
 
 
 class HttpPool:
     """Keep-alive connections to one origin (at most ``limit``), requests queued beyond that.
 
+    An idle connection is not reused after ``keepalive_expiry`` seconds (or sooner, if its
+    server's ``Keep-Alive: timeout`` says so): it is closed before its server would close it.
     Used from the event loop's thread only; it binds to the running loop on first use.
     """
 
     def __init__(self, host: str, port: int, *, tls: bool = False, limit: int = 100,
                  connect_timeout: float = 10.0, server_hostname: str | None = None,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None,
+                 keepalive_expiry: float = KEEPALIVE_EXPIRY) -> None:
         if limit < 1:
             raise ValueError("a pool needs room for at least one connection")
+        if not keepalive_expiry >= 0:
+            raise ValueError("keepalive_expiry must be 0 (no reuse after idling) or more seconds")
         self.host, self.port, self.tls, self.limit = host, port, tls, limit
         self.authority = authority(host, port, tls)
         self._connect_timeout = connect_timeout
         self._server_hostname = server_hostname or host
         self._ssl_context = ssl_context
+        self._keepalive_expiry = keepalive_expiry
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._idle: list[_Connection] = []  # most recently used last: reused first, others time out
-        self._waiting: deque[_Request] = deque()
-        self._queued = 0  # live requests in _waiting (expired ones are skipped lazily)
-        self._open = 0  # connections open or being opened
+        # The pool's state is its connections' states. Two indexes of them are kept rather than
+        # counted by a scan of the connections, which would cost O(limit) per request: the idle
+        # ones, in the order they went idle (a stack: the last is reused first, the first ones
+        # expire; the one that leaves is nearly always the last, an O(1) pop) and the number
+        # connecting. Both change in connection_changed only.
+        self._connections: set[_Connection] = set()  # from the connect to connection_lost
+        self._idle: list[_Connection] = []
         self._connecting = 0
-        self._connections: set[_Connection] = set()
+        self._waiting: deque[_Request] = deque()  # never a finished request: their deadlines run
         self._sweeper: asyncio.TimerHandle | None = None
         self.aborted = False
 
@@ -374,8 +510,9 @@ class HttpPool:
         if self.aborted:
             loop.call_soon(request.finish, 0, None, Aborted("the pool was aborted"))
             return
-        self._arm(request)
-        self._dispatch(request)
+        now = loop.time()
+        self._arm(request, now)
+        self._dispatch(request, now)
 
     async def request(self, data: bytes, *, timeout: float, keep_body: bool = True,
                       max_body: int = MAX_BODY) -> tuple[int, bytes]:
@@ -400,12 +537,13 @@ class HttpPool:
     def shed(self, error: BaseException) -> int:
         """Fail with ``error`` every request still waiting for a connection: never written, so
         the server never saw it. Requests on connections run on. Returns how many were shed."""
-        waiting = self._queued
+        waiting = len(self._waiting)
         self._fail_waiting(error, everything=True)
         return waiting
 
     def abort(self) -> None:
-        """Break off every request (``Aborted``) and refuse later ones. From the loop's thread."""
+        """Break off every request (``Aborted``) and refuse later ones; connects in flight are
+        cancelled. From the loop's thread."""
         self.aborted = True
         for conn in list(self._connections):
             conn.abort()
@@ -413,13 +551,54 @@ class HttpPool:
 
     def close(self) -> None:
         """Close the idle connections (the busy ones close when their answer is in)."""
-        for conn in self._idle:
+        for conn in reversed(self._idle[:]):  # from the top: each leaves the index by a pop
             conn.close()
-        self._idle.clear()
 
     @property
     def connections(self) -> int:
-        return self._open
+        """Connections open, being opened, or closing: each holds a slot of ``limit``."""
+        return len(self._connections)
+
+    def state(self) -> PoolState:
+        """The connections counted by state (a scan: for tests and diagnostics, not per request)."""
+        counts = Counter(conn.state for conn in self._connections)
+        return PoolState(connecting=counts[_CONNECTING], idle=counts[_IDLE],
+                         active=counts[_ACTIVE], closing=counts[_CLOSING],
+                         waiting=len(self._waiting))
+
+    # -- what its connections tell it (_Owner) -------------------------------------------------
+
+    def connection_changed(self, conn: _Connection, old: _State | None, new: _State) -> None:
+        """The one place the indexes change; a connection that became free takes the oldest
+        waiting request, a closed one's slot goes to the requests waiting."""
+        if old is _IDLE:
+            if self._idle[-1] is conn:
+                self._idle.pop()
+            else:  # closed while others went idle after it: expired, or closed by its server
+                self._idle.remove(conn)
+        elif old is _CONNECTING:
+            self._connecting -= 1
+        elif old is None:
+            self._connections.add(conn)
+        if new is _IDLE:
+            self._idle.append(conn)
+            if self._waiting:
+                conn.send(self._waiting.popleft())
+        elif new is _CONNECTING:
+            self._connecting += 1
+        elif new is _CLOSED:
+            self._connections.discard(conn)
+            self._refill()
+
+    def resend(self, request: _Request) -> None:
+        """Once more on another connection, ahead of the waiting ones (its deadline runs on)."""
+        assert self._loop is not None
+        conn = self._pick(self._loop.time())
+        if conn is not None:
+            conn.send(request)
+            return
+        self._waiting.appendleft(request)
+        self._refill()
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -427,102 +606,81 @@ class HttpPool:
         self._loop = asyncio.get_running_loop()
         return self._loop
 
-    def _dispatch(self, request: _Request) -> None:
-        while self._idle:
-            conn = self._idle.pop()
-            if not conn.closed:
-                conn.send(request)
-                return
+    def _dispatch(self, request: _Request, now: float) -> None:
+        conn = self._pick(now)
+        if conn is not None:
+            conn.send(request)
+            return
         self._waiting.append(request)
-        self._queued += 1
-        if self._open < self.limit and self._connecting < self._queued:
+        if len(self._connections) < self.limit and self._connecting < len(self._waiting):
             self._connect()
+
+    def _pick(self, now: float) -> _Connection | None:
+        """The idle connection used last, unless it expired: an expired one is closed here, never
+        written to (its server may be closing it). One timestamp compared per request."""
+        idle = self._idle
+        while idle:
+            conn = idle[-1]
+            if conn.expires_at > now:
+                return conn
+            conn.close()  # leaves the index (CLOSING); the ones under it are older still
+        return None
+
+    def _close_expired(self, now: float) -> None:
+        """Close the idle connections past their expiry, oldest first (lazily, from the sweep:
+        those the requests do not need age out from the bottom of the LIFO)."""
+        idle = self._idle
+        while idle:
+            conn = idle[0]
+            if conn.expires_at > now:
+                return  # mostly the earliest to expire; a later one that is not is caught by _pick
+            conn.close()
 
     def _connect(self) -> None:
         assert self._loop is not None
-        self._open += 1
-        self._connecting += 1
-        self._loop.create_task(self._open_connection())
+        conn = _Connection(self, self._loop, self._keepalive_expiry)  # CONNECTING: counted now
+        conn.opening = self._loop.create_task(self._open_connection(conn))
 
-    async def _open_connection(self) -> None:
+    async def _open_connection(self, conn: _Connection) -> None:
         assert self._loop is not None
         context = (self._ssl_context or default_context()) if self.tls else None
         try:
             async with asyncio.timeout(self._connect_timeout):
-                _, conn = await self._loop.create_connection(
-                    lambda: _Connection(self), self.host, self.port, ssl=context,
+                await self._loop.create_connection(
+                    lambda: conn, self.host, self.port, ssl=context,
                     server_hostname=self._server_hostname if self.tls else None,
                 )
         except (OSError, TimeoutError, ValueError) as exc:  # refused, DNS, TLS, timeout
-            self._open -= 1
-            self._connecting -= 1
             error = exc if isinstance(exc, OSError) else OSError(f"cannot connect: {exc}")
             if isinstance(exc, TimeoutError):
                 error = TimeoutError(f"connect to {self.authority} timed out")
-            self._fail_waiting(error)
-            self._refill()  # one attempt per waiting request, no faster
+            self._fail_waiting(error)  # before its slot frees: one attempt per waiting request
+            conn.connect_failed()
             return
-        self._connecting -= 1
-        self._connections.add(conn)
-        if self.aborted:
-            conn.abort()
-            return
-        self._ready(conn)
-
-    def _ready(self, conn: _Connection) -> None:
-        """A connection is free: serve the oldest waiting request, or keep it idle."""
-        while self._waiting:
-            request = self._waiting.popleft()
-            if request.finished:
-                continue
-            self._queued -= 1
-            conn.send(request)
-            return
-        self._idle.append(conn)
-
-    def _retry(self, request: _Request) -> None:
-        """Once more on another connection, ahead of the waiting ones (its deadline runs); the
-        caller then calls ``_refill``."""
-        request.conn = None
-        while self._idle:
-            conn = self._idle.pop()
-            if not conn.closed:
-                conn.send(request)
-                return
-        self._waiting.appendleft(request)
-        self._queued += 1
+        except asyncio.CancelledError:
+            if self.aborted:  # abort() cancelled it; no connect follows a closed slot now
+                conn.connect_failed()
+            # else the loop is shutting down: it stays counted, so nothing starts on it
+            raise
+        finally:
+            conn.opening = None
+        conn.ready()
 
     def _refill(self) -> None:
         """Open a connection for the requests waiting, if they have none coming and the limit
         allows: after a connection closed (its slot is free) or a connect failed."""
-        if self._queued <= self._connecting or self._open >= self.limit or self.aborted:
-            return
-        while self._waiting[0].finished:  # expired while waiting: dropped here
-            self._waiting.popleft()
-        self._connect()
+        if (len(self._waiting) > self._connecting and len(self._connections) < self.limit
+                and not self.aborted):
+            self._connect()
 
-    def _discard(self, conn: _Connection) -> None:
-        if conn in self._idle:
-            self._idle.remove(conn)
-        conn.abort()
-
-    def _lost(self, conn: _Connection) -> None:
-        if conn in self._connections:
-            self._connections.discard(conn)
-            self._open -= 1
-        if conn in self._idle:
-            self._idle.remove(conn)
-
-    def _arm(self, request: _Request) -> None:
+    def _arm(self, request: _Request, now: float) -> None:
         """Start the request's deadline (once, in ``send``: a retry on a new connection keeps it).
 
         Deadlines are enforced by one sweep every ``_SWEEP`` seconds while any runs, not by a
         timer per request: a call_at and its cancel cost more than the rest of a request's
         bookkeeping. A deadline is kept to within ``_SWEEP``."""
-        if request.deadline:
-            return
         assert self._loop is not None
-        request.deadline = self._loop.time() + request.timeout
+        request.deadline = now + request.timeout
         if self._sweeper is None:
             self._sweeper = self._loop.call_later(_SWEEP, self._sweep)
 
@@ -532,38 +690,24 @@ class HttpPool:
         now = self._loop.time()
         running = False
         for conn in list(self._connections):
-            request = conn._request
-            if request is not None and request.deadline:
+            request = conn.request
+            if request is not None:
                 if request.deadline <= now:
-                    self._expire(request)
+                    conn.expire(request)
                 else:
                     running = True
-        for request in list(self._waiting):
-            if request.deadline and not request.finished:
-                if request.deadline <= now:
-                    self._expire(request)
-                else:
-                    running = True
-        if running or self._waiting:
+        late = [request for request in self._waiting if request.deadline <= now]
+        if late:  # out of the queue before their callbacks run (one may send again)
+            self._waiting = deque(request for request in self._waiting if request.deadline > now)
+            for request in late:
+                request.finish(0, None, TimeoutError(f"no connection to {self.authority} within the request's deadline"))
+        self._close_expired(now)
+        if (running or self._waiting) and self._sweeper is None:
             self._sweeper = self._loop.call_later(_SWEEP, self._sweep)
-
-    def _expire(self, request: _Request) -> None:
-        if request.finished:
-            return
-        if request.conn is not None:
-            request.conn.expire(request)
-        else:  # still waiting for a connection: left in the deque, skipped when reached
-            self._queued -= 1
-            request.finish(0, None, TimeoutError(f"no connection to {self.authority} within the request's deadline"))
 
     def _fail_waiting(self, error: BaseException, *, everything: bool = False) -> None:
         """A connect failed: fail the oldest waiting request (``everything``: all of them)."""
         while self._waiting:
-            request = self._waiting.popleft()
-            if request.finished:
-                continue
-            self._queued -= 1
-            request.finish(0, None, error)
+            self._waiting.popleft().finish(0, None, error)
             if not everything:
                 return
-
