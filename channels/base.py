@@ -34,7 +34,7 @@ import asyncio
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 __all__ = [
     "Channel",
@@ -139,7 +139,7 @@ class Channel(abc.ABC):
 class ChannelConfig(Protocol):
     """A channel's settings: frozen, picklable, validated on creation; builds the channel."""
 
-    name: str
+    name: ClassVar[str]
 
     @property
     def attempt_timeout(self) -> float:

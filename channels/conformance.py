@@ -24,7 +24,7 @@ import asyncio
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,7 +58,7 @@ class Target:
     close_timeout: float = 1.0  # given to aclose while the sink is stalled
 
 
-Check = Callable[[Target], Awaitable[None]]
+Check = Callable[[Target], Coroutine[Any, Any, None]]
 
 
 @dataclass(slots=True)

@@ -518,11 +518,10 @@ def _probe(config: HttpConfig, source: str) -> tuple[str, str]:
 
     url = urlsplit(config.sink)
     https = url.scheme == "https"
-    kwargs: dict[str, object] = {"timeout": min(config.timeout, 10.0)}
-    if https:
-        kwargs["context"] = ssl.create_default_context()
-    conn_class = http.client.HTTPSConnection if https else http.client.HTTPConnection
-    conn = conn_class(url.hostname or "", url.port, **kwargs)  # type: ignore[arg-type]
+    timeout = min(config.timeout, 10.0)
+    conn = (http.client.HTTPSConnection(url.hostname or "", url.port, timeout=timeout,
+                                        context=ssl.create_default_context())
+            if https else http.client.HTTPConnection(url.hostname or "", url.port, timeout=timeout))
     headers = {"User-Agent": "sqs-poller check"}
     auth = basic_auth(config.sink)
     if auth:

@@ -2,8 +2,8 @@
 
 The options of ``run`` and ``check`` are declared once, in ``poller.options`` and with each
 installed channel (``channels.registry``); each has an environment variable (``POLLER_<FLAG>``).
-AWS settings come the AWS way (default credential chain, ``AWS_REGION``, ``AWS_ENDPOINT_URL_SQS``). Bad input ends in one line on stderr and a
-non-zero exit, never a traceback.
+AWS settings come the AWS way (default credential chain, ``AWS_REGION``, ``AWS_ENDPOINT_URL_SQS``).
+Bad input ends in one line on stderr and a non-zero exit, never a traceback.
 """
 
 from __future__ import annotations

@@ -25,15 +25,15 @@ __all__ = ["POLLER_OPTIONS", "Option", "apply", "check", "installed_channels", "
            "run_options"]
 
 
-class _Lines(click.ParamType):
+class _Lines(click.ParamType[str]):
     """A string whose environment variable holds one value per line: click splits a multiple
     option's variable on whitespace by default, which would cut a value (a password) in two."""
 
     name = "KEY=VALUE"
     envvar_list_splitter = "\n"
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        return value
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        return str(value)
 
 
 def _int(value: float | None) -> int | None:

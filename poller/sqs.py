@@ -29,9 +29,9 @@ import math
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import botocore.session
@@ -49,6 +49,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+_IDLE_CONNECTION_LIFETIME = 5.0  # seconds; see SqsClient.__init__
+_T = TypeVar("_T")
 
 # Codes after which a retry cannot help: the call itself is wrong or not allowed.
 _PERMANENT_CODES = frozenset(
@@ -288,7 +291,9 @@ class SigV4Signer:
         )
         scope = day + self._scope_tail
         to_sign = f"AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
-        signature = hmac.new(self._signing_key(day, creds.secret_key), to_sign.encode(), hashlib.sha256).hexdigest()
+        # _freeze made sure of both keys: botocore types them as optional.
+        key = self._signing_key(day, creds.secret_key or "")
+        signature = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
         headers = {
             "Host": self._host,
             "Content-Type": self._CONTENT_TYPE,
@@ -319,8 +324,12 @@ class SqsClient:
         port = url.port or (443 if https else 80)
         self._path = url.path or "/"
         self._url = f"{url.scheme}://{url.netloc}{self._path}"
-        # Connects on the first call; server_hostname (SNI, certificate check) is the host.
-        self._pool = HttpPool(url.hostname, port, tls=https, limit=connections, connect_timeout=timeout)
+        # Connects on the first call; server_hostname (SNI, certificate check) is the host. An idle
+        # connection lives 5 s, the AWS SDK for Ruby's http_idle_timeout: AWS endpoints close idle
+        # ones at times of their own (aws/aws-sdk-go-v2#3423: SNS, EventBridge, maybe SQS, well
+        # before Go's 90 s), and a TLS reconnect to SQS is worth sparing under the sinks' 1.5 s.
+        self._pool = HttpPool(url.hostname, port, tls=https, limit=connections, connect_timeout=timeout,
+                              keepalive_expiry=_IDLE_CONNECTION_LIFETIME)
         self._template = RequestTemplate(self._pool.authority, self._path)
         self._credentials = credentials or load_credentials(target)
         self.clock = SkewedClock()
@@ -429,6 +438,9 @@ class SqsClient:
     def _freeze(self, frozen: ReadOnlyCredentials) -> ReadOnlyCredentials:
         # They become header values: checked here, once, rather than on every request. The
         # error never shows them.
+        if not frozen.access_key or not frozen.secret_key:
+            raise SqsError("CredentialError", "the AWS credentials found have no access key or no secret key",
+                           retryable=True)
         try:
             encode_headers({"X-Amz-Security-Token": frozen.token or "", "X-Key": frozen.access_key})
         except ValueError:
@@ -552,7 +564,7 @@ class BlockingSqsClient:
             self._loop.run_until_complete(asyncio.sleep(0))  # let the transports close
             self._loop.close()
 
-    def _run(self, call: Any) -> Any:
+    def _run(self, call: Coroutine[Any, Any, _T]) -> _T:
         return self._loop.run_until_complete(call)
 
 

@@ -132,7 +132,8 @@ class RequestTemplate:
 
     def __init__(self, authority: str, target: str, headers: Headers = ()) -> None:
         if not _TARGET.fullmatch(target):
-            raise ValueError("invalid request target: it must be printable ASCII without spaces (not shown: a path may carry a secret)")
+            raise ValueError("invalid request target: it must be printable ASCII without spaces "
+                             "(not shown: a path may carry a secret)")
         self._prefix = (b"POST %s HTTP/1.1\r\n" % target.encode("ascii")
                         + encode_headers({"Host": authority, "Accept-Encoding": "identity"})
                         + encode_headers(headers))
@@ -700,7 +701,8 @@ class HttpPool:
         if late:  # out of the queue before their callbacks run (one may send again)
             self._waiting = deque(request for request in self._waiting if request.deadline > now)
             for request in late:
-                request.finish(0, None, TimeoutError(f"no connection to {self.authority} within the request's deadline"))
+                request.finish(0, None, TimeoutError(
+                    f"no connection to {self.authority} within the request's deadline"))
         self._close_expired(now)
         if (running or self._waiting) and self._sweeper is None:
             self._sweeper = self._loop.call_later(_SWEEP, self._sweep)

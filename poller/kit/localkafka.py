@@ -85,7 +85,8 @@ def _kafka_metadata_ok(bootstrap: str) -> bool:
     admin = AdminClient({
         "bootstrap.servers": bootstrap,
         "socket.timeout.ms": 2000,
-        "logger": logging.getLogger(f"{__name__}.librdkafka"),
+        # confluent-kafka's type hints leave out its documented "logger" setting.
+        "logger": logging.getLogger(f"{__name__}.librdkafka"),  # type: ignore[dict-item]
     })
     admin.list_topics(timeout=2)
     return True
