@@ -3,7 +3,8 @@ the worker, checked from outside.
 
 - every message given to ``publish`` is reported exactly once, with ``Outcome.ACK``, ``RETRY``
   or ``REJECT`` (a reason that is a string, a ``retry_after`` that is a number >= 0), for every
-  message of every batch, and nothing is reported after ``aclose`` returned;
+  message of every batch, on the event loop's thread (``channels.reports`` brings a thread's
+  reports there), and nothing is reported after ``aclose`` returned;
 - an ACK means the sink has the message (``Target.received`` lists it);
 - ``aclose`` reports what is still in flight as RETRY (never silence, never REJECT) and returns
   within its timeout (and a little);
@@ -63,18 +64,22 @@ Check = Callable[[Target], Coroutine[Any, Any, None]]
 
 @dataclass(slots=True)
 class _Reports:
-    """Every report call, from any thread, checked as it comes."""
+    """Every report call, checked as it comes (made on the loop it was created on)."""
 
     published: dict[int, Message] = field(default_factory=dict)  # id(message) -> message
     outcomes: dict[str, list[Outcome]] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    loop_thread: int = field(default_factory=threading.get_ident)
 
     def report(self, message: Message, outcome: Any, reason: Any = "", retry_after: Any = 0.0) -> None:
         with self.lock:
             if id(message) not in self.published:
                 self.errors.append(f"a report for a message that was never published: {message!r}")
                 return
+            if threading.get_ident() != self.loop_thread:
+                self.errors.append(f"message {message.id}: reported on thread {threading.current_thread().name}, "
+                                   "not the event loop's")
             if not isinstance(outcome, Outcome):
                 self.errors.append(f"message {message.id}: outcome {outcome!r} is not an Outcome")
             if not isinstance(reason, str):

@@ -71,7 +71,7 @@ def test_http_channel(check: Check, mode: str) -> None:
 @pytest.fixture(scope="module")
 def own_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """A tansu of this module's own: pausing the session's broker would stall other tests."""
-    from poller.kit.services import start_tansu
+    from poller.kit.localkafka import start_tansu
 
     with start_tansu(log_dir=tmp_path_factory.mktemp("tansu-conformance")) as broker:
         yield broker
@@ -150,6 +150,11 @@ class _Memory:
                         self.held.append(message)
                         continue
                     memory.got.append(message.id)
+                    if memory.fault == "thread":  # as a channel of threads that forgot channels.reports
+                        thread = threading.Thread(target=report, args=(message, Outcome.ACK, ""))
+                        thread.start()
+                        thread.join()
+                        continue
                     report(message, Outcome.ACK, "")
                     if memory.fault == "twice":
                         report(message, Outcome.ACK, "")
@@ -161,6 +166,7 @@ class _Memory:
     ("silent-on-close", CHECKS[1], "never reported when aclose returned"),
     ("twice", CHECKS[0], "reported more than once"),
     ("reorder", CHECKS[2], "arrived out of order"),
+    ("thread", CHECKS[0], "not the event loop's"),
 ])
 def test_the_kit_catches_a_broken_channel(fault: str, check: Check, expected: str) -> None:
     from channels.conformance import ConformanceError

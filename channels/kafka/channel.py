@@ -21,7 +21,7 @@ from channels.kafka.config import KafkaConfig, _error_text, _message_timeout
 from channels.kafka.msk import _MskToken, msk_oauth_callback
 from channels.kafka.progress import ProducerProgress
 from channels.kafka.records import Record, RecordBuilder
-from channels.kafka.reports import LoopReports
+from channels.reports import LoopReports
 
 __all__ = ["KafkaChannel"]
 

@@ -21,6 +21,7 @@ from channels.base import Channel, ChannelError, Message, Outcome, Report
 from channels.events import EventError, EventFormat
 from channels.options import Option
 from channels.plugin import BuildContext, ChannelPlugin
+from channels.reports import LoopReports
 
 __all__ = ["CHANNEL", "JsonlChannel", "JsonlConfig"]
 
@@ -63,6 +64,7 @@ class JsonlChannel(Channel):
         self._busy_since: float | None = None
         self._file: BinaryIO | None = None
         self._writer = threading.Thread(target=self._write_loop, name="jsonl-writer", daemon=True)
+        self._reports = LoopReports()  # the writer thread's reports go to the worker's loop
 
     def start(self) -> None:
         try:
@@ -72,6 +74,7 @@ class JsonlChannel(Channel):
         self._writer.start()
 
     def publish(self, batch: Sequence[Message], report: Report) -> None:
+        self._reports.bind()
         lines = []
         for message in batch:
             try:
@@ -105,7 +108,7 @@ class JsonlChannel(Channel):
         with self._lock:  # exactly once: close may have reported it RETRY already
             entry = self._pending.pop(id(message), None)
         if entry is not None:
-            entry[1](message, outcome, reason)
+            self._reports.send(entry[1], message, outcome, reason)
 
     def stalled(self) -> str | None:
         since = self._busy_since
@@ -122,7 +125,7 @@ class JsonlChannel(Channel):
             left = list(self._pending.values())
             self._pending.clear()
         for message, report in left:
-            report(message, Outcome.RETRY, "the channel closed before the line was written")
+            self._reports.send(report, message, Outcome.RETRY, "the channel closed before the line was written")
 
 
 OPTIONS = (

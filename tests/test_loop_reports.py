@@ -1,4 +1,4 @@
-"""channels/kafka/reports.py: delivery reports made on the poll thread reach the loop that published."""
+"""channels/reports.py: reports made on a channel's own thread (Kafka's poll thread) reach the loop that published."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 import threading
 
 from channels.base import Message, Outcome
-from channels.kafka.reports import LoopReports
+from channels.reports import LoopReports
 
 
 def test_reports_from_a_thread_run_on_the_loop_in_order_with_one_wakeup_per_batch() -> None:

@@ -1,5 +1,6 @@
-"""Reports to the event loop that published: librdkafka's delivery reports come on the channel's
-poll thread, and the channel contract (``channels.base``) has every report made on the loop.
+"""Reports to the event loop that published, for channels with threads of their own (librdkafka's
+delivery reports come on the Kafka channel's poll thread; a file channel's writer thread): the
+channel contract (``channels.base``) has every report made on the loop.
 
 Reports made on another thread wait in an outbox; the first one of a batch schedules one
 ``call_soon_threadsafe``, so that a ``poll()`` serving hundreds of reports costs the loop one
