@@ -211,9 +211,9 @@ class InMemoryChannelServer(CloudEventServer):
         try:
             response = self._http.urlopen("POST", url, body=body, headers=dict(headers), redirect=False)
         except urllib3.exceptions.MaxRetryError as exc:
-            return _Outcome(url, None, _describe(exc.reason or exc))
+            return _Outcome(url, None, _request_error(exc.reason or exc))
         except Exception as exc:  # noqa: BLE001 (any failure is a failed delivery, not a crash)
-            return _Outcome(url, None, _describe(exc))
+            return _Outcome(url, None, _request_error(exc))
         return _Outcome(url, response.status)
 
     def close(self) -> None:
@@ -222,7 +222,7 @@ class InMemoryChannelServer(CloudEventServer):
         self._http.clear()
 
 
-def _describe(exc: BaseException) -> str:
+def _request_error(exc: BaseException) -> str:
     if isinstance(exc, urllib3.exceptions.NewConnectionError):  # (a ConnectTimeoutError subclass)
         return f"cannot connect: {str(exc).rsplit(': ', 1)[-1]}"
     if isinstance(exc, (urllib3.exceptions.TimeoutError, TimeoutError)):
