@@ -190,7 +190,7 @@ class KafkaChannel(Channel):
         try:
             producer = self._new_producer(conf)
         except (KafkaException, TypeError, ValueError) as exc:
-            raise ChannelError(f"cannot create the Kafka producer: {_exception_text(exc)}{self._token_cause()}") from None
+            raise ChannelError(f"cannot create the Kafka producer: {_exc_text(exc)}{self._token_cause()}") from None
         self._producer = producer
         try:
             self._check_topic(conf)
@@ -278,7 +278,7 @@ class KafkaChannel(Channel):
             # fetches its own token (on a background thread) and its constructor waits for it.
             admin = AdminClient(conf)
         except (KafkaException, TypeError, ValueError) as exc:
-            raise ChannelError(f"cannot create Kafka topic {name!r}: {_exception_text(exc)}{self._token_cause()}") from None
+            raise ChannelError(f"cannot create Kafka topic {name!r}: {_exc_text(exc)}{self._token_cause()}") from None
         new = NewTopic(name, self.config.partitions, self.config.replication)
         future = admin.create_topics([new], request_timeout=self.config.metadata_timeout)[name]
         try:
@@ -289,7 +289,7 @@ class KafkaChannel(Channel):
                 return  # another worker won the race
             raise ChannelError(f"cannot create Kafka topic {name!r}: {_error_text(exc)}{self._token_cause()}") from None
         except (TimeoutError, CancelledError) as exc:  # no answer within the bound
-            raise ChannelError(f"cannot create Kafka topic {name!r}: {_exception_text(exc)}{self._token_cause()}") from None
+            raise ChannelError(f"cannot create Kafka topic {name!r}: {_exc_text(exc)}{self._token_cause()}") from None
         finally:
             admin.poll(0)  # serves its error_cb and log lines
         log.info("created Kafka topic %s (%d partitions, replication %d)",
@@ -572,7 +572,7 @@ class KafkaChannel(Channel):
         try:
             new = self._new_producer(self._conf)
         except (KafkaException, TypeError, ValueError) as exc:  # tried again on the next evidence
-            log.error("cannot replace the stuck Kafka producer: %s%s", _exception_text(exc), self._token_cause())
+            log.error("cannot replace the stuck Kafka producer: %s%s", _exc_text(exc), self._token_cause())
             return
         with self._produce_lock:
             if self._closing.is_set() or self._producer is not old:
@@ -648,7 +648,7 @@ class KafkaChannel(Channel):
         try:
             self._alone = self._new_producer(conf)
         except (KafkaException, TypeError, ValueError) as exc:
-            log.error("cannot create the Kafka producer for single records: %s%s", _exception_text(exc), self._token_cause())
+            log.error("cannot create the Kafka producer for single records: %s%s", _exc_text(exc), self._token_cause())
             return None
         log.warning("Kafka refused a record batch as too large (topic max.message.bytes below the "
                     "producer's batch.size?); its records are sent again one by one")
@@ -692,7 +692,7 @@ def _uses_oauthbearer(conf: Mapping[str, Any]) -> bool:
             and str(conf.get("security.protocol", "")).upper().startswith("SASL"))
 
 
-def _exception_text(exc: BaseException) -> str:
+def _exc_text(exc: BaseException) -> str:
     if isinstance(exc, KafkaException):
         return _error_text(exc)
     return str(exc) or type(exc).__name__
