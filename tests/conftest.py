@@ -1,5 +1,9 @@
 """Fixtures that start real services (LocalStack SQS/S3, tansu) once and stop them by pid.
 
+Once per run: under pytest-xdist the workers share one LocalStack and one tansu
+(:mod:`shared_service`). Every test makes its own queues and topics (unique names), so tests on
+other workers cannot see its messages.
+
 Environment knobs: ``SQS_ENDPOINT_URL`` runs against an existing SQS endpoint instead of starting
 LocalStack; ``KAFKA_BOOTSTRAP_SERVERS`` does the same for ``kafka_broker``.
 """
@@ -20,6 +24,7 @@ import pytest
 from botocore.config import Config
 
 from poller.kit.services import Service, create_bucket, start_sqs, start_tansu, tansu_s3_env
+from shared_service import shared_service, xdist_run_dir
 
 # Re-exported so tests can take them from either module.
 from support import drain, drain_count, queue_counts, send_messages  # noqa: F401
@@ -31,6 +36,18 @@ TEST_CREDENTIALS = {
     "AWS_REGION": REGION,
     "AWS_DEFAULT_REGION": REGION,
 }
+
+
+# A test that takes one of these (directly or through another fixture) talks to a real service.
+SERVICE_FIXTURES = frozenset({"sqs_service", "kafka_broker", "tansu_factory"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that needs a service ``integration``, whether or not its module says so:
+    ``-m "not integration"`` (``make test-fast``) must not start LocalStack or tansu."""
+    for item in items:
+        if SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -49,13 +66,17 @@ def _aws_test_credentials() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def sqs_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    """LocalStack with SQS and S3 (S3 backs tansu's durable storage), started once per session."""
-    with start_sqs(
-        endpoint=os.environ.get("SQS_ENDPOINT_URL") or None,
-        services="sqs,s3",
-        log_dir=tmp_path_factory.mktemp("localstack"),
-    ) as service:
+def sqs_service(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> Iterator[Service]:
+    """LocalStack with SQS and S3 (S3 backs tansu's durable storage), started once per run."""
+    def start() -> Service:
+        return start_sqs(
+            endpoint=os.environ.get("SQS_ENDPOINT_URL") or None,
+            services="sqs,s3",
+            log_dir=tmp_path_factory.mktemp("localstack"),
+        )
+
+    run_dir = xdist_run_dir(tmp_path_factory.getbasetemp())
+    with shared_service("localstack", run_dir, start, at_exit=pytestconfig.add_cleanup) as service:
         yield service
 
 
@@ -139,13 +160,15 @@ def make_queue(sqs: Any, request: pytest.FixtureRequest) -> Iterator[MakeQueue]:
 
 
 @pytest.fixture(scope="session")
-def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def kafka_broker(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> Iterator[str]:
     """Bootstrap servers of a session-wide tansu broker with memory storage."""
     external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     if external:
         yield external
         return
-    with start_tansu(log_dir=tmp_path_factory.mktemp("tansu")) as broker:
+    run_dir = xdist_run_dir(tmp_path_factory.getbasetemp())
+    with shared_service("tansu", run_dir, lambda: start_tansu(log_dir=tmp_path_factory.mktemp("tansu")),
+                        at_exit=pytestconfig.add_cleanup) as broker:
         yield broker.endpoint
 
 
