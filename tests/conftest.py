@@ -50,6 +50,23 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.integration)
 
 
+# What the session runs at its very end: the stop of the services this worker started for all.
+_AT_SESSION_END: pytest.StashKey[list[Callable[[], None]]] = pytest.StashKey()
+
+
+def _at_session_end(config: pytest.Config) -> Callable[[Callable[[], None]], None]:
+    return config.stash.setdefault(_AT_SESSION_END, []).append
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Stop the shared services here, not at unconfigure: an xdist worker reports itself finished
+    after this hook, and the controller gives a finished worker only 10 s to exit before it kills
+    it (LocalStack alone may take that long to stop)."""
+    for stop in reversed(session.config.stash.get(_AT_SESSION_END, [])):
+        stop()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _aws_test_credentials() -> Iterator[None]:
     """boto3 in this process needs credentials and a region; only fake test values, restored after."""
@@ -76,7 +93,7 @@ def sqs_service(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.C
         )
 
     run_dir = xdist_run_dir(tmp_path_factory.getbasetemp())
-    with shared_service("localstack", run_dir, start, at_exit=pytestconfig.add_cleanup) as service:
+    with shared_service("localstack", run_dir, start, at_exit=_at_session_end(pytestconfig)) as service:
         yield service
 
 
@@ -168,7 +185,7 @@ def kafka_broker(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.
         return
     run_dir = xdist_run_dir(tmp_path_factory.getbasetemp())
     with shared_service("tansu", run_dir, lambda: start_tansu(log_dir=tmp_path_factory.mktemp("tansu")),
-                        at_exit=pytestconfig.add_cleanup) as broker:
+                        at_exit=_at_session_end(pytestconfig)) as broker:
         yield broker.endpoint
 
 

@@ -4,8 +4,8 @@ The first worker that needs the service starts it (under a file lock) and writes
 a state file; the others read the endpoint and register as users. The starter owns the process:
 the kit starts services with a parent-death signal tied to the starting process, so the owner
 stops it only after the other users have let it go (or died), and a worker that comes later
-starts a new one. The owner waits for them at its exit (``at_exit``, e.g. ``config.add_cleanup``),
-not in the fixture's teardown: that is part of its last test, which has a timeout. Without xdist
+starts a new one. The owner waits for them at the end of its session (``at_exit``), not in the
+fixture's teardown: that is part of its last test, which has a timeout. Without xdist
 there is nothing to share: the service is the session's own.
 """
 
