@@ -83,7 +83,7 @@ def shared_service(
     owned: Service | None = None
     with lock:
         state = _State.read(state_path)
-        if state is None:
+        if state is None or not _alive(state.owner):  # a crashed owner's service died with it
             owned = start()
             state = _State(owned.endpoint, me, (me,))
         else:
