@@ -1,5 +1,9 @@
 """Fixtures that start real services (LocalStack SQS/S3, tansu) once and stop them by pid.
 
+Once per run: under pytest-xdist the workers share one LocalStack and one tansu
+(:mod:`shared_service`). Every test makes its own queues and topics (unique names), so tests on
+other workers cannot see its messages.
+
 Environment knobs: ``SQS_ENDPOINT_URL`` runs against an existing SQS endpoint instead of starting
 LocalStack; ``KAFKA_BOOTSTRAP_SERVERS`` does the same for ``kafka_broker``.
 """
@@ -22,6 +26,7 @@ from botocore.config import Config
 from poller.kit.localkafka import create_bucket, start_tansu, tansu_s3_env
 from poller.kit.localsqs import start_sqs
 from poller.kit.process import Service
+from shared_service import shared_service, xdist_run_dir
 
 # Re-exported so tests can take them from either module.
 from support import drain, drain_count, queue_counts, send_messages  # noqa: F401
@@ -33,6 +38,35 @@ TEST_CREDENTIALS = {
     "AWS_REGION": REGION,
     "AWS_DEFAULT_REGION": REGION,
 }
+
+
+# A test that takes one of these (directly or through another fixture) talks to a real service.
+SERVICE_FIXTURES = frozenset({"sqs_service", "kafka_broker", "tansu_factory"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that needs a service ``integration``, whether or not its module says so:
+    ``-m "not integration"`` (``make test-fast``) must not start LocalStack or tansu."""
+    for item in items:
+        if SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+
+
+# What the session runs at its very end: the stop of the services this worker started for all.
+_AT_SESSION_END: pytest.StashKey[list[Callable[[], None]]] = pytest.StashKey()
+
+
+def _at_session_end(config: pytest.Config) -> Callable[[Callable[[], None]], None]:
+    return config.stash.setdefault(_AT_SESSION_END, []).append
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Stop the shared services here, not at unconfigure: an xdist worker reports itself finished
+    after this hook, and the controller gives a finished worker only 10 s to exit before it kills
+    it (LocalStack alone may take that long to stop)."""
+    for stop in reversed(session.config.stash.get(_AT_SESSION_END, [])):
+        stop()
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -51,13 +85,17 @@ def _aws_test_credentials() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def sqs_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    """LocalStack with SQS and S3 (S3 backs tansu's durable storage), started once per session."""
-    with start_sqs(
-        endpoint=os.environ.get("SQS_ENDPOINT_URL") or None,
-        services="sqs,s3",
-        log_dir=tmp_path_factory.mktemp("localstack"),
-    ) as service:
+def sqs_service(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> Iterator[Service]:
+    """LocalStack with SQS and S3 (S3 backs tansu's durable storage), started once per run."""
+    def start() -> Service:
+        return start_sqs(
+            endpoint=os.environ.get("SQS_ENDPOINT_URL") or None,
+            services="sqs,s3",
+            log_dir=tmp_path_factory.mktemp("localstack"),
+        )
+
+    run_dir = xdist_run_dir(tmp_path_factory.getbasetemp())
+    with shared_service("localstack", run_dir, start, at_exit=_at_session_end(pytestconfig)) as service:
         yield service
 
 
@@ -141,13 +179,15 @@ def make_queue(sqs: Any, request: pytest.FixtureRequest) -> Iterator[MakeQueue]:
 
 
 @pytest.fixture(scope="session")
-def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def kafka_broker(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> Iterator[str]:
     """Bootstrap servers of a session-wide tansu broker with memory storage."""
     external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     if external:
         yield external
         return
-    with start_tansu(log_dir=tmp_path_factory.mktemp("tansu")) as broker:
+    run_dir = xdist_run_dir(tmp_path_factory.getbasetemp())
+    with shared_service("tansu", run_dir, lambda: start_tansu(log_dir=tmp_path_factory.mktemp("tansu")),
+                        at_exit=_at_session_end(pytestconfig)) as broker:
         yield broker.endpoint
 
 

@@ -175,58 +175,6 @@ def test_rejected_messages_go_to_the_dlq_and_the_rest_flow(
     assert "rejected message" in poller.log_text()
 
 
-def test_sigkill_of_a_worker_is_replaced_and_nothing_is_lost(
-    sqs: Any, make_queue: Any, aws_env: dict[str, str], tmp_path: Path
-) -> None:
-    queue = make_queue(visibility_timeout=5)
-
-    def slowish(event: dict[str, Any], headers: Any) -> None:
-        time.sleep(0.002)
-
-    with sink(respond=slowish) as server:
-        poller = PollerProcess(poller_args(queue.url, server.url), aws_env, tmp_path / "poller.log")
-        try:
-            workers = poller.wait_for_workers(2)
-            ids = send_messages(sqs, queue.url, [f"k{i}" for i in range(2000)])
-            wait_until(lambda: len(server.received) >= 200, 60, "the flow to start")
-            victim = workers[0]
-            os.kill(victim, signal.SIGKILL)
-            wait_until(lambda: victim not in poller.worker_pids() and len(poller.worker_pids()) == 2,
-                       30, "the supervisor to replace the killed worker")
-            wait_until(lambda: set(accepted_ids(server)) >= set(ids), 120, "every message after visibility")
-            wait_until(lambda: queue_counts(sqs, queue.url) == (0, 0), 60, "the queue to be empty")
-        finally:
-            assert poller.stop() == 0
-    assert "was killed by SIGKILL" in poller.log_text()
-
-
-def test_sigterm_under_load_exits_0_in_time_and_loses_nothing(
-    sqs: Any, make_queue: Any, aws_env: dict[str, str], tmp_path: Path
-) -> None:
-    queue = make_queue(visibility_timeout=5)
-
-    def slowish(event: dict[str, Any], headers: Any) -> None:
-        time.sleep(0.005)
-
-    bodies = [f"t{i}" for i in range(3000)]
-    with sink(respond=slowish) as server:
-        ids = send_messages(sqs, queue.url, bodies)
-        poller = PollerProcess(poller_args(queue.url, server.url), aws_env, tmp_path / "poller.log")
-        wait_until(lambda: len(server.received) >= 500, 60, "the flow to start")
-        stopping = time.monotonic()
-        code = poller.stop(timeout=30)
-        took = time.monotonic() - stopping
-        delivered = set(accepted_ids(server))
-    assert code == 0, poller.log_text()[-3000:]
-    assert took < 20 + 2, f"took {took:.1f}s for a 20s shutdown timeout"
-    assert 500 <= len(delivered) < 3000
-    # What was not delivered is back in the queue (at once, or after its visibility timeout).
-    id_of = dict(zip(bodies, ids))
-    remaining_ids = {id_of[m["Body"]] for m in drain(sqs, queue.url, idle_receives=3, wait_seconds=3)}
-    assert delivered | remaining_ids == set(ids), "a message was lost"
-    assert not delivered & remaining_ids, "a delivered message was not deleted"
-
-
 def test_a_scrape_during_a_real_run_matches_what_the_sink_received(
     sqs: Any, make_queue: Any, aws_env: dict[str, str], tmp_path: Path
 ) -> None:

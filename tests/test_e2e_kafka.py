@@ -337,6 +337,8 @@ def start_results(sqs: Any, aws_env: dict[str, str], kafka_broker: str,
             sqs.delete_queue(QueueUrl=url)
 
 
+# One worker runs the start-up cases: start_results runs them all at once, once per module.
+@pytest.mark.xdist_group("kafka-start-errors")
 @pytest.mark.parametrize("case", START_PARAMS)
 def test_start_error_is_one_line_and_non_zero_in_bounded_time(case: tuple[Any, ...], start_results: Any) -> None:
     name, _, _, expected, limit, _ = case
@@ -353,6 +355,7 @@ def test_start_error_is_one_line_and_non_zero_in_bounded_time(case: tuple[Any, .
     assert elapsed < limit, f"took {elapsed:.1f} s (limit {limit} s)"
 
 
+@pytest.mark.xdist_group("kafka-start-errors")
 def test_missing_topic_was_not_created(start_results: Any, kafka_broker: str) -> None:
     _, values = start_results["missing-topic"]
     admin = AdminClient({"bootstrap.servers": kafka_broker, "logger": log})
@@ -395,42 +398,3 @@ def test_oversize_records_go_to_the_dlq_and_the_rest_flow(
     records = consume_topic(kafka_broker, topic, lambda rs: len(rs) >= len(small))
     assert Counter(ce_id(r) for r in records) == Counter(small)
     assert "rejected message" in text and "too large" in text.lower()
-
-
-# -- 6. SIGTERM -----------------------------------------------------------------------------
-
-
-def test_sigterm_under_load_exits_0_in_time_and_loses_nothing(
-    sqs: Any, make_queue: Any, aws_env: dict[str, str], kafka_broker: str, tmp_path: Path
-) -> None:
-    n = 8000
-    queue = make_queue(visibility_timeout=5)
-    topic = new_topic(kafka_broker, partitions=3)
-    bodies = [f"s{i}" for i in range(n)]
-    ids = [mid for chunk in send_parallel(sqs, queue.url, split(bodies, 20)) for mid in chunk]
-
-    poller = PollerProcess(poller_args(queue.url, kafka_broker, topic), aws_env, tmp_path / "poller.log")
-    try:
-        wait_until(lambda: remaining(sqs, queue.url) <= n - 1000, 120, "the flow to start", interval=0.05)
-    except BaseException:
-        poller.kill()
-        raise
-    left_at_term = remaining(sqs, queue.url)
-    stopping = time.monotonic()
-    code = poller.stop(timeout=30)
-    took = time.monotonic() - stopping
-    text = poller.log_text()
-    assert code == 0, text[-3000:]
-    assert took < 20 + 2, f"took {took:.1f}s for a 20s shutdown timeout"
-    assert left_at_term > 0, "the queue emptied before SIGTERM: not under load"
-
-    id_of = dict(zip(bodies, ids))
-    # Undelivered messages were nacked to visibility 0 or come back after the queue's 5 s.
-    still_queued = [id_of[m["Body"]] for m in drain(sqs, queue.url, idle_receives=3, wait_seconds=3)]
-    in_kafka = Counter(ce_id(r) for r in consume_topic(kafka_broker, topic, has_ids(set(ids) - set(still_queued))))
-    assert set(in_kafka) | set(still_queued) == set(ids), "a message was lost"
-    assert set(in_kafka) <= set(ids)
-    assert len(still_queued) < n
-    print(f"\nSIGTERM: exit {code} in {took:.1f} s; {left_at_term} messages left at SIGTERM, "
-          f"{len(set(in_kafka))} in Kafka, {len(still_queued)} back in SQS, "
-          f"{len(set(in_kafka) & set(still_queued))} in both (delivered but not deleted: allowed)")

@@ -848,6 +848,7 @@ def test_iam_needs_sasl_for_the_token_callback(monkeypatch: pytest.MonkeyPatch) 
     assert "oauth_cb" not in plain.create(SOURCE)._client_config()
 
 
+@pytest.mark.slow  # librdkafka's constructors wait their own 10 s for a token
 def test_iam_token_failure_names_its_cause_for_producer_and_admin(monkeypatch: pytest.MonkeyPatch) -> None:
     """confluent-kafka's constructors wait 10 s for a token and then say only "OAuth token not set"."""
     fake_signer(monkeypatch, no_credentials)

@@ -42,6 +42,7 @@ def test_probes_answer_and_unknown_paths_are_404(probes: int) -> None:
     assert status == 404 and "/healthz" in body
 
 
+@pytest.mark.slow
 def test_healthz_answers_at_once_while_400_idle_and_5_slowloris_connections_are_open(probes: int) -> None:
     before = threads_of(os.getpid())
     with connection_flood(probes, "/healthz") as flood:

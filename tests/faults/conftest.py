@@ -8,14 +8,17 @@ far): case, channel, sent, delivered, duplicates, lost, seconds, passed, notes.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
+from shared_service import xdist_run_dir
 from support import Deliveries, FaultCase, PollerProcess, SinkDeliveries, TopicDeliveries, dumper_sink, new_topic
 
 log = logging.getLogger(__name__)
@@ -53,12 +56,18 @@ class ReportRow:
 
 
 class FaultReport:
-    """The session's rows, written to ``path`` as a markdown table after each case."""
+    """The run's rows, written to ``path`` as a markdown table after each case.
 
-    def __init__(self, path: Path) -> None:
+    Under pytest-xdist each worker adds its rows to ``shared`` (a JSON-lines file all workers of
+    the run append to, under a lock), and the table is written from all of them: the last case to
+    end writes the whole run's report, whichever worker ran it.
+    """
+
+    def __init__(self, path: Path, shared: Path | None = None) -> None:
         self.path = path
         self.rows: list[ReportRow] = []
-        self._started = time.monotonic()
+        self._shared = shared
+        self._started = time.time()
 
     def add(self, case: FaultCase, passed: bool, failure: str) -> None:
         tally = case.tally
@@ -67,7 +76,7 @@ class FaultReport:
             notes.insert(0, f"{len(tally.dead)} in the DLQ")
         if not passed and failure:
             notes.append(failure)
-        self.rows.append(ReportRow(
+        row = ReportRow(
             case=case.case, channel=case.channel,
             sent=len(tally.sent) if tally else None,
             delivered=len(tally.delivered.keys() & tally.sent) if tally else None,
@@ -75,23 +84,32 @@ class FaultReport:
             lost=len(tally.lost) if tally else None,
             seconds=case.seconds or 0.0, passed=passed, settled=case.settled,
             notes="; ".join(notes).replace("|", "\\|").replace("\n", " "),
-        ))
-        self.write()
+        )
+        self.rows.append(row)
+        if self._shared is None:
+            self.write(self.rows, self._started)
+            return
+        with FileLock(str(self._shared.with_suffix(".lock"))):
+            with self._shared.open("a") as out:
+                out.write(json.dumps({"started": self._started, **asdict(row)}) + "\n")
+            shared = [json.loads(line) for line in self._shared.read_text().splitlines()]
+            started = min(raw.pop("started") for raw in shared)
+            self.write([ReportRow(**raw) for raw in shared], started)
 
-    def write(self) -> None:
-        in_cases = sum(row.seconds for row in self.rows)
-        wall = time.monotonic() - self._started
+    def write(self, rows: Sequence[ReportRow], started: float) -> None:
+        in_cases = sum(row.seconds for row in rows)
+        wall = time.time() - started
         lines = [
             "# Fault suite report",
             "",
-            f"{sum(r.passed for r in self.rows)} of {len(self.rows)} cases passed; {in_cases:.0f} s in the cases, "
+            f"{sum(r.passed for r in rows)} of {len(rows)} cases passed; {in_cases:.0f} s in the cases, "
             f"{wall:.0f} s of wall time since the first case's setup.",
             "`delivered`: distinct messages the sink or topic received; `duplicates`: extra copies anywhere "
             "(sink, DLQ, still queued); `lost`: sent and found nowhere.",
             "",
             "| case | channel | sent | delivered | duplicates | lost | seconds | passed | notes |",
             "|---|---|---:|---:|---:|---:|---:|---|---|",
-            *(row.markdown() for row in self.rows),
+            *(row.markdown() for row in rows),
             "",
         ]
         self.path.write_text("\n".join(lines))
@@ -113,8 +131,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 
 @pytest.fixture(scope="session")
-def fault_report() -> FaultReport:
-    return FaultReport(REPORT_PATH)
+def fault_report(tmp_path_factory: pytest.TempPathFactory) -> FaultReport:
+    run_dir = xdist_run_dir(tmp_path_factory.getbasetemp())
+    return FaultReport(REPORT_PATH, None if run_dir is None else run_dir / "fault-report-rows.jsonl")
 
 
 @pytest.fixture
