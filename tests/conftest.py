@@ -22,11 +22,11 @@ from typing import Any
 import boto3
 import pytest
 from botocore.config import Config
+from shared_service import shared_service, xdist_run_dir
 
 from poller.kit.localkafka import create_bucket, start_tansu, tansu_s3_env
 from poller.kit.localsqs import start_sqs
 from poller.kit.process import Service
-from shared_service import shared_service, xdist_run_dir
 
 # Re-exported so tests can take them from either module.
 from support import drain, drain_count, queue_counts, send_messages  # noqa: F401

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from poller.kit.services import Service
+from poller.kit.process import Service
 
 log = logging.getLogger(__name__)
 
