@@ -817,3 +817,22 @@ async def test_a_bug_in_receiving_escapes_for_the_worker_to_restart() -> None:
     with pytest.raises(ZeroDivisionError):
         await asyncio.wait_for(task, 5)
     assert rig.ledger.reserved == 0
+
+
+@on_loop
+async def test_a_receiver_waiting_out_its_backoff_is_not_a_poll_in_flight() -> None:
+    """A receiver sleeping after a failed receive counted as a long poll in flight: while the
+    circuit was open that held back the one receive a parked run may need."""
+    from poller.sqs import SqsError
+
+    rig = make_rig()
+    task = asyncio.get_running_loop().create_task(rig.receiver.run(0))
+    await rig.sqs.answers.put(SqsError("ServiceUnavailable", "ReceiveMessage: try later", retryable=True))
+    for _ in range(100):
+        if rig.counters.get("receive_errors"):
+            break
+        await asyncio.sleep(0.005)
+    assert rig.counters.get("receive_errors") == 1
+    assert rig.polls.in_flight == 0 and rig.ledger.reserved == 0
+    rig.stop()
+    await asyncio.wait_for(task, 5)
