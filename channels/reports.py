@@ -47,10 +47,12 @@ class LoopReports:
         with self._lock:
             self._outbox.append((report, message, outcome, reason))
             first = len(self._outbox) == 1
-        if first:
+        if loop.is_closed():  # a flush scheduled before it closed never ran: made here, with this one
+            self._flush()
+        elif first:
             try:
                 loop.call_soon_threadsafe(self._flush)
-            except RuntimeError:  # the loop has closed: nobody waits for these any more
+            except RuntimeError:  # it closed just now
                 self._flush()
 
     def _flush(self) -> None:

@@ -32,6 +32,11 @@ class Circuit:
         self._probing = False
         self.next_probe_at = 0.0
 
+    @property
+    def probing(self) -> bool:
+        """A probe is out: no other goes until it ended (``success`` or ``probe_failed``)."""
+        return self._probing
+
     def success(self) -> bool:
         """A delivery got an answer (acked or rejected). True if this closed the circuit."""
         self._consecutive = 0

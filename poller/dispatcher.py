@@ -166,6 +166,8 @@ class Dispatcher:
         so that a decision never runs inside the channel's own call. A verdict from another
         thread breaks the channel's contract: the worker restarts, rather than decide off the loop."""
         if threading.get_ident() != self._loop_thread:
+            if self._loop.is_closed():
+                return  # the worker has ended: nothing is decided any more (redelivered later)
             self._loop.call_soon_threadsafe(
                 self._fail, f"channel {type(self._channel).__name__} reported from thread "
                             f"{threading.current_thread().name}, not the event loop's (channels.base.Report)")

@@ -73,8 +73,9 @@ class Gate:
         return parked
 
     def probe_delay(self, now: float) -> float | None:
-        """Seconds until the next probe may go; None while nothing is parked."""
-        if not self.parked:
+        """Seconds until the next probe may go; None while nothing is parked, or while a probe
+        is out (its end arms the next one: a timer due now would only spin until then)."""
+        if not self.parked or self.circuit.probing:
             return None
         return max(0.0, self.circuit.next_probe_at - now)
 

@@ -170,27 +170,30 @@ class Receiver:
                     break
                 self._polls.started(wait_time)
                 started = self._clock()
+                failed: SqsError | None = None
                 try:
                     messages = await self._sqs.receive(max_messages=asked, wait_time=wait_time,
                                                        visibility_timeout=config.visibility_timeout)
                 except SqsError as exc:  # credential errors come as SqsError too
-                    self._ledger.unreserve(config.batch_size)
-                    self._budget.give_back(asked)
-                    if self.stopping:
-                        break
-                    failures += 1
-                    if not exc.retryable and self._refused is None:
-                        self._refused = (str(exc), self._clock())
-                    self._counters.add("receive_errors")
-                    self._receive_log.hit(str(exc))
-                    await self._sleep(backoff(failures, base=0.5, cap=20.0))
-                    continue
+                    failed = exc
                 except BaseException:
                     self._ledger.unreserve(config.batch_size)
                     self._budget.give_back(asked)
                     raise
                 finally:
                     self._polls.ended()
+                if failed is not None:  # the backoff is not a poll in flight
+                    self._ledger.unreserve(config.batch_size)
+                    self._budget.give_back(asked)
+                    if self.stopping:
+                        break
+                    failures += 1
+                    if not failed.retryable and self._refused is None:
+                        self._refused = (str(failed), self._clock())
+                    self._counters.add("receive_errors")
+                    self._receive_log.hit(str(failed))
+                    await self._sleep(backoff(failures, base=0.5, cap=20.0))
+                    continue
                 self._counters.observe("receive", self._clock() - started)
                 failures = 0
                 self._refused = None

@@ -71,3 +71,31 @@ def test_a_report_after_the_loop_closed_is_still_made() -> None:
     thread.start()
     thread.join(5)
     assert seen == ["1"]
+
+
+def test_reports_waiting_for_a_flush_that_never_ran_are_made_once_the_loop_has_closed() -> None:
+    """A flush scheduled on a loop that closed before running it left the outbox full, and every
+    later report waited behind it for ever."""
+    seen: list[str] = []
+
+    def report(m: Message, o: Outcome, r: str = "", a: float = 0.0) -> None:
+        seen.append(m.id)
+
+    async def bind() -> LoopReports:
+        reports = LoopReports()
+        reports.bind()
+        return reports
+
+    loop = asyncio.new_event_loop()
+    reports = loop.run_until_complete(bind())
+    thread = threading.Thread(target=reports.send, args=(report, Message(id="1", body="", ack_id="1"),
+                                                          Outcome.RETRY, "x"))
+    thread.start()
+    thread.join(5)
+    loop.close()  # the flush it scheduled never ran
+    assert seen == []
+    thread = threading.Thread(target=reports.send, args=(report, Message(id="2", body="", ack_id="2"),
+                                                          Outcome.RETRY, "x"))
+    thread.start()
+    thread.join(5)
+    assert seen == ["1", "2"]

@@ -546,6 +546,35 @@ async def test_a_successful_probe_is_no_longer_the_probe() -> None:
 
 
 @on_loop
+async def test_no_probe_timer_spins_while_a_probe_is_out() -> None:
+    """The probe timer was re-armed at once while a probe was out (its time had come, and the
+    circuit refuses a second probe until the first ends): a busy loop for the whole attempt."""
+    rig = make_rig(circuit_threshold=3, retries=5)
+    await rig.receive([raw_message(i) for i in range(3)])
+    rig.channel.report_all(Outcome.RETRY, "503")
+    rig.fire_timers()
+    assert rig.gate.is_open and len(rig.gate.parked) == 3
+    rig.probe()
+    assert len(rig.gate.parked) == 2  # one out, two still parked
+    looked = 0
+    next_probe = rig.gate.next_probe
+
+    def counting(now: float) -> Any:
+        nonlocal looked
+        looked += 1
+        return next_probe(now)
+
+    rig.gate.next_probe = counting  # type: ignore[method-assign]
+    for _ in range(50):
+        await asyncio.sleep(0)
+    assert looked == 0, f"the probe timer fired {looked} times while the probe was out"
+    # The probe fails: the next one is timed for after the circuit's backoff.
+    rig.channel.report_last(Outcome.RETRY, "503")
+    assert rig.dispatcher._probe_timer is not None
+    assert rig.gate.circuit.next_probe_at > rig.clock()
+
+
+@on_loop
 async def test_retry_after_is_honoured_up_to_a_cap_and_logged(caplog: pytest.LogCaptureFixture) -> None:
     from poller.dispatcher import RETRY_AFTER_CAP
 
@@ -788,3 +817,22 @@ async def test_a_bug_in_receiving_escapes_for_the_worker_to_restart() -> None:
     with pytest.raises(ZeroDivisionError):
         await asyncio.wait_for(task, 5)
     assert rig.ledger.reserved == 0
+
+
+@on_loop
+async def test_a_receiver_waiting_out_its_backoff_is_not_a_poll_in_flight() -> None:
+    """A receiver sleeping after a failed receive counted as a long poll in flight: while the
+    circuit was open that held back the one receive a parked run may need."""
+    from poller.sqs import SqsError
+
+    rig = make_rig()
+    task = asyncio.get_running_loop().create_task(rig.receiver.run(0))
+    await rig.sqs.answers.put(SqsError("ServiceUnavailable", "ReceiveMessage: try later", retryable=True))
+    for _ in range(100):
+        if rig.counters.get("receive_errors"):
+            break
+        await asyncio.sleep(0.005)
+    assert rig.counters.get("receive_errors") == 1
+    assert rig.polls.in_flight == 0 and rig.ledger.reserved == 0
+    rig.stop()
+    await asyncio.wait_for(task, 5)
