@@ -535,11 +535,11 @@ def _probe(config: HttpConfig, source: str) -> tuple[str, str]:
         conn.request("OPTIONS", target, headers=headers)
         status = conn.getresponse().status
     except (OSError, http.client.HTTPException) as exc:
-        raise ChannelError(f"sink {redact(config.sink)} does not answer ({route}): {type(exc).__name__}: "
+        raise ChannelError(f"sink {redact(config.sink)} does not answer, {route}: {type(exc).__name__}: "
                            f"{exc}") from None
     finally:
         conn.close()
-    return "sink", f"{redact(config.sink)} answered OPTIONS with HTTP {status} ({route})"
+    return "sink", f"{redact(config.sink)} answered OPTIONS with HTTP {status}, {route}"
 
 
 CHANNEL = ChannelPlugin(name="http", options=OPTIONS, build=_build, deadline="--http-timeout",

@@ -98,7 +98,7 @@ def make_plan(opts: dict[str, Any], channels: Registry, *, reach_queue: bool = T
                         "(--region / AWS_REGION): requests go to that region's endpoint")
     try:  # the route (a proxy URL this client cannot use) and the CA bundle, before SQS is asked
         route = route_for(target.endpoint_url)
-        if target.endpoint_url.startswith("https:"):
+        if target.endpoint_url.startswith("https:") or opts["ca_bundle"]:
             ssl_context(target.ca_bundle)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None

@@ -518,6 +518,9 @@ class SqsClient:
             raise SqsError("Aborted", f"{action}: the client was shut down", retryable=False) from None
         except OSError as exc:  # refused, DNS, TLS, reset, ProtocolError: the connection is closed
             raise SqsError("ConnectionError", f"{action} to {self._url}: {exc}", retryable=True) from None
+        if status == 407 and self._pool.proxy is not None:  # the proxy's answer, not SQS's (http:// endpoints)
+            raise SqsError("ConnectionError", f"{action} to {self._url}: proxy {self._pool.proxy} answered HTTP 407 "
+                           "Proxy Authentication Required", retryable=True)
         return status, data, used
 
     async def _recover(self, error: SqsError, used: ReadOnlyCredentials) -> bool:

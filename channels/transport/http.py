@@ -468,10 +468,10 @@ class _Tunnel(asyncio.Protocol):
     """The proxy's answer to CONNECT, read up to its blank line: ``answer`` is done when the
     tunnel is open, failed with a one-line reason when the proxy refused it or closed."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, proxy: Proxy, authority: str) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, proxy: Proxy, target: str) -> None:
         self.answer: asyncio.Future[None] = loop.create_future()
         self._proxy = proxy
-        self._authority = authority
+        self._target = target  # host:port
         self._head = b""
 
     def data_received(self, data: bytes) -> None:
@@ -501,7 +501,7 @@ class _Tunnel(asyncio.Protocol):
 
     def _refuse(self, why: str) -> None:
         self.answer.set_exception(_TunnelRefused(
-            f"proxy {self._proxy} refused the tunnel to {self._authority}: {why}"))
+            f"proxy {self._proxy} refused the tunnel to {self._target}: {why}"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -746,10 +746,10 @@ class HttpPool:
         """``CONNECT`` through ``proxy``, then TLS to the origin over the tunnel; ``conn`` gets the
         TLS transport (``start_tls`` does not call ``connection_made`` itself)."""
         assert self._loop is not None
-        tunnel = _Tunnel(self._loop, proxy, self.authority)
+        target = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        tunnel = _Tunnel(self._loop, proxy, target)
         transport, _ = await self._loop.create_connection(lambda: tunnel, proxy.host, proxy.port)
         try:
-            target = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
             transport.write(b"CONNECT %s HTTP/1.1\r\n%s\r\n" % (
                 target.encode("ascii"), encode_headers([("Host", target), *proxy.headers()])))
             await tunnel.answer
@@ -758,7 +758,7 @@ class HttpPool:
             transport.abort()
             raise
         if tls is None:  # the transport closed under it
-            raise _TunnelRefused(f"proxy {proxy} closed the tunnel to {self.authority}")
+            raise _TunnelRefused(f"proxy {proxy} closed the tunnel to {target}")
         conn.connection_made(tls)
 
     def _refill(self) -> None:
