@@ -66,7 +66,8 @@ from channels.base import Channel, ChannelError, Message, Outcome, Report
 from channels.events import EventError, EventFormat, is_extension_name
 from channels.options import Option
 from channels.plugin import BuildContext, ChannelPlugin
-from channels.transport.http import HttpPool, RequestTemplate
+from channels.transport.http import HttpPool
+from channels.transport.proxy import http_client_connection, route_for
 
 __all__ = ["CHANNEL", "REFUSAL_RUN", "HttpChannel", "HttpConfig", "check_url", "outcome_of", "redact"]
 
@@ -328,9 +329,10 @@ class HttpChannel(Channel):
         url = urlsplit(config.sink)
         https = url.scheme == "https"
         self._pool = HttpPool(url.hostname or "", url.port or (443 if https else 80), tls=https,
-                              limit=config.concurrency, connect_timeout=config.timeout)
+                              limit=config.concurrency, connect_timeout=config.timeout,
+                              proxy=route_for(config.sink).proxy)  # HTTP(S)_PROXY, NO_PROXY
         target = (url.path or "/") + (f"?{url.query}" if url.query else "")
-        self._template = RequestTemplate(self._pool.authority, target, headers)
+        self._template = self._pool.template(target, headers)
         self._sink = redact(config.sink)
         self._answers = _SinkAnswers(self._sink)
         self._timeout = config.timeout
@@ -508,7 +510,9 @@ def _build(context: BuildContext) -> HttpConfig:
 
 
 def _describe(config: HttpConfig) -> str:
-    return f"sink {redact(config.sink)} ({config.mode}, data={config.data_mode})"
+    route = route_for(config.sink)
+    via = f", {route}" if route.proxy is not None else ""
+    return f"sink {redact(config.sink)} ({config.mode}, data={config.data_mode}{via})"
 
 
 def _probe(config: HttpConfig, source: str) -> tuple[str, str]:
@@ -516,24 +520,26 @@ def _probe(config: HttpConfig, source: str) -> tuple[str, str]:
     import http.client  # only `poller check` asks
     import ssl
 
-    url = urlsplit(config.sink)
-    https = url.scheme == "https"
     timeout = min(config.timeout, 10.0)
-    conn = (http.client.HTTPSConnection(url.hostname or "", url.port, timeout=timeout,
-                                        context=ssl.create_default_context())
-            if https else http.client.HTTPConnection(url.hostname or "", url.port, timeout=timeout))
+    try:
+        route = route_for(config.sink)  # through the proxy the deliveries take: never around it
+    except ValueError as exc:
+        raise ChannelError(str(exc)) from None
+    conn, target = http_client_connection(config.sink, route, timeout=timeout,
+                                          context=ssl.create_default_context())
     headers = {"User-Agent": "sqs-poller check"}
     auth = basic_auth(config.sink)
     if auth:
         headers["Authorization"] = auth
     try:
-        conn.request("OPTIONS", (url.path or "/") + (f"?{url.query}" if url.query else ""), headers=headers)
+        conn.request("OPTIONS", target, headers=headers)
         status = conn.getresponse().status
     except (OSError, http.client.HTTPException) as exc:
-        raise ChannelError(f"sink {redact(config.sink)} does not answer: {type(exc).__name__}: {exc}") from None
+        raise ChannelError(f"sink {redact(config.sink)} does not answer, {route}: {type(exc).__name__}: "
+                           f"{exc}") from None
     finally:
         conn.close()
-    return "sink", f"{redact(config.sink)} answered OPTIONS with HTTP {status}"
+    return "sink", f"{redact(config.sink)} answered OPTIONS with HTTP {status}, {route}"
 
 
 CHANNEL = ChannelPlugin(name="http", options=OPTIONS, build=_build, deadline="--http-timeout",

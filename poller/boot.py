@@ -21,6 +21,7 @@ from channels.events import parse_overrides
 from channels.http import check_url
 from channels.plugin import BuildContext, ChannelPlugin, start_and_close
 from channels.registry import Registry
+from channels.transport.proxy import route_for
 from poller.config import RunConfig, WorkerConfig, check_attempt_bound
 from poller.cpus import default_processes
 from poller.exits import EXIT_BOOT
@@ -37,6 +38,7 @@ from poller.sqs import (
     region_from_queue_url,
     region_mismatch,
     resolve_target,
+    ssl_context,
 )
 
 __all__ = ["BootError", "Plan", "check_channel", "describe_channel", "make_plan", "probe_channel"]
@@ -94,6 +96,14 @@ def make_plan(opts: dict[str, Any], channels: Registry, *, reach_queue: bool = T
     if mismatch:
         warnings.append(f"the queue URL is in {mismatch} but the region is {target.region} "
                         "(--region / AWS_REGION): requests go to that region's endpoint")
+    try:  # the route (a proxy URL this client cannot use) and the CA bundle, before SQS is asked
+        route = route_for(target.endpoint_url)
+        if target.endpoint_url.startswith("https:") or opts["ca_bundle"]:
+            ssl_context(target.ca_bundle)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    if route.proxy is not None or route.bypassed:
+        notes.append(f"SQS {target.endpoint_url}: {route}")
     attributes = _check_queue(target) if reach_queue else {}
     processes, why = (opts["processes"], "--processes") if opts["processes"] else default_processes()
     notes.append(f"{processes} worker process(es): {why}")
@@ -165,7 +175,8 @@ def _resolve(opts: dict[str, Any]) -> SqsTarget:
         check_url(opts["endpoint_url"], "endpoint")
     try:
         return resolve_target(opts["queue_url"], region=opts["region"],
-                              endpoint_url=opts["endpoint_url"], profile=opts["profile"])
+                              endpoint_url=opts["endpoint_url"], profile=opts["profile"],
+                              ca_bundle=opts["ca_bundle"])
     except ValueError as exc:
         raise BootError(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - botocore's ProfileNotFound and friends

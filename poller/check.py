@@ -14,6 +14,7 @@ from __future__ import annotations
 import click
 import orjson
 
+from channels.transport.proxy import route_for
 from poller.boot import Plan, probe_channel
 from poller.sqs import PERMISSION_PROBES
 
@@ -24,6 +25,9 @@ def run_check(plan: Plan) -> int:
     out = _Report()
     attributes = plan.attributes
     out.ok("credentials", f"SQS accepted them (region {plan.target.region}, endpoint {plan.target.endpoint_url})")
+    out.line(f"SQS {route_for(plan.target.endpoint_url)}"
+             + (f", trusting the CA bundle {plan.target.ca_bundle}" if plan.target.ca_bundle
+                and plan.target.endpoint_url.startswith("https:") else ""))
     visibility = int(attributes.get("VisibilityTimeout", 30))
     fifo = attributes.get("FifoQueue") == "true"
     out.ok("queue", f"{plan.target.queue_url}{' (FIFO)' if fifo else ''}")

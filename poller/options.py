@@ -63,6 +63,9 @@ POLLER_OPTIONS: tuple[Option, ...] = (
     O(flag="--endpoint-url", default_text="AWS_ENDPOINT_URL_SQS, or AWS's",
       help="SQS endpoint, e.g. LocalStack's."),
     O(flag="--profile", default_text="AWS_PROFILE", help="AWS profile."),
+    O(flag="--ca-bundle", default_text="AWS_CA_BUNDLE, or ca_bundle in the AWS config; else the system's CAs",
+      help="PEM file of the CAs that SQS's certificate is checked against, instead of the system's "
+           "(as AWS_CA_BUNDLE is for the AWS CLI)."),
     # -- processes and polling ----------------------------------------------------------------
     # its choices are the installed channels' names (run_options)
     O(flag="--channel", dest="channel_name", default="http", help="Where messages go."),

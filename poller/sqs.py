@@ -27,6 +27,7 @@ import hmac
 import logging
 import math
 import re
+import ssl
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Iterable, Sequence
@@ -40,12 +41,13 @@ from botocore.credentials import Credentials, ReadOnlyCredentials, RefreshableCr
 from botocore.exceptions import BotoCoreError
 
 from channels.base import Message
-from channels.transport.http import Aborted, HttpPool, RequestTemplate, encode_headers
+from channels.transport.http import Aborted, HttpPool, encode_headers
+from channels.transport.proxy import route_for
 
 __all__ = [
     "ACCESS_CODES", "PERMISSION_PROBES", "BatchFailure", "BlockingSqsClient", "PermissionProbe", "SqsClient",
     "SqsError", "SqsTarget", "load_credentials", "queue_url_from_arn", "region_from_queue_url",
-    "region_mismatch", "resolve_target",
+    "region_mismatch", "resolve_target", "ssl_context",
 ]
 
 log = logging.getLogger(__name__)
@@ -140,15 +142,19 @@ class SqsTarget:
     region: str
     endpoint_url: str
     profile: str | None = None
+    ca_bundle: str | None = None  # PEM file of the CAs for SQS's certificate, instead of the system's
 
 
 def resolve_target(queue_url: str, *, region: str | None, endpoint_url: str | None,
-                   profile: str | None = None) -> SqsTarget:
+                   profile: str | None = None, ca_bundle: str | None = None) -> SqsTarget:
     """Resolve region and endpoint the AWS way (``--region``/``AWS_REGION``, ``AWS_ENDPOINT_URL_SQS``).
 
     The queue URL's own region comes before ``AWS_DEFAULT_REGION`` and the config file, which
     are defaults for any service: a queue of us-west-2 is never polled through us-east-1's
     endpoint because of a profile's default. An explicit region wins (see ``region_mismatch``).
+
+    The CA bundle: ``ca_bundle`` (``--ca-bundle``), else botocore's ``ca_bundle`` setting
+    (``AWS_CA_BUNDLE``, or ``ca_bundle`` in the profile), as boto3 clients take it.
     """
     session = botocore.session.Session(profile=profile)
     region = region or region_from_queue_url(queue_url) or session.get_config_variable("region")
@@ -159,7 +165,21 @@ def resolve_target(queue_url: str, *, region: str | None, endpoint_url: str | No
     except (BotoCoreError, ValueError) as exc:
         raise ValueError(f"cannot configure SQS for region {region!r}: {exc}") from None
     return SqsTarget(queue_url=queue_url, region=region, endpoint_url=client.meta.endpoint_url,
-                     profile=profile)
+                     profile=profile, ca_bundle=ca_bundle or session.get_config_variable("ca_bundle") or None)
+
+
+@functools.cache
+def ssl_context(ca_bundle: str | None) -> ssl.SSLContext | None:
+    """The TLS context for SQS with ``ca_bundle`` as the only trust (botocore's ``verify=path``
+    replaces the system's CAs too); None: the transport's default. One per process and file.
+    ValueError in one line if the file cannot be loaded."""
+    if not ca_bundle:
+        return None
+    try:
+        return ssl.create_default_context(cafile=ca_bundle)
+    except (OSError, ValueError) as exc:  # missing, unreadable, no certificate in it
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ValueError(f"CA bundle {ca_bundle} (--ca-bundle / AWS_CA_BUNDLE) cannot be loaded: {reason}") from None
 
 
 def region_mismatch(target: SqsTarget) -> str | None:
@@ -196,7 +216,10 @@ def queue_url_from_arn(text: str) -> str | None:
 
 def load_credentials(target: SqsTarget) -> Credentials:
     """The AWS default credential chain; one lookup per process, shared by its clients."""
-    credentials = botocore.session.Session(profile=target.profile).get_credentials()
+    session = botocore.session.Session(profile=target.profile)
+    if target.ca_bundle:  # the STS and SSO clients of the chain trust what SQS's requests do
+        session.set_config_variable("ca_bundle", target.ca_bundle)
+    credentials = session.get_credentials()
     if credentials is None:
         raise ValueError("no AWS credentials found (environment, profile, or instance role)")
     return credentials
@@ -328,9 +351,13 @@ class SqsClient:
         # connection lives 5 s, the AWS SDK for Ruby's http_idle_timeout: AWS endpoints close idle
         # ones at times of their own (aws/aws-sdk-go-v2#3423: SNS, EventBridge, maybe SQS, well
         # before Go's 90 s), and a TLS reconnect to SQS is worth sparing under the sinks' 1.5 s.
+        # HTTPS_PROXY / HTTP_PROXY / NO_PROXY and the CA bundle as botocore takes them for its
+        # own requests (channels.transport.proxy, resolve_target).
         self._pool = HttpPool(url.hostname, port, tls=https, limit=connections, connect_timeout=timeout,
-                              keepalive_expiry=_IDLE_CONNECTION_LIFETIME)
-        self._template = RequestTemplate(self._pool.authority, self._path)
+                              keepalive_expiry=_IDLE_CONNECTION_LIFETIME,
+                              ssl_context=ssl_context(target.ca_bundle) if https else None,
+                              proxy=route_for(target.endpoint_url).proxy)
+        self._template = self._pool.template(self._path)
         self._credentials = credentials or load_credentials(target)
         self.clock = SkewedClock()
         # The signed Host is the one the pool sends.
@@ -491,6 +518,9 @@ class SqsClient:
             raise SqsError("Aborted", f"{action}: the client was shut down", retryable=False) from None
         except OSError as exc:  # refused, DNS, TLS, reset, ProtocolError: the connection is closed
             raise SqsError("ConnectionError", f"{action} to {self._url}: {exc}", retryable=True) from None
+        if status == 407 and self._pool.proxy is not None:  # the proxy's answer, not SQS's (http:// endpoints)
+            raise SqsError("ConnectionError", f"{action} to {self._url}: proxy {self._pool.proxy} answered HTTP 407 "
+                           "Proxy Authentication Required", retryable=True)
         return status, data, used
 
     async def _recover(self, error: SqsError, used: ReadOnlyCredentials) -> bool:

@@ -30,6 +30,13 @@ with them (threads paid for each one in GIL hand-offs).
   of each change of state through one call (``_Owner``), where the pool updates its two
   indexes (idle connections, connects in flight); no counter is kept by hand elsewhere.
 
+Through an HTTP forward proxy (``proxy``, ``channels.transport.proxy``), as curl and urllib3
+do: an http:// origin's requests go to the proxy in absolute-form (``POST http://host:port/path``,
+with ``Proxy-Authorization`` if the proxy URL had credentials: ``HttpPool.template``); for an
+https:// origin each connection is a ``CONNECT host:port`` tunnel through the proxy, and TLS to
+the origin starts over it once the proxy answered 2xx (``loop.start_tls``). A proxy's refusal of
+the tunnel (407, 403, 502, ...) fails the connect with a one-line reason.
+
 Errors reach the callback as an exception: ``TimeoutError``; ``ProtocolError`` (the answer is
 not HTTP/1.x we can frame); ``Aborted`` (``abort()``); other ``OSError`` (refused, reset, TLS).
 """
@@ -49,6 +56,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import httptools
+
+from channels.transport.proxy import Proxy
 
 __all__ = [
     "Aborted",
@@ -447,6 +456,54 @@ class _Connection(asyncio.Protocol):
             request.finish(0, None, error)
 
 
+class _TunnelRefused(OSError):
+    """The proxy answered CONNECT with something other than 2xx."""
+
+
+def _through(proxy: Proxy | None) -> str:
+    return f" through proxy {proxy}" if proxy is not None else ""
+
+
+class _Tunnel(asyncio.Protocol):
+    """The proxy's answer to CONNECT, read up to its blank line: ``answer`` is done when the
+    tunnel is open, failed with a one-line reason when the proxy refused it or closed."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, proxy: Proxy, target: str) -> None:
+        self.answer: asyncio.Future[None] = loop.create_future()
+        self._proxy = proxy
+        self._target = target  # host:port
+        self._head = b""
+
+    def data_received(self, data: bytes) -> None:
+        if self.answer.done():
+            return
+        self._head += data
+        end = self._head.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._head) > MAX_HEAD:
+                self._refuse(f"an answer to CONNECT longer than {MAX_HEAD} bytes")
+            return
+        status_line = self._head.split(b"\r\n", 1)[0].decode("latin-1")
+        version, _, rest = status_line.partition(" ")
+        code, _, reason = rest.partition(" ")
+        if not version.startswith("HTTP/1.") or not code.isdigit():
+            self._refuse(f"not an HTTP answer to CONNECT: {status_line[:80]!r}")
+        elif not 200 <= int(code) < 300:
+            self._refuse(f"HTTP {code} {reason.strip()[:80]}".rstrip())
+        elif end + 4 != len(self._head):  # the origin's TLS cannot have begun: we have not spoken
+            self._refuse("bytes beyond its answer to CONNECT")
+        else:
+            self.answer.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.answer.done():
+            self._refuse("it closed the connection before answering CONNECT")
+
+    def _refuse(self, why: str) -> None:
+        self.answer.set_exception(_TunnelRefused(
+            f"proxy {self._proxy} refused the tunnel to {self._target}: {why}"))
+
+
 @dataclass(frozen=True, slots=True)
 class PoolState:
     """A pool's connections by state, and its requests waiting for a connection."""
@@ -474,7 +531,7 @@ class HttpPool:
     def __init__(self, host: str, port: int, *, tls: bool = False, limit: int = 100,
                  connect_timeout: float = 10.0, server_hostname: str | None = None,
                  ssl_context: ssl.SSLContext | None = None,
-                 keepalive_expiry: float = KEEPALIVE_EXPIRY) -> None:
+                 keepalive_expiry: float = KEEPALIVE_EXPIRY, proxy: Proxy | None = None) -> None:
         if limit < 1:
             raise ValueError("a pool needs room for at least one connection")
         if not keepalive_expiry >= 0:
@@ -485,6 +542,7 @@ class HttpPool:
         self._server_hostname = server_hostname or host
         self._ssl_context = ssl_context
         self._keepalive_expiry = keepalive_expiry
+        self.proxy = proxy
         self._loop: asyncio.AbstractEventLoop | None = None
         # The pool's state is its connections' states. Two indexes of them are kept rather than
         # counted by a scan of the connections, which would cost O(limit) per request: the idle
@@ -499,6 +557,15 @@ class HttpPool:
         self.aborted = False
 
     # -- requests ------------------------------------------------------------------------------
+
+    def template(self, target: str, headers: Headers = ()) -> RequestTemplate:
+        """A ``RequestTemplate`` for ``target`` (a path and query) on this pool's origin: in
+        absolute-form, with the proxy's credentials, when an http:// origin is reached through a
+        proxy (a tunnel carries the origin-form request as it is)."""
+        if self.proxy is None or self.tls:
+            return RequestTemplate(self.authority, target, headers)
+        items = list(headers.items()) if isinstance(headers, Mapping) else list(headers)
+        return RequestTemplate(self.authority, f"http://{self.authority}{target}", [*self.proxy.headers(), *items])
 
     def send(self, data: bytes, done: Done, *, timeout: float, keep_body: bool = False,
              max_body: int = MAX_BODY) -> None:
@@ -645,16 +712,24 @@ class HttpPool:
     async def _open_connection(self, conn: _Connection) -> None:
         assert self._loop is not None
         context = (self._ssl_context or default_context()) if self.tls else None
+        proxy = self.proxy
         try:
             async with asyncio.timeout(self._connect_timeout):
-                await self._loop.create_connection(
-                    lambda: conn, self.host, self.port, ssl=context,
-                    server_hostname=self._server_hostname if self.tls else None,
-                )
+                if proxy is None:
+                    await self._loop.create_connection(
+                        lambda: conn, self.host, self.port, ssl=context,
+                        server_hostname=self._server_hostname if self.tls else None,
+                    )
+                elif context is None:  # absolute-form requests to the proxy
+                    await self._loop.create_connection(lambda: conn, proxy.host, proxy.port)
+                else:
+                    await self._tunnel(conn, proxy, context)
         except (OSError, TimeoutError, ValueError) as exc:  # refused, DNS, TLS, timeout
             error = exc if isinstance(exc, OSError) else OSError(f"cannot connect: {exc}")
             if isinstance(exc, TimeoutError):
-                error = TimeoutError(f"connect to {self.authority} timed out")
+                error = TimeoutError(f"connect to {self.authority}{_through(proxy)} timed out")
+            elif proxy is not None and not isinstance(exc, (_TunnelRefused, ssl.SSLError)):
+                error = OSError(f"cannot connect to proxy {proxy}: {exc}")
             self._fail_waiting(error)  # before its slot frees: one attempt per waiting request
             conn.connect_failed()
             return
@@ -666,6 +741,25 @@ class HttpPool:
         finally:
             conn.opening = None
         conn.ready()
+
+    async def _tunnel(self, conn: _Connection, proxy: Proxy, context: ssl.SSLContext) -> None:
+        """``CONNECT`` through ``proxy``, then TLS to the origin over the tunnel; ``conn`` gets the
+        TLS transport (``start_tls`` does not call ``connection_made`` itself)."""
+        assert self._loop is not None
+        target = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        tunnel = _Tunnel(self._loop, proxy, target)
+        transport, _ = await self._loop.create_connection(lambda: tunnel, proxy.host, proxy.port)
+        try:
+            transport.write(b"CONNECT %s HTTP/1.1\r\n%s\r\n" % (
+                target.encode("ascii"), encode_headers([("Host", target), *proxy.headers()])))
+            await tunnel.answer
+            tls = await self._loop.start_tls(transport, conn, context, server_hostname=self._server_hostname)
+        except BaseException:
+            transport.abort()
+            raise
+        if tls is None:  # the transport closed under it
+            raise _TunnelRefused(f"proxy {proxy} closed the tunnel to {target}")
+        conn.connection_made(tls)
 
     def _refill(self) -> None:
         """Open a connection for the requests waiting, if they have none coming and the limit
