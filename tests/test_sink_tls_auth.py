@@ -498,3 +498,26 @@ def test_a_token_rotated_mid_run_loses_nothing_and_sends_nothing_to_the_dlq(
     assert "old-token-1111" not in log and "new-token-2222" not in log
     assert "changed: the new token is sent from now on" in log
     assert " rejected 0 " in log.splitlines()[-1]  # the supervisor's last line: nothing was rejected
+
+
+# -- deploy/knative/ shows how the token gets there -------------------------------------------
+
+
+def test_the_knative_deployment_sends_a_projected_token_for_the_sinks_audience() -> None:
+    import yaml
+
+    knative = Path(__file__).resolve().parent.parent / "deploy" / "knative"
+    deployment = yaml.safe_load((knative / "deployment.yaml").read_text())
+    binding = yaml.safe_load((knative / "sinkbinding.yaml").read_text())
+    pod = deployment["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    token_file = next(e["value"] for e in container["env"] if e["name"] == "POLLER_SINK_TOKEN_FILE")
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    [(name, path)] = [(n, p) for n, p in mounts.items() if token_file.startswith(p.rstrip("/") + "/")]
+    assert name != "oidc-token", "the SinkBinding removes a volume of that name from its subject"
+    [source] = volumes[name]["projected"]["sources"]
+    projection = source["serviceAccountToken"]
+    assert f"{path.rstrip('/')}/{projection['path']}" == token_file
+    assert projection["audience"] == binding["spec"]["sink"]["audience"]
+    assert 600 <= projection["expirationSeconds"] <= 86400
