@@ -40,6 +40,11 @@ A 2xx answer's body is read up to ``MAX_BATCH_ANSWER`` bytes; a longer one lists
 
 Credentials in the sink URL (``https://user:password@host/``) are sent as HTTP Basic auth, as
 curl, requests and httpx do, and never appear in logs or reasons: those show ``redact(sink)``.
+Or a bearer token from ``--sink-token-file`` (Knative's OIDC: ``channels.sinkauth``), read again
+when the file changes, checked at most once a second on ``publish`` (sooner after a 401/403),
+and ``--sink-header``s. An HTTPS sink is verified against the system's trust plus ``K_CA_CERTS``,
+``--sink-ca-file`` and Knative's trust bundles, with an optional client certificate
+(``channels.transport.tls``); the context is made once per process.
 
 The headers that are the same for every message (``Host``, ``User-Agent``, ``Authorization``,
 ``ce-specversion``, ``ce-source``, ``ce-type``, overrides; ``Content-Type`` in structured mode)
@@ -54,7 +59,9 @@ import asyncio
 import base64
 import functools
 import logging
+import os
 import re
+import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -66,8 +73,10 @@ from channels.base import Channel, ChannelError, Message, Outcome, Report
 from channels.events import EventError, EventFormat, is_extension_name
 from channels.options import Option
 from channels.plugin import BuildContext, ChannelPlugin
-from channels.transport.http import HttpPool
+from channels.sinkauth import TokenFile, check_headers, parse_headers, read_token
+from channels.transport.http import HttpPool, RequestTemplate
 from channels.transport.proxy import http_client_connection, route_for
+from channels.transport.tls import KNATIVE_TRUST_BUNDLES, TlsFiles, bundle_files, client_context
 
 __all__ = ["CHANNEL", "REFUSAL_RUN", "HttpChannel", "HttpConfig", "check_url", "outcome_of", "redact"]
 
@@ -86,6 +95,8 @@ _BATCH = "application/cloudevents-batch+json; charset=utf-8"
 _BATCH_LINGER = 0.005  # seconds a batch waits to fill (the worker hands messages over one run at a time)
 MAX_BATCH_ANSWER = 1024 * 1024  # bytes of a batch answer's body read for batchItemFailures
 _USER_AGENT = "sqs-poller"
+TOKEN_CHECK_INTERVAL = 1.0  # seconds between two looks at --sink-token-file
+_TOKEN_RECHECK = 0.1  # after a 401/403: the next look comes this soon after the last one
 _PRINTABLE = re.compile(r"[\x21-\x7e]*")
 
 log = logging.getLogger(__name__)
@@ -183,9 +194,20 @@ class HttpConfig:
     concurrency: int = 64
     timeout: float = 30.0  # the whole request: connect, send, the full answer
     batch_size: int = 10  # events per request in batch mode
+    tls: TlsFiles = field(default_factory=TlsFiles)  # for an https sink
+    token_file: str | None = None  # its token is sent as Authorization: Bearer
+    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # --sink-header (values may be secrets)
 
     def __post_init__(self) -> None:
         check_url(self.sink)
+        check_headers(self.headers)
+        authorization = [what for what, given in (
+            ("user:password@ in the sink URL", basic_auth(self.sink) is not None),
+            ("--sink-token-file", self.token_file is not None),
+            ("--sink-header Authorization", any(n.lower() == "authorization" for n, _ in self.headers)),
+        ) if given]
+        if len(authorization) > 1:
+            raise ValueError(f"{' and '.join(authorization)} both set the Authorization header: give one")
         if self.mode not in MODES:
             raise ValueError(f"HTTP mode must be one of {', '.join(MODES)}, not {self.mode!r}")
         EventFormat(source="", data_mode=self.data_mode)  # validates data_mode
@@ -205,6 +227,30 @@ class HttpConfig:
 
     def create(self, source: str) -> HttpChannel:
         return HttpChannel(self, source)
+
+    @property
+    def https(self) -> bool:
+        return urlsplit(self.sink).scheme == "https"
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The context for an https sink given CAs or a client certificate (once per process:
+        reading the system's trust store costs milliseconds); None: the transport's default."""
+        return client_context(self.tls) if self.https and self.tls.any else None
+
+
+def _request_headers(config: HttpConfig, token: str | None) -> dict[str, str]:
+    """The headers every request carries besides the event's: the run's and ``poller check``'s."""
+    headers: dict[str, str] = {"User-Agent": _USER_AGENT}
+    auth = basic_auth(config.sink)
+    if auth is not None:
+        headers["Authorization"] = auth
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    for name, value in config.headers:
+        if name.lower() == "user-agent":
+            del headers["User-Agent"]
+        headers[name] = value
+    return headers
 
 
 class _SinkAnswers:
@@ -313,16 +359,16 @@ class HttpChannel(Channel):
         self.config = config
         self._format = EventFormat(source=source, data_mode=config.data_mode, overrides=config.overrides)
         self._binary = config.mode == "binary"
-        # Sent with every request, encoded once.
-        headers: dict[str, str] = {"User-Agent": _USER_AGENT}
-        auth = basic_auth(config.sink)
-        if auth is not None:
-            headers["Authorization"] = auth
         self._batched = config.mode == "batch"
-        if self._binary:
-            headers.update(self._format.http_binary_constant())
-        else:
-            headers["Content-Type"] = _BATCH if self._batched else _STRUCTURED
+        # A file read here may have gone bad since the start's check: start() says so (ChannelError).
+        self._setup_error: str | None = None
+        try:
+            self._token = TokenFile(config.token_file) if config.token_file else None
+            context = config.ssl_context()
+        except ValueError as exc:
+            self._setup_error, self._token, context = str(exc), None, None
+        self._token_checked = 0.0  # loop time of the last look at the token file
+        self._token_due = 0.0  # loop time of the next one
         self._batch: list[tuple[Message, bytes]] = []  # batch mode: events waiting to go together
         self._batch_report: Report | None = None
         self._batch_timer: asyncio.TimerHandle | None = None
@@ -330,9 +376,10 @@ class HttpChannel(Channel):
         https = url.scheme == "https"
         self._pool = HttpPool(url.hostname or "", url.port or (443 if https else 80), tls=https,
                               limit=config.concurrency, connect_timeout=config.timeout,
+                              ssl_context=context,
                               proxy=route_for(config.sink).proxy)  # HTTP(S)_PROXY, NO_PROXY
-        target = (url.path or "/") + (f"?{url.query}" if url.query else "")
-        self._template = self._pool.template(target, headers)
+        self._target = (url.path or "/") + (f"?{url.query}" if url.query else "")
+        self._template = self._make_template()
         self._sink = redact(config.sink)
         self._answers = _SinkAnswers(self._sink)
         self._timeout = config.timeout
@@ -340,11 +387,34 @@ class HttpChannel(Channel):
         self._in_flight = 0
         self._idle: asyncio.Event | None = None  # set while nothing is in flight (for aclose)
 
+    def start(self) -> None:
+        if self._setup_error is not None:
+            raise ChannelError(self._setup_error)
+
+    def _make_template(self) -> RequestTemplate:
+        """The request's constant part, encoded once (again when the token changes)."""
+        headers = _request_headers(self.config, self._token.token if self._token else None)
+        if self._binary:
+            headers.update(self._format.http_binary_constant())
+        else:
+            headers["Content-Type"] = _BATCH if self._batched else _STRUCTURED
+        return self._pool.template(self._target, headers)
+
+    def _check_token(self, now: float) -> None:
+        """One stat of the token file; a new template if its token changed."""
+        assert self._token is not None
+        self._token_checked, self._token_due = now, now + TOKEN_CHECK_INTERVAL
+        if self._token.check() is not None:
+            self._template = self._make_template()
+
     def publish(self, batch: Sequence[Message], report: Report) -> None:
+        now = (self._loop or self._bind()).time()
+        if self._token is not None and now >= self._token_due:  # the token's cost per publish: this test
+            self._check_token(now)
         if self._batched:
             self._add_to_batch(batch, report)
             return
-        deadline = (self._loop or self._bind()).time() + self._timeout
+        deadline = now + self._timeout
         for message in batch:
             try:
                 if self._binary:
@@ -387,6 +457,8 @@ class HttpChannel(Channel):
             self._answers.failed()
             if status in _CREDENTIALS:
                 self._answers.credentials_refused(status)
+                if self._token is not None:  # a rotated token: look at the file again soon
+                    self._token_due = min(self._token_due, self._token_checked + _TOKEN_RECHECK)
             report(message, Outcome.RETRY, f"sink {self._sink} answered HTTP {status}", retry_after)
 
     # -- batch mode: CloudEvents' batched content mode -------------------------------------------
@@ -497,6 +569,23 @@ OPTIONS = (
     Option(flag="--http-timeout", kind=float, low=0.001, high=3600, default=30.0,
            help="HTTP channel: seconds for a whole delivery attempt (waiting for a connection, connect, "
                 "send, the full answer)."),
+    Option(flag="--sink-ca-file", metavar="PATH",
+           help="HTTP channel: a PEM file of CA certificates an https sink is verified with, in addition "
+                "to the system's (as are K_CA_CERTS and Knative's trust bundles in /knative-custom-certs)."),
+    Option(flag="--sink-ca-certs", envvars=("K_CA_CERTS",), metavar="PEM",
+           help="HTTP channel: PEM text of CA certificates, in addition to the system's (Knative's "
+                "SinkBinding sets K_CA_CERTS for an https sink)."),
+    Option(flag="--sink-client-cert", metavar="PATH",
+           help="HTTP channel: a PEM client certificate for mutual TLS (its key in it, or in "
+                "--sink-client-key)."),
+    Option(flag="--sink-client-key", metavar="PATH",
+           help="HTTP channel: the unencrypted PEM private key of --sink-client-cert."),
+    Option(flag="--sink-token-file", metavar="PATH",
+           help="HTTP channel: a file whose token is sent as Authorization: Bearer (Knative's OIDC token, "
+                "a projected service account token), read again when the file changes; never logged."),
+    Option(flag="--sink-header", multiple=True, lines=True, metavar="'NAME: VALUE'",
+           help="HTTP channel: a header sent with every request, repeatable (env: one per line); ${VAR} in "
+                "the value is the environment variable VAR."),
 )
 
 
@@ -504,33 +593,54 @@ def _build(context: BuildContext) -> HttpConfig:
     values = context.values
     if not values["sink"]:
         raise ValueError("the http channel needs a sink: pass --sink URL or set K_SINK")
-    return HttpConfig(sink=values["sink"], mode=values["http_mode"], data_mode=context.data_mode,
-                      overrides=context.overrides, concurrency=values["http_concurrency"],
-                      timeout=values["http_timeout"], batch_size=values["http_batch_size"])
+    tls = TlsFiles(ca_file=values["sink_ca_file"], ca_pem=values["sink_ca_certs"] or None,
+                   bundle_dir=KNATIVE_TRUST_BUNDLES, client_cert=values["sink_client_cert"],
+                   client_key=values["sink_client_key"])
+    config = HttpConfig(sink=values["sink"], mode=values["http_mode"], data_mode=context.data_mode,
+                        overrides=context.overrides, concurrency=values["http_concurrency"],
+                        timeout=values["http_timeout"], batch_size=values["http_batch_size"], tls=tls,
+                        token_file=values["sink_token_file"],
+                        headers=parse_headers(values["sink_header"], os.environ))
+    # Every file is read once here, so that a bad one is a one-line start error, not a worker's.
+    client_context(tls)
+    if config.token_file:
+        read_token(config.token_file)
+    return config
 
 
 def _describe(config: HttpConfig) -> str:
+    extras = []
     route = route_for(config.sink)
-    via = f", {route}" if route.proxy is not None else ""
-    return f"sink {redact(config.sink)} ({config.mode}, data={config.data_mode}{via})"
+    if route.proxy is not None:
+        extras.append(str(route))
+    if config.https:
+        cas = [what for what, given in (("--sink-ca-file", config.tls.ca_file), ("K_CA_CERTS", config.tls.ca_pem),
+                                         (str(config.tls.bundle_dir), bundle_files(config.tls.bundle_dir))) if given]
+        if cas:
+            extras.append(f"trusting {', '.join(cas)} beside the system's CAs")
+        if config.tls.client_cert:
+            extras.append("client certificate")
+    if config.token_file:
+        extras.append(f"bearer token from {config.token_file}")
+    if config.headers:
+        extras.append(f"headers {', '.join(name for name, _ in config.headers)}")
+    return f"sink {redact(config.sink)} ({config.mode}, data={config.data_mode}{''.join(f'; {e}' for e in extras)})"
 
 
 def _probe(config: HttpConfig, source: str) -> tuple[str, str]:
     """An OPTIONS request: any status proves the sink is there (``poller check``)."""
     import http.client  # only `poller check` asks
-    import ssl
 
     timeout = min(config.timeout, 10.0)
-    try:
-        route = route_for(config.sink)  # through the proxy the deliveries take: never around it
+    try:  # the run's TLS settings, headers and proxy: never around the proxy the deliveries take
+        context = config.ssl_context() or ssl.create_default_context()
+        headers = _request_headers(config, read_token(config.token_file) if config.token_file else None)
+        route = route_for(config.sink)
     except ValueError as exc:
         raise ChannelError(str(exc)) from None
-    conn, target = http_client_connection(config.sink, route, timeout=timeout,
-                                          context=ssl.create_default_context())
-    headers = {"User-Agent": "sqs-poller check"}
-    auth = basic_auth(config.sink)
-    if auth:
-        headers["Authorization"] = auth
+    if "User-Agent" in headers:
+        headers["User-Agent"] = "sqs-poller check"
+    conn, target = http_client_connection(config.sink, route, timeout=timeout, context=context)
     try:
         conn.request("OPTIONS", target, headers=headers)
         status = conn.getresponse().status

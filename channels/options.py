@@ -31,6 +31,7 @@ class Option:
     channel: str | None = None  # only with this --channel (the registry sets it for a channel's options)
     dest: str = ""  # the parameter's name, if not the flag's
     lines: bool = False  # env var: one value per line (a value may contain spaces)
+    metavar: str = ""  # the value's name in --help, if not the kind's
 
     @property
     def name(self) -> str:

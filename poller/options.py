@@ -194,6 +194,8 @@ def _click_option(o: Option) -> Callable[[Any], Any]:
             kwargs["default"] = o.default
         if o.lines:
             kwargs["metavar"] = "KEY=VALUE"
+        if o.metavar:
+            kwargs["metavar"] = o.metavar
     if o.default_text and o.default_text != "off":
         kwargs["help"] = f"{o.help} [default: {o.default_text}]"
         kwargs["show_default"] = False

@@ -53,6 +53,7 @@ import re
 import signal
 import socket
 import socketserver
+import ssl
 import sys
 import threading
 import time
@@ -251,6 +252,8 @@ class ServerOptions:
     # what a poller fleet keeps open (processes x --http-concurrency, kept alive).
     max_connections: int = 1024
     stop_grace: float = 5.0  # on stop, how long requests in progress may finish
+    # Serve HTTPS with this server-side context (its handshake runs in the connection's thread).
+    tls: ssl.SSLContext | None = None
 
     def __post_init__(self) -> None:
         if self.max_body <= 0:
@@ -495,10 +498,17 @@ class _HTTPServer(ThreadingHTTPServer):
         self.server_name = str(self.server_address[0])
         self.server_port = int(self.server_address[1])
 
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, address = super().get_request()
+        if self.options.tls is not None:  # not here: the accepting thread must never wait on a client
+            sock = self.options.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return sock, address
+
     def handle_error(self, request: Any, client_address: Any) -> None:
-        # The stdlib prints a traceback to stderr; a client that went away is routine here.
+        # The stdlib prints a traceback to stderr; a client that went away, or that refused the
+        # server's certificate, is routine here.
         exc = sys.exc_info()[1]
-        if isinstance(exc, (ConnectionError, TimeoutError)) or self.stopping:
+        if isinstance(exc, (ConnectionError, TimeoutError, ssl.SSLError)) or self.stopping:
             log.debug("connection from %s ended: %r", client_address, exc)
         else:
             log.exception("error serving %s", client_address)  # noqa: LOG004 - socketserver calls this in its except
@@ -569,7 +579,8 @@ class CloudEventServer(abc.ABC):
             host = "::1"
         if ":" in host:
             host = f"[{host}]"
-        return f"http://{host}:{self.port}/"
+        scheme = "https" if self.server_options.tls is not None else "http"
+        return f"{scheme}://{host}:{self.port}/"
 
     @abc.abstractmethod
     def handle(self, headers: dict[str, str], body: bytes) -> Reply:
