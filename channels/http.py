@@ -63,7 +63,7 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 import orjson
 
 from channels.base import Channel, ChannelError, Message, Outcome, Report
-from channels.events import EventError, EventFormat, is_extension_name
+from channels.events import EventError, EventFormat, EventShape, is_extension_name
 from channels.options import Option
 from channels.plugin import BuildContext, ChannelPlugin
 from channels.transport.http import HttpPool, RequestTemplate
@@ -178,6 +178,7 @@ class HttpConfig:
     mode: str = "binary"
     data_mode: str = "message"
     overrides: Mapping[str, str] = field(default_factory=dict)
+    shape: EventShape = field(default_factory=EventShape)
     # Requests in flight per process, each on its own keep-alive connection.
     concurrency: int = 64
     timeout: float = 30.0  # the whole request: connect, send, the full answer
@@ -310,7 +311,8 @@ class HttpChannel(Channel):
 
     def __init__(self, config: HttpConfig, source: str) -> None:
         self.config = config
-        self._format = EventFormat(source=source, data_mode=config.data_mode, overrides=config.overrides)
+        self._format = EventFormat(source=source, data_mode=config.data_mode, overrides=config.overrides,
+                                   shape=config.shape)
         self._binary = config.mode == "binary"
         # Sent with every request, encoded once.
         headers: dict[str, str] = {"User-Agent": _USER_AGENT}
@@ -339,6 +341,7 @@ class HttpChannel(Channel):
         self._idle: asyncio.Event | None = None  # set while nothing is in flight (for aclose)
 
     def publish(self, batch: Sequence[Message], report: Report) -> None:
+        batch, report = self._format.unwrap(batch, report)  # with --envelope: a message may be N events
         if self._batched:
             self._add_to_batch(batch, report)
             return
@@ -503,7 +506,7 @@ def _build(context: BuildContext) -> HttpConfig:
     if not values["sink"]:
         raise ValueError("the http channel needs a sink: pass --sink URL or set K_SINK")
     return HttpConfig(sink=values["sink"], mode=values["http_mode"], data_mode=context.data_mode,
-                      overrides=context.overrides, concurrency=values["http_concurrency"],
+                      overrides=context.overrides, shape=context.shape, concurrency=values["http_concurrency"],
                       timeout=values["http_timeout"], batch_size=values["http_batch_size"])
 
 

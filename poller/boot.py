@@ -17,7 +17,7 @@ import click
 from click.core import ParameterSource
 
 from channels.base import ChannelConfig, ChannelError
-from channels.events import parse_overrides
+from channels.events import EventShape, parse_overrides
 from channels.http import check_url
 from channels.plugin import BuildContext, ChannelPlugin, start_and_close
 from channels.registry import Registry
@@ -148,6 +148,7 @@ def _channel_config(plugin: ChannelPlugin, opts: dict[str, Any], ctx: click.Cont
             values={o.name: opts[o.name] for o in plugin.options},
             data_mode=opts["data_mode"],
             overrides=parse_overrides(os.environ.get("K_CE_OVERRIDES")),
+            shape=EventShape(envelope=opts["envelope"], type=opts["ce_type"] or "", source=opts["ce_source"] or ""),
             region=opts["region"] or region_from_queue_url(queue_url),
             profile=opts["profile"],
             from_environment=frozenset(o.name for o in plugin.options
