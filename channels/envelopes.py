@@ -57,6 +57,7 @@ S3_TYPE_PREFIX = "com.amazonaws.s3."
 
 log = logging.getLogger(__name__)
 
+_JSON_START = re.compile(r"\s*[{\[]")
 # RFC 3339 with a time zone; fullmatch: the value may go into a header as it is.
 _RFC3339 = re.compile(r"\d{4}-\d\d-\d\d[Tt]\d\d:\d\d:\d\d(?:\.\d{1,9})?(?:[Zz]|[+-]\d\d:\d\d)")
 
@@ -113,11 +114,8 @@ def json_document(text: str) -> Any:
     """``text`` parsed, if it is a JSON object or array, else None. Cheap for anything else: only
     a text whose first non-space character is ``{`` or ``[`` is parsed at all."""
     head = text[:1]
-    if head not in ("{", "["):
-        stripped = text.lstrip()
-        head = stripped[:1]
-        if head not in ("{", "["):
-            return None
+    if head != "{" and head != "[" and not (head.isspace() and _JSON_START.match(text)):
+        return None
     try:
         return orjson.loads(text)
     except orjson.JSONDecodeError:
