@@ -78,6 +78,9 @@ class Mapped:
     attributes: Mapping[str, str] = field(default_factory=dict)
 
 
+_RANK = {Outcome.ACK: 0, Outcome.RETRY: 1, Outcome.REJECT: 2}
+
+
 class _Gather:
     """The outcomes of one message's events, reported as one once all are in."""
 
@@ -92,9 +95,7 @@ class _Gather:
     def add(self, outcome: Outcome, reason: str, retry_after: float) -> bool:
         """True once every event reported. REJECT outranks RETRY outranks ACK."""
         self.left -= 1
-        if outcome is Outcome.REJECT and self.outcome is not Outcome.REJECT:
-            self.outcome, self.reason = outcome, reason
-        elif outcome is Outcome.RETRY and self.outcome is Outcome.ACK:
+        if _RANK[outcome] > _RANK[self.outcome]:  # the first reason of the worst outcome
             self.outcome, self.reason = outcome, reason
         self.retry_after = max(self.retry_after, retry_after)
         return self.left == 0

@@ -39,7 +39,8 @@ from poller.sqs import (
     resolve_target,
 )
 
-__all__ = ["BootError", "Plan", "check_channel", "describe_channel", "make_plan", "probe_channel"]
+__all__ = ["BootError", "Plan", "check_channel", "describe_channel", "make_plan", "probe_channel",
+           "region_warning"]
 
 log = logging.getLogger("poller")
 
@@ -90,11 +91,15 @@ def make_plan(opts: dict[str, Any], channels: Registry, *, reach_queue: bool = T
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     target = _resolve(opts)
-    mismatch = region_mismatch(target)
+    mismatch = region_warning(target)
     if mismatch:
-        warnings.append(f"the queue URL is in {mismatch} but the region is {target.region} "
-                        "(--region / AWS_REGION): requests go to that region's endpoint")
-    attributes = _check_queue(target) if reach_queue else {}
+        warnings.append(mismatch)
+    try:
+        attributes = _check_queue(target) if reach_queue else {}
+    except BootError as exc:
+        if mismatch:  # most likely why the queue cannot be found
+            raise BootError(f"{exc.message}; {mismatch}") from None
+        raise
     processes, why = (opts["processes"], "--processes") if opts["processes"] else default_processes()
     notes.append(f"{processes} worker process(es): {why}")
     try:
@@ -131,6 +136,15 @@ def make_plan(opts: dict[str, Any], channels: Registry, *, reach_queue: bool = T
         warnings.append("queue has no redrive policy: rejected messages will be redelivered until they "
                         f"expire (retention {attributes.get('MessageRetentionPeriod', '?')} s)")
     return Plan(target, channel, attributes, config, tuple(notes), tuple(warnings), plugin)
+
+
+def region_warning(target: SqsTarget) -> str | None:
+    """Why the region the poller talks to may be the wrong one: the queue URL names another."""
+    mismatch = region_mismatch(target)
+    if mismatch is None:
+        return None
+    return (f"the queue URL is in {mismatch} but the region is {target.region} "
+            "(--region / AWS_REGION): requests go to that region's endpoint")
 
 
 def _refuse_other_channels_flags(ctx: click.Context, channels: Registry, channel: str) -> None:

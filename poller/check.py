@@ -14,7 +14,7 @@ from __future__ import annotations
 import click
 import orjson
 
-from poller.boot import Plan, probe_channel
+from poller.boot import Plan, probe_channel, region_warning
 from poller.sqs import PERMISSION_PROBES
 
 __all__ = ["run_check"]
@@ -24,6 +24,9 @@ def run_check(plan: Plan) -> int:
     out = _Report()
     attributes = plan.attributes
     out.ok("credentials", f"SQS accepted them (region {plan.target.region}, endpoint {plan.target.endpoint_url})")
+    mismatch = region_warning(plan.target)
+    if mismatch:  # as `run` warns
+        out.warn(mismatch)
     visibility = int(attributes.get("VisibilityTimeout", 30))
     fifo = attributes.get("FifoQueue") == "true"
     out.ok("queue", f"{plan.target.queue_url}{' (FIFO)' if fifo else ''}")

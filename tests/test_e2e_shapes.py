@@ -140,3 +140,75 @@ def test_kafka_maps_the_same_way(
     assert s3["ce_type"] == b"com.amazonaws.s3.ObjectCreated:Put" and s3["ce_subject"] == b"HappyFace.jpg"
     [record] = [r for r in records if dict(r.headers())["ce_source"] == b"aws.ec2"]
     assert orjson.loads(record.value()) == {"instance-id": "i-1234567890abcdef0", "state": "terminated"}
+
+
+# -- small contract gaps: check's region warning, JSON start-up errors, metrics -----------------
+
+
+def test_check_warns_about_a_region_other_than_the_queue_urls(
+    make_queue: Any, aws_env: dict[str, str], tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    queue = make_queue()
+    with sink() as server:
+        result = subprocess.run(
+            [sys.executable, "-m", "poller", "check", "--queue-url", queue.url, "--sink", server.url,
+             "--region", "eu-west-1"],
+            env={**os.environ, **aws_env}, capture_output=True, text=True, timeout=60)
+    text = result.stdout + result.stderr
+    assert "the queue URL is in us-east-1 but the region is eu-west-1" in text, text
+
+
+def test_start_up_errors_follow_log_format_json(monkeypatch: Any, capsys: Any) -> None:
+    from poller.cli import main
+
+    assert main(["run", "--queue-url", "http://127.0.0.1:9/queue/q", "--log-format", "json",
+                 "--batch-size", "99"]) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    doc = orjson.loads(line)
+    assert doc["level"] == "ERROR" and "--batch-size" in doc["message"] and set(doc) >= {"time", "logger"}
+    monkeypatch.setenv("POLLER_LOG_FORMAT", "json")
+    assert main(["check", "--queue-url", "arn:aws:sns:us-east-1:123456789012:t"]) == 2
+    assert orjson.loads(capsys.readouterr().err)["message"].startswith("--queue-url")
+    monkeypatch.delenv("POLLER_LOG_FORMAT")
+    assert main(["run", "--queue-url", "http://127.0.0.1:9/queue/q", "--batch-size", "99"]) == 2
+    assert capsys.readouterr().err.startswith("poller: error:")
+
+
+def test_metrics_show_message_age_and_the_reason_of_rejects(
+    sqs: Any, make_queue: Any, aws_env: dict[str, str], tmp_path: Path
+) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+    from support import free_port, http_get
+
+    queue = make_queue(dlq_max_receive_count=1)
+    for body in ("fine", "fine too", "refused"):
+        send(sqs, queue.url, body)
+    port = free_port()
+
+    def samples() -> dict[str, float]:
+        found: dict[str, float] = {}
+        status, text, _ = http_get(port, "/metrics")
+        if status != 200:  # not serving yet
+            return found
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                key = sample.name + "".join(f"[{sample.labels[k]}]" for k in ("reason", "le") if k in sample.labels)
+                found[key] = sample.value
+        return found
+
+    with sink(respond=lambda event, headers: 400 if event["data"].get("Body") == "refused" else None) as server:
+        poller = PollerProcess(args(queue.url, "--sink", server.url, "--metrics-port", str(port)), aws_env,
+                               tmp_path / "poller.log")
+        try:
+            wait_until(lambda: samples().get("sqs_poller_messages_acked_total") == 2
+                       and samples().get("sqs_poller_messages_rejected_total[sink]") == 1, 60, "the metrics")
+            found = samples()
+        finally:
+            assert poller.stop() == 0
+    assert found["sqs_poller_messages_rejected_total[event]"] == found["sqs_poller_messages_rejected_total[other]"] == 0
+    assert found["sqs_poller_message_age_seconds_count"] == 2
+    assert found["sqs_poller_message_age_seconds_bucket[+Inf]"] == 2
+    assert 0 < found["sqs_poller_message_age_seconds_sum"] < 120

@@ -52,7 +52,7 @@ SNS_FANOUT = """{
    "Signature" : "EXAMPLEnTrFPa3...",
    "SigningCertURL" : "https://sns.us-west-2.amazonaws.com/SimpleNotificationService-f3ecfb7224c7233fe7bb5f59f96de52f.pem",
    "UnsubscribeURL" : "https://sns.us-west-2.amazonaws.com/?Action=Unsubscribe&SubscriptionArn=arn:aws:sns:us-west-2:123456789012:MyTopic:c7fe3a54-ab0e-4ec2-88e0-db410a0f2bee"
-}"""  # noqa: E501
+}"""
 
 EVENTBRIDGE_EC2 = """{
   "version": "0",
@@ -490,7 +490,8 @@ def test_attribute_names_are_lowered_when_that_makes_them_valid(caplog: Any) -> 
 
 @pytest.mark.parametrize(("body", "content_type"), [
     ('{"a": 1}', "application/json"), ("  [1, 2]", "application/json"), ("\n{\"a\": {}}\n", "application/json"),
-    ("{not json", "text/plain"), ("42", "text/plain"), ('"text"', "text/plain"), ("hello", "text/plain"), ("", "text/plain"),
+    ("{not json", "text/plain"), ("42", "text/plain"), ('"text"', "text/plain"), ("hello", "text/plain"),
+    ("", "text/plain"),
 ])
 def test_data_body_says_application_json_only_for_a_json_body(body: str, content_type: str) -> None:
     f = fmt("none", data_mode="body")
