@@ -18,11 +18,20 @@ data                ``data=message``: the message as JSON (``MessageId``, ``Body
                     ``data=body``: the raw ``Body``
 ==================  =============================================================
 
-Message attributes become extension attributes only where the name is already a valid
-extension name (``[a-z0-9]{1,20}``, not a spec attribute) and the type is String or Number
+Message attributes become extension attributes where the name is a valid extension name
+(``[a-z0-9]{1,20}``, not a spec attribute), or becomes one in lower case (``TraceId`` ->
+``traceid``; a name valid as it is wins over one lowered to it), and the type is String or Number
 (including custom ``String.x`` / ``Number.x`` types); the value is the string value. Any other
-attribute is not mapped (it stays in ``data`` with ``data=message``). Overrides
-(Knative's ``K_CE_OVERRIDES`` extensions) are applied last.
+attribute is not mapped (it stays in ``data`` with ``data=message``); a name that cannot be
+forwarded is logged once. Tracing (``channels.tracing``): a valid ``traceparent`` attribute (and
+``tracestate``) is kept, an invalid one dropped, and without one SQS's ``AWSTraceHeader`` becomes
+``traceparent``. Overrides (Knative's ``K_CE_OVERRIDES`` extensions) are applied last.
+
+``EventShape`` (``--ce-type``, ``--ce-source``, ``--envelope``): a static type and source instead
+of ``aws.sqs.message`` and the queue URL; with an envelope, bodies shaped like an SNS
+notification, an EventBridge event or an S3 notification become the events they describe
+(``channels.envelopes``; the channel publishes what ``unwrap`` gives it). With ``data=body`` and
+no ``content-type`` attribute, a body that is a JSON object or array is ``application/json``.
 
 Hand-written rather than built with the ``cloudevents`` SDK: on the hot path the SDK's event
 objects cost several times this dictionary work per message; the tests use the SDK to parse what
@@ -32,18 +41,23 @@ we produce, as the independent judge.
 from __future__ import annotations
 
 import functools
+import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from urllib.parse import quote
 
 import orjson
 
-from channels.base import Message
+from channels.base import Message, Report
+from channels.envelopes import ENVELOPES, Part, json_document, kinds_of, unwrap
+from channels.tracing import traceparent_from_xray, valid_traceparent, valid_tracestate
 
-__all__ = ["EVENT_TYPE", "EventError", "EventFormat", "check_content_type", "is_event_format", "is_extension_name",
-           "parse_overrides"]
+__all__ = ["EVENT_TYPE", "EventError", "EventFormat", "EventShape", "check_content_type", "is_event_format",
+           "is_extension_name", "parse_overrides"]
+
+log = logging.getLogger(__name__)
 
 EVENT_TYPE = "aws.sqs.message"
 SPEC_ATTRIBUTES = frozenset(
@@ -53,6 +67,9 @@ SPEC_ATTRIBUTES = frozenset(
 DATA_MODES = ("message", "body")
 
 _EXTENSION_NAME = re.compile(r"[a-z0-9]{1,20}")
+_NAMES_KEPT = 1024  # attribute names remembered (and logged once) per queue; the rest are checked each time
+_UNKNOWN = ""  # not an extension name: marks a name not looked at yet
+_STATIC_VALUE = re.compile(r"[^\x00-\x1f\x7f]{1,1024}")
 # ASCII only: it becomes the Content-Type header, which http.client encodes as latin-1 and
 # refuses with CR/LF; parameters are printable ASCII, spaces and tabs.
 _MEDIA_TYPE = re.compile(r"[\w.+-]+/[\w.+-]+(?:[ \t]*;[\t\x20-\x7e]*)?", re.ASCII)
@@ -127,38 +144,103 @@ def _rfc3339_second(seconds: int) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class EventShape:
+    """What the events' ``type`` and ``source`` are (``--ce-type``, ``--ce-source``; empty: the
+    defaults) and which envelopes a body may have (``--envelope``, ``channels.envelopes``)."""
+
+    envelope: str = "none"
+    type: str = ""
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if self.envelope not in ENVELOPES:
+            raise ValueError(f"--envelope must be one of {', '.join(ENVELOPES)}, not {self.envelope!r}")
+        for flag, value in (("--ce-type", self.type), ("--ce-source", self.source)):
+            if value and not _STATIC_VALUE.fullmatch(value):
+                raise ValueError(f"{flag} must be 1 to 1024 characters without control characters")
+
+
+@dataclass(frozen=True, slots=True)
 class EventFormat:
     """How messages of one queue become events."""
 
     source: str
     data_mode: str = "message"
     overrides: Mapping[str, str] = field(default_factory=dict)
+    shape: EventShape = field(default_factory=EventShape)
+    event_type: str = field(init=False, default=EVENT_TYPE)
+    # The envelopes bodies may have; empty: none (every message is one event of its own).
+    kinds: frozenset[str] = field(init=False, default=frozenset())
+    # Attribute name -> its extension name, or None: cannot be forwarded (logged once).
+    _names: dict[str, str | None] = field(init=False, default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.data_mode not in DATA_MODES:
             raise ValueError(f"data mode must be one of {', '.join(DATA_MODES)}, not {self.data_mode!r}")
+        if self.shape.type:
+            object.__setattr__(self, "event_type", self.shape.type)
+        if self.shape.source:
+            object.__setattr__(self, "source", self.shape.source)
+        if self.shape.envelope != "none":
+            object.__setattr__(self, "kinds", kinds_of(self.shape.envelope))
+
+    def unwrap(self, batch: Sequence[Message], report: Report) -> tuple[Sequence[Message], Report]:
+        """What the channel publishes for ``batch``, and the report to give with it: with an
+        envelope, the events of the messages that have one (``channels.envelopes.unwrap``)."""
+        if not self.kinds:
+            return batch, report
+        return unwrap(batch, report, self.kinds)
 
     def attributes(self, message: Message) -> dict[str, str]:
         """The event's context attributes and extensions, without ``data``/``datacontenttype``."""
-        attrs = {"specversion": "1.0", "id": message.id, "source": self.source, "type": EVENT_TYPE}
-        self._add_message_attributes(attrs, message)
+        attrs = {"specversion": "1.0"}
+        if type(message) is Part:
+            self._add_event(attrs, message)
+        else:
+            attrs.update(id=message.id, source=self.source, type=self.event_type)
+            self._add_message_attributes(attrs, message)
         if self.overrides:
             attrs.update(self.overrides)
         return attrs
 
     def constant_attributes(self) -> dict[str, str]:
-        """The attributes that are the same for every message: specversion, source, type and the
-        overrides. ``attributes()`` is these plus ``per_message_attributes()``."""
-        return {"specversion": "1.0", "source": self.source, "type": EVENT_TYPE, **self.overrides}
+        """The attributes that are the same for every message: specversion, source and type
+        (unless bodies may decide them: an envelope) and the overrides. ``attributes()`` is these
+        plus ``per_message_attributes()``."""
+        if self.kinds:
+            return {"specversion": "1.0", **self.overrides}
+        return {"specversion": "1.0", "source": self.source, "type": self.event_type, **self.overrides}
 
     def per_message_attributes(self, message: Message) -> dict[str, str]:
-        """The attributes of this message that no override replaces: id, time, extensions."""
-        attrs = {"id": message.id}
-        self._add_message_attributes(attrs, message)
+        """The attributes of this message that no override replaces: id, time, extensions (and
+        source and type with an envelope)."""
+        attrs: dict[str, str] = {}
+        if type(message) is Part:
+            self._add_event(attrs, message)
+        elif self.kinds:
+            attrs.update(id=message.id, source=self.source, type=self.event_type)
+            self._add_message_attributes(attrs, message)
+        else:
+            attrs["id"] = message.id
+            self._add_message_attributes(attrs, message)
         if self.overrides:
             for name in self.overrides:
                 attrs.pop(name, None)
         return attrs
+
+    def _add_event(self, attrs: dict[str, str], part: Part) -> None:
+        """An envelope's event: its mapped attributes, then the message's extensions."""
+        event = part.event
+        attrs.update(id=event.id, source=event.source, type=event.type)
+        if event.subject is not None:
+            attrs["subject"] = event.subject
+        if event.time is not None:
+            attrs["time"] = event.time  # RFC 3339 by channels.envelopes' check: safe as a header
+        for name, value in event.attributes.items():
+            extension = self._extension(name)
+            if extension is not None:
+                self._put(attrs, extension, name, value)
+        self._add_extensions(attrs, part)
 
     def _add_message_attributes(self, attrs: dict[str, str], message: Message) -> None:
         sent = message.attributes.get("SentTimestamp")
@@ -167,22 +249,73 @@ class EventFormat:
                 attrs["time"] = rfc3339_from_millis(sent)
             except (ValueError, OverflowError, OSError):
                 raise EventError(f"SentTimestamp {sent!r} is not a timestamp") from None
+        self._add_extensions(attrs, message)
+
+    def _add_extensions(self, attrs: dict[str, str], message: Message) -> None:
+        names = self._names
         for name, value in message.message_attributes.items():
-            if is_extension_name(name) and value.get("DataType", "").startswith(("String", "Number")):
-                attrs[name] = value.get("StringValue", "")
+            extension = names.get(name, _UNKNOWN)
+            if extension is _UNKNOWN:
+                extension = self._extension(name)
+            if extension is not None and value.get("DataType", "").startswith(("String", "Number")):
+                self._put(attrs, extension, name, value.get("StringValue", ""))
+        self._add_trace(attrs, message)
+
+    @staticmethod
+    def _put(attrs: dict[str, str], extension: str, name: str, value: str) -> None:
+        if extension == name:
+            attrs[extension] = value
+        else:  # lowered: a name valid as it is wins
+            attrs.setdefault(extension, value)
+
+    def _extension(self, name: str) -> str | None:
+        """The extension name an attribute goes by, or None (logged once per name)."""
+        names = self._names
+        if name in names:
+            return names[name]
+        extension: str | None = name
+        if not is_extension_name(name):
+            lowered = name.lower()
+            extension = lowered if is_extension_name(lowered) else None
+        if len(names) < _NAMES_KEPT:
+            names[name] = extension
+            if extension is None and name.lower() != "content-type":  # content-type: the data's own
+                log.info("message attribute %r is not forwarded as an event attribute: its name is not a "
+                         "CloudEvents extension name ([a-z0-9]{1,20}, not a spec attribute) even in lower "
+                         "case (logged once per name)", name[:64])
+        return extension
+
+    @staticmethod
+    def _add_trace(attrs: dict[str, str], message: Message) -> None:
+        """A valid traceparent attribute wins; else AWSTraceHeader's (``channels.tracing``)."""
+        parent = attrs.get("traceparent")
+        if parent is not None and not valid_traceparent(parent):
+            del attrs["traceparent"]
+            parent = None
+        if parent is None:
+            attrs.pop("tracestate", None)
+            header = message.attributes.get("AWSTraceHeader")
+            if header:
+                converted = traceparent_from_xray(header)
+                if converted is not None:
+                    attrs["traceparent"] = converted
+        elif "tracestate" in attrs and not valid_tracestate(attrs["tracestate"]):
+            del attrs["tracestate"]
 
     def data(self, message: Message) -> tuple[bytes, str]:
         """The event's data as bytes, and its content type."""
+        if type(message) is Part:
+            return message.event.data, message.event.content_type
         if self.data_mode == "message":
             return orjson.dumps(message_document(message)), "application/json"
         return message.body.encode(), self.body_content_type(message)
 
     @staticmethod
     def body_content_type(message: Message) -> str:
-        for name, value in message.message_attributes.items():
-            if name.lower() == "content-type":
-                return check_content_type(str(value.get("StringValue", "")))
-        return "text/plain"
+        declared = _declared_content_type(message)
+        if declared is not None:
+            return declared
+        return "application/json" if json_document(message.body) is not None else "text/plain"
 
     def http_binary(self, message: Message) -> tuple[dict[str, str], bytes]:
         """HTTP binary mode: ``ce-*`` headers and the data as body."""
@@ -212,26 +345,35 @@ class EventFormat:
         body, content_type = self.data(message)
         parts = [f"Content-Type: {content_type}\r\n"]
         for name, value in self.per_message_attributes(message).items():
-            # ce-time is ours (digits, "-", ":", ".", "T", "Z"): nothing to percent-encode.
+            # ce-time is ours (digits, "-", ":", ".", "T", "Z") or an envelope's, checked to be
+            # RFC 3339 (the same characters, "+"): nothing to percent-encode.
             parts.append(f"ce-{name}: {value if name == 'time' else _header_value(value)}\r\n")
         return "".join(parts).encode("ascii"), body
 
     def structured(self, message: Message) -> bytes:
         """Structured mode: the whole event as one JSON document."""
         event: dict[str, object] = dict(self.attributes(message))
-        if self.data_mode == "message":
+        if type(message) is Part:
+            event["datacontenttype"] = message.event.content_type
+            event["data"] = message.event.document
+        elif self.data_mode == "message":
             event["datacontenttype"] = "application/json"
             event["data"] = message_document(message)
         else:
-            content_type = self.body_content_type(message)
-            event["datacontenttype"] = content_type
-            if _is_json(content_type):
-                try:
-                    event["data"] = orjson.loads(message.body)
-                except orjson.JSONDecodeError:
-                    raise EventError(f"body is not valid JSON but content-type is {content_type}") from None
+            content_type = _declared_content_type(message)
+            if content_type is None:
+                document = json_document(message.body)
+                event["datacontenttype"] = "text/plain" if document is None else "application/json"
+                event["data"] = message.body if document is None else document
             else:
-                event["data"] = message.body
+                event["datacontenttype"] = content_type
+                if _is_json(content_type):
+                    try:
+                        event["data"] = orjson.loads(message.body)
+                    except orjson.JSONDecodeError:
+                        raise EventError(f"body is not valid JSON but content-type is {content_type}") from None
+                else:
+                    event["data"] = message.body
         return orjson.dumps(event)
 
 
@@ -249,6 +391,14 @@ def message_document(message: Message) -> dict[str, object]:
         "MessageAttributes": message.message_attributes,
         "MD5OfBody": message.md5_of_body,
     }
+
+
+def _declared_content_type(message: Message) -> str | None:
+    """The ``content-type`` message attribute, checked (``check_content_type``), or None."""
+    for name, value in message.message_attributes.items():
+        if name.lower() == "content-type":
+            return check_content_type(str(value.get("StringValue", "")))
+    return None
 
 
 def _is_json(content_type: str) -> bool:

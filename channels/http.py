@@ -70,7 +70,7 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 import orjson
 
 from channels.base import Channel, ChannelError, Message, Outcome, Report
-from channels.events import EventError, EventFormat, is_extension_name
+from channels.events import EventError, EventFormat, EventShape, is_extension_name
 from channels.options import Option
 from channels.plugin import BuildContext, ChannelPlugin
 from channels.sinkauth import TokenFile, check_headers, parse_headers, read_token
@@ -190,6 +190,7 @@ class HttpConfig:
     mode: str = "binary"
     data_mode: str = "message"
     overrides: Mapping[str, str] = field(default_factory=dict)
+    shape: EventShape = field(default_factory=EventShape)
     # Requests in flight per process, each on its own keep-alive connection.
     concurrency: int = 64
     timeout: float = 30.0  # the whole request: connect, send, the full answer
@@ -357,7 +358,8 @@ class HttpChannel(Channel):
 
     def __init__(self, config: HttpConfig, source: str) -> None:
         self.config = config
-        self._format = EventFormat(source=source, data_mode=config.data_mode, overrides=config.overrides)
+        self._format = EventFormat(source=source, data_mode=config.data_mode, overrides=config.overrides,
+                                   shape=config.shape)
         self._binary = config.mode == "binary"
         self._batched = config.mode == "batch"
         # A file read here may have gone bad since the start's check: start() says so (ChannelError).
@@ -411,6 +413,7 @@ class HttpChannel(Channel):
         now = (self._loop or self._bind()).time()
         if self._token is not None and now >= self._token_due:  # the token's cost per publish: this test
             self._check_token(now)
+        batch, report = self._format.unwrap(batch, report)  # with --envelope: a message may be N events
         if self._batched:
             self._add_to_batch(batch, report)
             return
@@ -597,7 +600,7 @@ def _build(context: BuildContext) -> HttpConfig:
                    bundle_dir=KNATIVE_TRUST_BUNDLES, client_cert=values["sink_client_cert"],
                    client_key=values["sink_client_key"])
     config = HttpConfig(sink=values["sink"], mode=values["http_mode"], data_mode=context.data_mode,
-                        overrides=context.overrides, concurrency=values["http_concurrency"],
+                        overrides=context.overrides, shape=context.shape, concurrency=values["http_concurrency"],
                         timeout=values["http_timeout"], batch_size=values["http_batch_size"], tls=tls,
                         token_file=values["sink_token_file"],
                         headers=parse_headers(values["sink_header"], os.environ))

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from channels.base import ChannelConfig
+from channels.events import EventShape
 from channels.options import Option
 
 __all__ = ["BuildContext", "ChannelPlugin", "start_and_close"]
@@ -32,6 +33,7 @@ class BuildContext:
     values: Mapping[str, Any]  # the channel's options, by ``Option.name``
     data_mode: str = "message"  # --data: the whole SQS message as JSON, or the raw body
     overrides: Mapping[str, str] = field(default_factory=dict)  # K_CE_OVERRIDES' extensions
+    shape: EventShape = field(default_factory=EventShape)  # --envelope, --ce-type, --ce-source
     region: str | None = None  # the queue's region (--region, else the queue URL's)
     profile: str | None = None  # the AWS profile (--profile)
     # Names of the options whose value came from an environment variable, not the command line.

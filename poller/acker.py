@@ -12,13 +12,14 @@ Runs on the worker's event loop.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from typing import Protocol
 
 from poller.backoff import nack_visibility
 from poller.ledger import Held, Ledger, Room, Stage
 from poller.logs import RateLimitedLog
-from poller.stats import Counters
+from poller.stats import Counters, reject_reason
 
 __all__ = ["Acker", "DeleteQueue", "VisibilityChanges"]
 
@@ -57,12 +58,19 @@ class Acker:
         """Delivered: delete it. It stays held (invisible, extended) until the delete returned."""
         held.stage = Stage.DELETING
         self._counters.add("acked")
+        sent = held.message.attributes.get("SentTimestamp")
+        if sent:
+            try:
+                self._counters.observe("age", max(time.time() - int(sent) / 1000, 0.0))
+            except ValueError:
+                pass
         self._deletes.add(held.message.ack_id)
 
     def reject(self, held: Held) -> None:
         """The sink will never take it: left to the queue's redrive policy, never deleted."""
         self._ledger.release(held.message.ack_id)
         self._counters.add("rejected")
+        self._counters.add("rejected_" + reject_reason(held.reason))
         log.warning("rejected message %s: %s; left to the queue's redrive policy", held.message.id, held.reason)
         self._room.changed()
 

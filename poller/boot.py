@@ -17,7 +17,7 @@ import click
 from click.core import ParameterSource
 
 from channels.base import ChannelConfig, ChannelError
-from channels.events import parse_overrides
+from channels.events import EventShape, parse_overrides
 from channels.http import check_url
 from channels.plugin import BuildContext, ChannelPlugin, start_and_close
 from channels.registry import Registry
@@ -41,7 +41,8 @@ from poller.sqs import (
     ssl_context,
 )
 
-__all__ = ["BootError", "Plan", "check_channel", "describe_channel", "make_plan", "probe_channel"]
+__all__ = ["BootError", "Plan", "check_channel", "describe_channel", "make_plan", "probe_channel",
+           "region_warning"]
 
 log = logging.getLogger("poller")
 
@@ -92,10 +93,9 @@ def make_plan(opts: dict[str, Any], channels: Registry, *, reach_queue: bool = T
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     target = _resolve(opts)
-    mismatch = region_mismatch(target)
+    mismatch = region_warning(target)
     if mismatch:
-        warnings.append(f"the queue URL is in {mismatch} but the region is {target.region} "
-                        "(--region / AWS_REGION): requests go to that region's endpoint")
+        warnings.append(mismatch)
     try:  # the route (a proxy URL this client cannot use) and the CA bundle, before SQS is asked
         route = route_for(target.endpoint_url)
         if target.endpoint_url.startswith("https:") or opts["ca_bundle"]:
@@ -104,7 +104,12 @@ def make_plan(opts: dict[str, Any], channels: Registry, *, reach_queue: bool = T
         raise click.UsageError(str(exc)) from None
     if route.proxy is not None or route.bypassed:
         notes.append(f"SQS {target.endpoint_url}: {route}")
-    attributes = _check_queue(target) if reach_queue else {}
+    try:
+        attributes = _check_queue(target) if reach_queue else {}
+    except BootError as exc:
+        if mismatch:  # most likely why the queue cannot be found
+            raise BootError(f"{exc.message}; {mismatch}") from None
+        raise
     processes, why = (opts["processes"], "--processes") if opts["processes"] else default_processes()
     notes.append(f"{processes} worker process(es): {why}")
     try:
@@ -143,6 +148,15 @@ def make_plan(opts: dict[str, Any], channels: Registry, *, reach_queue: bool = T
     return Plan(target, channel, attributes, config, tuple(notes), tuple(warnings), plugin)
 
 
+def region_warning(target: SqsTarget) -> str | None:
+    """Why the region the poller talks to may be the wrong one: the queue URL names another."""
+    mismatch = region_mismatch(target)
+    if mismatch is None:
+        return None
+    return (f"the queue URL is in {mismatch} but the region is {target.region} "
+            "(--region / AWS_REGION): requests go to that region's endpoint")
+
+
 def _refuse_other_channels_flags(ctx: click.Context, channels: Registry, channel: str) -> None:
     """A flag of another channel on the command line is a mistake, not something to ignore."""
     for o in channels.options():
@@ -158,6 +172,7 @@ def _channel_config(plugin: ChannelPlugin, opts: dict[str, Any], ctx: click.Cont
             values={o.name: opts[o.name] for o in plugin.options},
             data_mode=opts["data_mode"],
             overrides=parse_overrides(os.environ.get("K_CE_OVERRIDES")),
+            shape=EventShape(envelope=opts["envelope"], type=opts["ce_type"] or "", source=opts["ce_source"] or ""),
             region=opts["region"] or region_from_queue_url(queue_url),
             profile=opts["profile"],
             from_environment=frozenset(o.name for o in plugin.options

@@ -15,7 +15,7 @@ import click
 import orjson
 
 from channels.transport.proxy import route_for
-from poller.boot import Plan, probe_channel
+from poller.boot import Plan, probe_channel, region_warning
 from poller.sqs import PERMISSION_PROBES
 
 __all__ = ["run_check"]
@@ -28,6 +28,9 @@ def run_check(plan: Plan) -> int:
     out.line(f"SQS {route_for(plan.target.endpoint_url)}"
              + (f", trusting the CA bundle {plan.target.ca_bundle}" if plan.target.ca_bundle
                 and plan.target.endpoint_url.startswith("https:") else ""))
+    mismatch = region_warning(plan.target)
+    if mismatch:  # as `run` warns
+        out.warn(mismatch)
     visibility = int(attributes.get("VisibilityTimeout", 30))
     fifo = attributes.get("FifoQueue") == "true"
     out.ok("queue", f"{plan.target.queue_url}{' (FIFO)' if fifo else ''}")

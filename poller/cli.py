@@ -9,16 +9,20 @@ Bad input ends in one line on stderr and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import time
+from collections.abc import Sequence
 from typing import Any
 
 import click
+import orjson
 
 from channels.http import check_url
 from channels.registry import DISTRIBUTION
 from poller.boot import BootError, check_channel, describe_channel, make_plan
 from poller.exits import EXIT_INTERRUPTED, EXIT_USAGE
-from poller.logs import setup_logging
+from poller.logs import Redactor, setup_logging
 from poller.options import apply, installed_channels, run_options
 
 __all__ = ["main"]
@@ -211,17 +215,43 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = cli.main(args=argv, prog_name="poller", standalone_mode=False)
     except click.ClickException as exc:
-        click.echo(f"poller: error: {exc.format_message()}", err=True)
+        _error(exc.format_message(), argv)
         return exc.exit_code
     except click.Abort:
-        click.echo("poller: interrupted", err=True)
+        _error("interrupted", argv, prefix="poller: ")
         return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except ValueError as exc:  # a config check that escaped: still one line
-        click.echo(f"poller: error: {exc}", err=True)
+        _error(str(exc), argv)
         return EXIT_USAGE
     return result if isinstance(result, int) else 0
+
+
+def _error(message: str, argv: Sequence[str] | None, prefix: str = "poller: error: ") -> None:
+    """A start-up error's one line, as ``--log-format`` asks: with ``json``, one JSON object as
+    every other log line (the flag is read from the arguments or ``POLLER_LOG_FORMAT``, since a
+    usage error may come before click has parsed it)."""
+    if _log_format(sys.argv[1:] if argv is None else argv) != "json":
+        click.echo(prefix + message, err=True)
+        return
+    now = time.time()
+    doc = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z",
+           "level": "ERROR", "process": "MainProcess", "logger": "poller",
+           "message": Redactor.from_environment()(message)}
+    click.echo(orjson.dumps(doc).decode(), err=True)
+
+
+def _log_format(argv: Sequence[str]) -> str:
+    value = os.environ.get("POLLER_LOG_FORMAT", "text")
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            break
+        if arg == "--log-format" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith("--log-format="):
+            value = arg.partition("=")[2]
+    return value
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from poller.logs import RateLimitedLog
-from poller.stats import FIELDS, HISTOGRAMS, histogram
+from poller.stats import FIELDS, HISTOGRAMS, REJECT_REASONS, histogram
 
 __all__ = ["HEAD_TIMEOUT", "MAX_CONNECTIONS", "HttpServer", "PollerCollector", "Probe", "serve"]
 
@@ -55,7 +55,6 @@ _COUNTERS = {
     "deleted": ("sqs_poller_messages_deleted", "Messages deleted from SQS after their ack."),
     "retried": ("sqs_poller_delivery_retries", "Delivery attempts repeated in place after a failure."),
     "returned": ("sqs_poller_messages_returned", "Messages given back to SQS undelivered (visibility changed)."),
-    "rejected": ("sqs_poller_messages_rejected", "Messages the channel refused; left to the redrive policy."),
     "delete_failed": ("sqs_poller_delete_failures", "Deletes that failed after retries (redelivered)."),
     "expired": ("sqs_poller_receipts_expired", "Receipt handles that expired before the delete."),
     "receive_errors": ("sqs_poller_receive_errors", "Failed ReceiveMessage calls."),
@@ -65,6 +64,7 @@ _HISTOGRAMS = {
     "receive": ("sqs_poller_receive_seconds", "ReceiveMessage calls, long-poll wait included."),
     "publish": ("sqs_poller_publish_seconds", "Deliveries: from handing a message to the channel to its verdict."),
     "delete": ("sqs_poller_delete_seconds", "DeleteMessageBatch calls, retries included."),
+    "age": ("sqs_poller_message_age_seconds", "Message age when the channel acknowledged it: now minus SentTimestamp."),
 }
 _LABELS = ("queue", "channel")
 
@@ -88,6 +88,12 @@ class PollerCollector(Collector):
         labels = [self.queue, self.channel]
         for field, (name, help_text) in _COUNTERS.items():
             yield _one(CounterMetricFamily(name, help_text, labels=_LABELS), labels, values[field])
+        rejected = CounterMetricFamily(
+            "sqs_poller_messages_rejected", "Messages the channel refused; left to the redrive policy. reason: event "
+            "(cannot be made an event), sink (the sink or broker refused it), other.", labels=(*_LABELS, "reason"))
+        for reason in REJECT_REASONS:
+            rejected.add_metric([*labels, reason], values[f"rejected_{reason}"])
+        yield rejected
         yield _one(GaugeMetricFamily("sqs_poller_messages_in_flight",
                                      "Messages held: delivering, waiting for a retry, or acked and not yet deleted.",
                                      labels=_LABELS), labels, values["in_flight"])

@@ -17,6 +17,7 @@ from typing import Any
 
 import click
 
+from channels.envelopes import ENVELOPES
 from channels.options import Option, number_text
 from channels.registry import Registry, load_channels
 from poller.logs import LOG_FORMATS, LOG_LEVELS
@@ -98,7 +99,16 @@ POLLER_OPTIONS: tuple[Option, ...] = (
     O(flag="--nack-backoff-max", kind=float, low=0, high=43200, default=300.0,
       help="Cap of that visibility, seconds."),
     O(flag="--data", dest="data_mode", choices=("message", "body"), default="message",
-      help="Event data: the whole SQS message as JSON, or the raw body."),
+      help="Event data: the whole SQS message as JSON, or the raw body (application/json when it is a JSON "
+           "object or array and no content-type attribute says otherwise)."),
+    O(flag="--envelope", choices=ENVELOPES, default="none",
+      help="Bodies that are an SNS notification, an EventBridge event or an S3 notification (auto: any of "
+           "them) become the events they describe, their id, source and type taken from the body: trusts "
+           "the queue's producers. Other bodies pass unchanged."),
+    O(flag="--ce-type", default_text="aws.sqs.message",
+      help="The events' type (e.g. dev.knative.connector.event.aws-sqs); not for bodies an --envelope maps."),
+    O(flag="--ce-source", default_text="the queue URL",
+      help="The events' source; not for bodies an --envelope maps."),
     # -- running --------------------------------------------------------------------------------
     O(flag="--shutdown-timeout", kind=float, low=1, high=3600, default=25.0,
       help="On SIGTERM/SIGINT, seconds to finish in-flight work before workers are killed (below "

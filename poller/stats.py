@@ -10,7 +10,8 @@ from __future__ import annotations
 import bisect
 from collections.abc import MutableSequence, Sequence
 
-__all__ = ["BUCKETS", "FIELDS", "GAUGES", "HISTOGRAMS", "SLOTS", "Counters", "format_line", "histogram"]
+__all__ = ["AGE_BUCKETS", "BUCKETS", "FIELDS", "GAUGES", "HISTOGRAMS", "REJECT_REASONS", "SLOTS", "Counters",
+           "format_line", "histogram", "reject_reason"]
 
 FIELDS = (
     "received",        # messages received from SQS
@@ -26,19 +27,32 @@ FIELDS = (
     "in_flight",       # gauge: held (delivering, waiting for a retry, or acked and not yet deleted)
     "circuit_open",    # gauge: 1 while the channel is down and receiving is paused
     "drained",         # gauge: 1 in batch mode once receives come back empty and nothing is held
+    # "rejected" by reason (REJECT_REASONS): a fixed few classes, never the reason's text
+    "rejected_event",  # the message cannot be made an event (or a record)
+    "rejected_sink",   # the sink or the broker refused the event
+    "rejected_other",
 )
+REJECT_REASONS = ("event", "sink", "other")
 GAUGES = frozenset({"in_flight", "circuit_open", "drained"})
 HISTOGRAMS = (
     "receive",  # a ReceiveMessage call, long-poll wait included
     "publish",  # a delivery: from the channel's publish to its verdict
     "delete",   # a DeleteMessageBatch call (its retries included)
+    "age",      # a message's age when the channel acknowledged it: now minus SentTimestamp
 )
 # Upper bounds in seconds (Prometheus' le); a last bucket takes the rest (+Inf).
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-_H_SIZE = len(BUCKETS) + 3  # counts per bucket (+Inf included), the sum in microseconds, the count
-SLOTS = len(FIELDS) + len(HISTOGRAMS) * _H_SIZE  # the shared array's length
+# A message's age runs from milliseconds (a live queue) to days (a backlog).
+AGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 21600.0, 86400.0)
+_BUCKETS = {name: AGE_BUCKETS if name == "age" else BUCKETS for name in HISTOGRAMS}
 _INDEX = {name: i for i, name in enumerate(FIELDS)}
-_H_START = {name: len(FIELDS) + i * _H_SIZE for i, name in enumerate(HISTOGRAMS)}
+# Each histogram: counts per bucket (+Inf included), the sum in microseconds, the count.
+_H_START: dict[str, int] = {}
+_end = len(FIELDS)
+for _name in HISTOGRAMS:
+    _H_START[_name] = _end
+    _end += len(_BUCKETS[_name]) + 3
+SLOTS = _end  # the shared array's length
 
 
 class Counters:
@@ -64,10 +78,11 @@ class Counters:
 
     def observe(self, histogram: str, seconds: float) -> None:
         start = _H_START[histogram]
+        buckets = _BUCKETS[histogram]
         values = self._values
-        values[start + bisect.bisect_left(BUCKETS, seconds)] += 1
-        values[start + len(BUCKETS) + 1] += int(seconds * 1_000_000)
-        values[start + len(BUCKETS) + 2] += 1
+        values[start + bisect.bisect_left(buckets, seconds)] += 1
+        values[start + len(buckets) + 1] += int(seconds * 1_000_000)
+        values[start + len(buckets) + 2] += 1
 
     def snapshot(self) -> list[int]:
         return list(self._values)
@@ -79,12 +94,24 @@ class Counters:
 def histogram(values: Sequence[int], name: str) -> tuple[list[tuple[str, int]], float, int]:
     """(cumulative buckets as Prometheus wants them, sum in seconds, count) from a snapshot."""
     start = _H_START[name]
-    counts = values[start:start + len(BUCKETS) + 1]
+    bounds = _BUCKETS[name]
+    counts = values[start:start + len(bounds) + 1]
     buckets, total = [], 0
-    for bound, count in zip((*map(str, BUCKETS), "+Inf"), counts, strict=True):
+    for bound, count in zip((*map(str, bounds), "+Inf"), counts, strict=True):
         total += count
         buckets.append((bound, total))
-    return buckets, values[start + len(BUCKETS) + 1] / 1_000_000, values[start + len(BUCKETS) + 2]
+    return buckets, values[start + len(bounds) + 1] / 1_000_000, values[start + len(bounds) + 2]
+
+
+def reject_reason(reason: str) -> str:
+    """The class of a reject's reason (``REJECT_REASONS``), for a metric label of few values."""
+    if reason.startswith("cannot make") or "cannot make a CloudEvent" in reason:
+        return "event"
+    if any(mark in reason for mark in ("answered HTTP", "batchItemFailures", "Broker:", "too large")):
+        return "sink"
+    if any(mark in reason for mark in ("attribute", "content-type", "SentTimestamp", "base64", "JSON")):
+        return "event"  # the channels' EventError texts
+    return "other"
 
 
 def is_gauge(index: int) -> bool:

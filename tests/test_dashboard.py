@@ -309,7 +309,7 @@ def test_topic_has_a_panel(dashboard: dict[str, Any], served: Served, topic: str
 
 def test_latency_has_quantiles_per_histogram(dashboard: dict[str, Any], served: Served) -> None:
     histograms = [name for name, kind in served.families.items() if kind == "histogram"]
-    assert len(histograms) == 3, histograms
+    assert len(histograms) == 4, histograms
     for family in histograms:
         bucket = f"{family}_bucket"
         panel = _find_panel(dashboard, {bucket})

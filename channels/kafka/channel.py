@@ -407,6 +407,7 @@ class KafkaChannel(Channel):
                 return
             raise ChannelError("the Kafka channel is not started")
         self._reports.bind()
+        batch, report = self._builder.events.unwrap(batch, report)  # with --envelope: a message may be N events
         entries = self._register(batch, report)
         if self._fatal is not None:
             self._settle_all(entries, Outcome.RETRY, "Kafka producer failed")

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
-from channels.events import DATA_MODES
+from channels.events import DATA_MODES, EventShape
 
 if TYPE_CHECKING:
     from channels.kafka.channel import KafkaChannel
@@ -105,6 +105,7 @@ class KafkaConfig:
     auth: str = "none"
     extra: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # may hold secrets
     overrides: tuple[tuple[str, str], ...] = ()
+    shape: EventShape = field(default_factory=EventShape)  # --envelope, --ce-type, --ce-source
     create_topic: bool = False
     partitions: int = 3
     replication: int = 1
@@ -124,6 +125,9 @@ class KafkaConfig:
             raise ValueError(f"Kafka format must be one of {', '.join(FORMATS)}, not {self.format!r}")
         if self.data_mode not in DATA_MODES:
             raise ValueError(f"data mode must be one of {', '.join(DATA_MODES)}, not {self.data_mode!r}")
+        if self.format == "raw" and self.shape.envelope != "none":
+            raise ValueError("--envelope maps bodies to CloudEvents: it needs --kafka-format binary or structured, "
+                             "not raw")
         if self.key not in ("group", "none") and not (
             self.key.startswith("attribute:") and len(self.key) > len("attribute:")
         ):

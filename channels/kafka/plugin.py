@@ -58,7 +58,7 @@ def _build(context: BuildContext) -> KafkaConfig:
         bootstrap_servers=values["kafka_bootstrap_servers"], topic=values["kafka_topic"],
         format=values["kafka_format"], data_mode=context.data_mode, key=values["kafka_key"],
         auth=values["kafka_auth"], timestamp=values["kafka_timestamp"], extra=extra,
-        overrides=tuple(context.overrides.items()), create_topic=values["kafka_create_topic"],
+        overrides=tuple(context.overrides.items()), shape=context.shape, create_topic=values["kafka_create_topic"],
         partitions=values["kafka_partitions"], replication=values["kafka_replication"],
         region=values["kafka_region"] or context.region, profile=context.profile,
     )

@@ -37,10 +37,14 @@ class RecordBuilder:
     __slots__ = ("_event", "_format", "_key_attribute", "_key_mode", "_sent_time")
 
     def __init__(self, config: KafkaConfig, source: str) -> None:
-        self._event = EventFormat(source, config.data_mode, dict(config.overrides))
+        self._event = EventFormat(source, config.data_mode, dict(config.overrides), config.shape)
         self._format = config.format
         self._key_mode, _, self._key_attribute = config.key.partition(":")
         self._sent_time = config.timestamp == "sent"
+
+    @property
+    def events(self) -> EventFormat:
+        return self._event
 
     def build(self, message: Message) -> Record:
         """Raises ``EventError`` when the message cannot be made a record of this format."""
