@@ -3,6 +3,7 @@ reading a topic, free ports, bodies, CPU readings and a silent server. One modul
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -27,10 +28,13 @@ from typing import Any, Protocol
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
 
+from channels.base import Message, Outcome
 from poller.kit.dumper import DumperServer
 from poller.kit.process import free_port
 
 __all__ = [
+    "Reports",
+    "message",
     "BATCH_MAX_BYTES", "BATCH_MAX_ENTRIES", "CLK_TCK", "JWT", "SECRET_KEY", "SESSION_TOKEN", "STATIC_CREDENTIALS",
     "UNICODE", "Deliveries", "FakeSts", "FaultCase", "PollerProcess", "closed_by_server", "connection_flood",
     "http_get", "threads_of", "wait_empty",
@@ -685,3 +689,27 @@ def connection_flood(port: int, path: str, *, idle: int = 400, slow: int = 5) ->
         stack.callback(trickler.join)
         stack.callback(stop.set)
         yield socks
+
+
+class Reports:
+    """A channel's report callback that records each verdict (the channels' unit tests)."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, Outcome, str]] = []
+        self.retry_after: list[float] = []
+
+    def __call__(self, message: Message, outcome: Outcome, reason: str, retry_after: float = 0.0) -> None:
+        self.items.append((message.id, outcome, reason))
+        self.retry_after.append(retry_after)
+
+    async def wait(self, n: int, timeout: float = 10.0) -> list[tuple[str, Outcome, str]]:
+        deadline = time.monotonic() + timeout
+        while len(self.items) < n:
+            assert time.monotonic() < deadline, f"only {len(self.items)} of {n} reports: {self.items}"
+            await asyncio.sleep(0.01)
+        return list(self.items)
+
+
+def message(i: int) -> Message:
+    return Message(id=f"m-{i}", body=f"body {i}", ack_id=f"rh-{i}",
+                   attributes={"SentTimestamp": "1700000000000"})

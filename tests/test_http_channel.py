@@ -22,7 +22,7 @@ from channels.base import Message, Outcome
 from channels.http import HttpConfig, basic_auth, redact
 from poller.kit.dumper import DumperServer
 
-from support import silent_server
+from support import Reports, message, silent_server
 
 SOURCE = "https://sqs.us-east-1.amazonaws.com/123456789012/q"
 
@@ -33,28 +33,6 @@ def on_loop(test: Callable[..., Awaitable[None]]) -> Callable[..., None]:
         asyncio.run(test(*args, **kwargs))
 
     return run
-
-
-class Reports:
-    def __init__(self) -> None:
-        self.items: list[tuple[str, Outcome, str]] = []
-        self.retry_after: list[float] = []
-
-    def __call__(self, message: Message, outcome: Outcome, reason: str, retry_after: float = 0.0) -> None:
-        self.items.append((message.id, outcome, reason))
-        self.retry_after.append(retry_after)
-
-    async def wait(self, n: int, timeout: float = 10.0) -> list[tuple[str, Outcome, str]]:
-        deadline = time.monotonic() + timeout
-        while len(self.items) < n:
-            assert time.monotonic() < deadline, f"only {len(self.items)} of {n} reports: {self.items}"
-            await asyncio.sleep(0.01)
-        return list(self.items)
-
-
-def message(i: int) -> Message:
-    return Message(id=f"m-{i}", body=f"body {i}", ack_id=f"rh-{i}",
-                   attributes={"SentTimestamp": "1700000000000"})
 
 
 @contextmanager

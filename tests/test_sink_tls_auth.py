@@ -31,14 +31,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from channels.base import Message, Outcome
+from channels.base import Outcome
 from channels.http import HttpChannel, HttpConfig
 from channels.sinkauth import TokenFile, parse_headers
 from channels.transport.tls import TlsFiles
 from poller.kit.cehttp import ServerOptions
 from poller.kit.dumper import DumperServer
 
-from support import PollerProcess, drain, queue_counts, send_messages, wait_until
+from support import PollerProcess, Reports, drain, message, queue_counts, send_messages, wait_until
 
 SOURCE = "https://sqs.us-east-1.amazonaws.com/123456789012/q"
 QUEUE_URL = "https://sqs.us-east-1.amazonaws.com/123456789012/orders"  # never reached by the usage errors
@@ -142,25 +142,6 @@ def tls_sink(context: ssl.SSLContext, **kwargs: Any) -> Iterator[DumperServer]:
 
 
 # -- the channel in this process ------------------------------------------------------------------
-
-
-class Reports:
-    def __init__(self) -> None:
-        self.items: list[tuple[str, Outcome, str]] = []
-
-    def __call__(self, message: Message, outcome: Outcome, reason: str, retry_after: float = 0.0) -> None:
-        self.items.append((message.id, outcome, reason))
-
-    async def wait(self, n: int, timeout: float = 10.0) -> list[tuple[str, Outcome, str]]:
-        deadline = time.monotonic() + timeout
-        while len(self.items) < n:
-            assert time.monotonic() < deadline, f"only {len(self.items)} of {n} reports: {self.items}"
-            await asyncio.sleep(0.01)
-        return list(self.items)
-
-
-def message(i: int) -> Message:
-    return Message(id=f"m-{i}", body=f"body {i}", ack_id=f"rh-{i}", attributes={"SentTimestamp": "1700000000000"})
 
 
 def deliver(config: HttpConfig, count: int = 1) -> list[tuple[str, Outcome, str]]:
