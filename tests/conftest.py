@@ -11,6 +11,7 @@ LocalStack; ``KAFKA_BOOTSTRAP_SERVERS`` does the same for ``kafka_broker``.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import uuid
@@ -67,6 +68,28 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     it (LocalStack alone may take that long to stop)."""
     for stop in reversed(session.config.stash.get(_AT_SESSION_END, [])):
         stop()
+
+
+@pytest.fixture(autouse=True)
+def _no_logging_setup_left_behind() -> Iterator[None]:
+    """A test that runs the CLI in this process (``poller.cli.main``) installs the poller's root
+    handler on that test's captured stderr. Left behind, it writes to a closed file in every
+    later test of the same xdist worker, and its redacting filter formats each record in place,
+    so caplog sees messages without their arguments (seen: a Kafka DEBUG-log test failing only
+    after one such test ran on its worker). Removed after each test, with the levels it set."""
+    from poller.logs import THIRD_PARTY_LOGGERS, RedactingFilter
+
+    root = logging.getLogger()
+    before, level = set(root.handlers), root.level
+    names = (*THIRD_PARTY_LOGGERS, "poller", "channels")
+    levels = {name: logging.getLogger(name).level for name in names}
+    yield
+    for handler in root.handlers[:]:
+        if handler not in before and any(isinstance(f, RedactingFilter) for f in handler.filters):
+            root.removeHandler(handler)
+    root.setLevel(level)
+    for name, value in levels.items():
+        logging.getLogger(name).setLevel(value)
 
 
 @pytest.fixture(scope="session", autouse=True)
