@@ -232,7 +232,9 @@ def test_healthz_flips_when_a_worker_stalls_and_readyz_when_ready(
                                aws_env, tmp_path / "poller.log")
         try:
             wait_until(lambda: http_get(port, "/readyz", 5)[0] == 200, 30, "ready")
-            wait_until(lambda: http_get(port, "/healthz", 5)[0] == 200, 30, "healthy")
+            # Both workers beating ("ok", no notes): one still starting when stopped would be
+            # "starting" for ever, never "no heartbeat" (seen under load).
+            wait_until(lambda: http_get(port, "/healthz", 5)[:2] == (200, "ok\n"), 60, "both workers healthy")
             assert http_get(port, "/metrics", 5)[0] == 404  # --health-port alone serves no metrics
             victim = poller.worker_pids()[0]
             os.kill(victim, signal.SIGSTOP)  # alive, but stuck: no heartbeat
