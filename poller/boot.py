@@ -138,6 +138,7 @@ def make_plan(opts: dict[str, Any], channels: Registry, *, reach_queue: bool = T
                            stats_interval=opts["stats_interval"],
                            worker_timeout=opts["worker_timeout"],
                            until_empty=opts["until_empty"], max_messages=opts["max_messages"],
+                           max_duration=opts["max_duration"],
                            metrics_port=opts["metrics_port"], health_port=opts["health_port"],
                            metrics_host=opts["metrics_host"])
     except ValueError as exc:

@@ -97,6 +97,8 @@ class RunConfig:
     # Batch mode: stop once every worker is drained, or once this many messages were received.
     until_empty: bool = False
     max_messages: int | None = None
+    # Seconds after the start at which the run stops as on SIGTERM and exits 0 (None: no limit).
+    max_duration: float | None = None
     metrics_port: int | None = None
     health_port: int | None = None
     metrics_host: str = "127.0.0.1"
@@ -105,7 +107,8 @@ class RunConfig:
         for flag, value in (
             ("--processes", self.processes), ("--shutdown-timeout", self.shutdown_timeout),
             ("--stats-interval", self.stats_interval), ("--worker-timeout", self.worker_timeout),
-            ("--max-messages", self.max_messages), ("--metrics-port", self.metrics_port),
+            ("--max-messages", self.max_messages), ("--max-duration", self.max_duration),
+            ("--metrics-port", self.metrics_port),
             ("--health-port", self.health_port),
         ):
             check(flag, value)

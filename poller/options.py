@@ -120,6 +120,9 @@ POLLER_OPTIONS: tuple[Option, ...] = (
            "everything delivered and deleted)."),
     O(flag="--max-messages", kind=int, low=1, high=10**12,
       help="Batch mode: stop after this many messages were received (then drain as on SIGTERM)."),
+    O(flag="--max-duration", kind=float, low=1, default_text="off",
+      help="Stop after this many seconds of running (then drain as on SIGTERM and exit 0), e.g. to end "
+           "a batch run before its Job's activeDeadlineSeconds."),
     O(flag="--stats-interval", kind=float, low=0.1, default=10.0,
       help="Seconds between throughput log lines (none while idle)."),
     O(flag="--log-level", choices=LOG_LEVELS, ignore_case=True, default="INFO", help="Log level; logs go to stderr."),

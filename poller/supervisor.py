@@ -3,7 +3,8 @@
 Like gunicorn's arbiter: signal handlers only queue the signal; the main loop reaps dead workers,
 respawns them with a backoff, kills workers whose heartbeat stopped (``worker_timeout``), logs
 the throughput line, and on SIGTERM/SIGINT stops the workers gracefully, then kills whatever is
-left after the shutdown timeout.
+left after the shutdown timeout. It owns the run's lifetime: batch mode (``--until-empty``,
+``--max-messages``) and ``--max-duration`` end the run as SIGTERM does, with exit 0.
 
 A worker that exits with ``EXIT_BOOT`` could not start its channel. During the poller's own start
 (until a first worker has sent a heartbeat: the channel works with this configuration) that means
@@ -179,9 +180,12 @@ class Supervisor:
         for slot in self._slots:
             self._spawn(slot)
         last_totals, last_time = self._totals(), time.monotonic()
+        max_duration = self.config.max_duration
+        deadline = last_time + max_duration if max_duration is not None else None
         while True:
+            wait = 0.5 if deadline is None else min(0.5, max(0.0, deadline - time.monotonic()))
             try:
-                signum = self._signals.get(timeout=0.5)
+                signum = self._signals.get(timeout=wait)
             except queue.Empty:
                 signum = None
             self._loop_at = time.monotonic()
@@ -199,6 +203,11 @@ class Supervisor:
             self._respawn_due()
             self._observe(time.monotonic())
             if self._batch_done():
+                self._stop()
+                return 0
+            if deadline is not None and time.monotonic() >= deadline:
+                received = self._totals()[FIELDS.index("received")]
+                log.info("--max-duration reached (%gs): %d message(s) received; stopping", max_duration, received)
                 self._stop()
                 return 0
             now = time.monotonic()
