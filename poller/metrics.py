@@ -21,8 +21,10 @@ per connection, unbounded: 400 idle connections took 399 threads and 4 GB of add
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import logging
+import platform
 import socket
 import sys
 import threading
@@ -38,6 +40,7 @@ from prometheus_client.registry import Collector
 
 from poller.logs import RateLimitedLog
 from poller.stats import FIELDS, HISTOGRAMS, REJECT_REASONS, histogram
+from poller.version import poller_version
 
 __all__ = ["HEAD_TIMEOUT", "MAX_CONNECTIONS", "HttpServer", "PollerCollector", "Probe", "serve"]
 
@@ -81,11 +84,17 @@ class PollerCollector(Collector):
     queue: str
     channel: str
     healthy: Callable[[], int] | None = None  # workers alive and beating (Supervisor.healthy_workers)
+    version: str = dataclasses.field(default_factory=poller_version)
+    python: str = dataclasses.field(default_factory=platform.python_version)
 
     def collect(self) -> Iterator[Metric]:
         totals = self.totals()
         values = dict(zip(FIELDS, totals, strict=False))
         labels = [self.queue, self.channel]
+        # The usual *_build_info: 1, with what runs in its labels (a rollout shows as two versions).
+        yield _one(GaugeMetricFamily("sqs_poller_build_info", "Always 1: the poller's version and Python.",
+                                     labels=(*_LABELS, "version", "python")),
+                   [*labels, self.version, self.python], 1)
         for field, (name, help_text) in _COUNTERS.items():
             yield _one(CounterMetricFamily(name, help_text, labels=_LABELS), labels, values[field])
         rejected = CounterMetricFamily(

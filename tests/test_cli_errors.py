@@ -15,6 +15,7 @@ import re
 import socket
 import subprocess
 import sys
+import tomllib
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -251,6 +252,13 @@ def test_poller_alone_prints_its_help_not_an_error(run_poller: RunPoller, aws_en
     result = run_poller([], _env(aws_env))
     assert result.returncode == 0 and result.stderr == ""
     assert "Commands:" in result.stdout and "run" in result.stdout
+
+
+def test_version_is_pyprojects(run_poller: RunPoller, aws_env: Mapping[str, str]) -> None:
+    version = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
+    result = run_poller(["--version"], _env(aws_env))
+    assert result.returncode == 0 and not result.stderr
+    assert result.stdout == f"poller, version {version['project']['version']}\n"
 
 
 @pytest.mark.parametrize("command", ["dump", "channel"])

@@ -4,10 +4,13 @@ serves (probes, Prometheus metrics). In-process: the server is one thread of thi
 from __future__ import annotations
 
 import os
+import platform
 import socket
 import time
+import tomllib
 from collections.abc import Iterator
 from contextlib import ExitStack, closing
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +18,8 @@ from poller.metrics import HEAD_TIMEOUT, HttpServer, PollerCollector, serve
 from poller.stats import SLOTS
 
 from support import closed_by_server, connection_flood, http_get, threads_of
+
+PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 
 
 def raw(port: int, data: bytes, timeout: float = 5.0) -> bytes:
@@ -121,10 +126,16 @@ def test_metrics_through_the_server() -> None:
     finally:
         server.close()
     assert status == 200
-    samples = {s.name: s.value for family in text_string_to_metric_families(body) for s in family.samples}
+    families = list(text_string_to_metric_families(body))
+    samples = {s.name: s.value for family in families for s in family.samples}
     assert samples["sqs_poller_workers"] == 2
     assert samples["sqs_poller_workers_healthy"] == 1
     assert samples["sqs_poller_worker_restarts_total"] == 3
+    [build] = [s for family in families for s in family.samples if s.name == "sqs_poller_build_info"]
+    version = tomllib.loads(PYPROJECT.read_text())["project"]["version"]  # the one place it is written
+    assert build.value == 1
+    assert build.labels == {"queue": "orders", "channel": "http", "version": version,
+                            "python": platform.python_version()}
 
 
 def test_a_port_in_use_is_an_oserror() -> None:
