@@ -546,6 +546,21 @@ def test_create_topic_with_partitions(bootstrap: str) -> None:
         consumer.close()
 
 
+@pytest.mark.parametrize("replication", [-1, 1])
+def test_create_topic_with_the_brokers_replication_or_a_given_one(bootstrap: str, replication: int) -> None:
+    # -1, the default (no --kafka-replication): the broker's default.replication.factor (KIP-464).
+    assert KafkaConfig(bootstrap_servers=bootstrap, topic="t").replication == -1
+    topic = topic_name()
+    make_channel(bootstrap, topic, partitions=2, replication=replication).close()
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "x", "logger": log})
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+    finally:
+        consumer.close()
+    assert len(partitions) == 2
+    assert all(len(p.replicas) == 1 for p in partitions.values()), {n: p.replicas for n, p in partitions.items()}
+
+
 def test_unreachable_broker_is_a_channel_error_in_bounded_time() -> None:
     import socket
 

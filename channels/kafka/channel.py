@@ -292,8 +292,9 @@ class KafkaChannel(Channel):
             raise ChannelError(f"cannot create Kafka topic {name!r}: {_exc_text(exc)}{self._token_cause()}") from None
         finally:
             admin.poll(0)  # serves its error_cb and log lines
-        log.info("created Kafka topic %s (%d partitions, replication %d)",
-                 name, self.config.partitions, self.config.replication)
+        replication = self.config.replication
+        log.info("created Kafka topic %s (%d partitions, replication %s)", name, self.config.partitions,
+                 "the broker's default" if replication == -1 else replication)
 
     def close(self, timeout: float = 30.0) -> None:
         """Deliver what is pending within ``timeout``; report the rest RETRY, exactly once.

@@ -108,7 +108,7 @@ class KafkaConfig:
     shape: EventShape = field(default_factory=EventShape)  # --envelope, --ce-type, --ce-source
     create_topic: bool = False
     partitions: int = 3
-    replication: int = 1
+    replication: int = -1  # -1: the broker's default.replication.factor
     region: str | None = None  # the cluster's, for IAM tokens
     profile: str | None = None  # the AWS profile that signs IAM tokens (else the default chain)
     metadata_timeout: float = 10.0

@@ -36,8 +36,9 @@ OPTIONS = (
     Option(flag="--kafka-create-topic", kind=bool, help="Kafka channel: create the topic if it is missing."),
     Option(flag="--kafka-partitions", kind=int, low=1, high=100_000, default=3,
            help="Kafka channel: partitions of a created topic."),
-    Option(flag="--kafka-replication", kind=int, low=1, high=100, default=1,
-           help="Kafka channel: replication factor of a created topic (use 3 on MSK)."),
+    Option(flag="--kafka-replication", kind=int, low=1, high=100,
+           default_text="the broker's default.replication.factor",
+           help="Kafka channel: replication factor of a created topic."),
 )
 
 
@@ -59,7 +60,9 @@ def _build(context: BuildContext) -> KafkaConfig:
         format=values["kafka_format"], data_mode=context.data_mode, key=values["kafka_key"],
         auth=values["kafka_auth"], timestamp=values["kafka_timestamp"], extra=extra,
         overrides=tuple(context.overrides.items()), shape=context.shape, create_topic=values["kafka_create_topic"],
-        partitions=values["kafka_partitions"], replication=values["kafka_replication"],
+        partitions=values["kafka_partitions"],
+        # -1: the broker's own default (KIP-464), e.g. MSK's 3 on a cluster of three brokers or more
+        replication=-1 if values["kafka_replication"] is None else values["kafka_replication"],
         region=values["kafka_region"] or context.region, profile=context.profile,
     )
 
