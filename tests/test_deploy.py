@@ -46,16 +46,20 @@ K8S_VERSIONS = ("1.30.0", "1.37.0")
 # Custom resources kubernetes-validate has no schema for: checked field by field below.
 HAND_CHECKED = {
     ("keda.sh/v1alpha1", "ScaledObject"),
+    ("keda.sh/v1alpha1", "ScaledJob"),
     ("keda.sh/v1alpha1", "TriggerAuthentication"),
     ("serving.knative.dev/v1", "Service"),
     ("sources.knative.dev/v1", "SinkBinding"),
 }
-WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob"}
+WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob", "ScaledJob"}
 POLLER_IMAGE = "sqs-poller"
 ROLE_ARN = re.compile(r"^arn:aws:iam::\d{12}:role/[\w+=,.@/-]+$")
 AWS_SECRET_ENV = re.compile(
     r"^AWS_(ACCESS_KEY_ID|SECRET_ACCESS_KEY|SESSION_TOKEN|SHARED_CREDENTIALS_FILE|CONFIG_FILE)$")
 GRACE_MARGIN = 10  # seconds the grace period must exceed --shutdown-timeout by
+# Seconds a Job's pod may take to be scheduled, pull the image and start, before the poller's
+# --max-duration starts counting: a Job's deadline must exceed --max-duration + the drain by this.
+JOB_START_MARGIN = 60
 
 
 # -- loading ---------------------------------------------------------------------------------
@@ -114,10 +118,19 @@ class PollerContainer:
         return f"{self.doc} container {self.container['name']}"
 
 
-def _pod_spec(body: dict[str, Any]) -> dict[str, Any]:
-    spec = body["spec"]
+def _job_spec(body: dict[str, Any]) -> dict[str, Any] | None:
+    """The Job spec of a Job, a CronJob's template or a KEDA ScaledJob's ``jobTargetRef``."""
+    if body["kind"] == "Job":
+        return body["spec"]
     if body["kind"] == "CronJob":
-        spec = spec["jobTemplate"]["spec"]
+        return body["spec"]["jobTemplate"]["spec"]
+    if body["kind"] == "ScaledJob":
+        return body["spec"]["jobTargetRef"]
+    return None
+
+
+def _pod_spec(body: dict[str, Any]) -> dict[str, Any]:
+    spec = _job_spec(body) or body["spec"]
     return spec["template"]["spec"]
 
 
@@ -328,6 +341,43 @@ def test_keda_scaledobject_scales_the_poller_on_its_queue() -> None:
     assert spec.get("minReplicaCount") == 0, "minReplicaCount 0: scale to zero like the seed's Knative service"
     assert spec.get("maxReplicaCount", 100) >= 1
 
+    _assert_sqs_trigger(spec, next(p for p in POLLERS if p.doc == deployment))
+
+
+def test_keda_scaledjob_runs_the_poller_until_empty_on_its_queue() -> None:
+    jobs = _of("keda", "keda.sh/v1alpha1", "ScaledJob")
+    assert len(jobs) == 1, "deploy/keda/ should have one ScaledJob"
+    doc = jobs[0]
+    spec = doc.body["spec"]
+    job = spec.get("jobTargetRef", {})
+    assert job.get("template", {}).get("spec"), "ScaledJob.spec.jobTargetRef.template.spec is required"
+    assert job.get("parallelism", 1) == 1 and job.get("completions", 1) == 1, \
+        "one poller per Job: KEDA starts more Jobs, not more pods per Job"
+    assert spec.get("minReplicaCount", 0) == 0, "no Job while the queue is empty"
+    assert spec.get("maxReplicaCount", 100) >= 1
+    [poller] = [p for p in POLLERS if p.doc == doc]
+    assert "--until-empty" in poller.container.get("args", []), f"{poller}: each Job runs `poller run --until-empty`"
+    assert poller.pod.get("restartPolicy") in ("Never", "OnFailure"), f"{poller}: a Job's pod cannot restart Always"
+    _assert_sqs_trigger(spec, poller)
+
+
+def test_keda_scaledjob_template_is_a_valid_job() -> None:
+    """KEDA's jobTargetRef is a batch/v1 JobSpec: held to the Kubernetes schemas as a Job."""
+    for doc in _of("keda", "keda.sh/v1alpha1", "ScaledJob"):
+        job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": doc.body["metadata"]["name"]},
+               "spec": doc.body["spec"]["jobTargetRef"]}
+        for version in K8S_VERSIONS:
+            try:
+                kubernetes_validate.validate(job, version, strict=True)
+            except kubernetes_validate.ValidationError as e:
+                where = ".".join(map(str, e.path)) or "(top)"
+                pytest.fail(f"{doc}: jobTargetRef is no valid Kubernetes {version} JobSpec at {where}: {e.message}",
+                            pytrace=False)
+
+
+def _assert_sqs_trigger(spec: dict[str, Any], poller: PollerContainer) -> None:
+    """A ScaledObject's or ScaledJob's one aws-sqs-queue trigger: on the poller's queue and region,
+    authenticated by pod identity alone."""
     triggers = [t for t in spec.get("triggers", []) if t.get("type") == "aws-sqs-queue"]
     assert len(triggers) == 1, f"one aws-sqs-queue trigger expected, got {spec.get('triggers')}"
     trigger = triggers[0]
@@ -339,7 +389,6 @@ def test_keda_scaledobject_scales_the_poller_on_its_queue() -> None:
     assert int(meta["queueLength"]) > 0
     assert meta["scaleOnInFlight"] in ("true", "false")
 
-    poller = next(p for p in POLLERS if p.doc == deployment)
     queue_url = poller.env.get("POLLER_QUEUE_URL")
     assert meta["queueURL"] == queue_url, f"KEDA watches {meta['queueURL']}, the poller polls {queue_url}"
     region = re.match(r"https://sqs\.([a-z0-9-]+)\.amazonaws\.com/", queue_url or "")
@@ -352,6 +401,13 @@ def test_keda_scaledobject_scales_the_poller_on_its_queue() -> None:
     identity = ta["podIdentity"]
     assert identity.get("provider") in ("aws", "aws-eks"), f"pod identity provider should be aws (IRSA): {identity}"
     assert not ("roleArn" in identity and "identityOwner" in identity), "roleArn and identityOwner are exclusive"
+    if identity.get("identityOwner") == "workload":
+        # KEDA's `aws` provider takes the workload's role from this annotation, EKS Pod Identity
+        # or not (kedacore/keda#6418): without it the scaler fails.
+        account = poller.pod.get("serviceAccountName")
+        sa = _named(poller.doc.example, "v1", "ServiceAccount", account).body
+        assert ROLE_ARN.match(sa["metadata"].get("annotations", {}).get("eks.amazonaws.com/role-arn", "")), \
+            f"identityOwner: workload needs the eks.amazonaws.com/role-arn annotation on ServiceAccount {account}"
 
 
 # -- Knative ---------------------------------------------------------------------------------
@@ -509,6 +565,26 @@ def test_cronjob_runs_until_empty() -> None:
         assert "--until-empty" in p.container.get("args", []), f"{p}: batch mode needs `poller run --until-empty`"
         assert p.pod.get("restartPolicy") in ("Never", "OnFailure"), f"{p}: a Job's pod cannot restart Always"
         assert p.doc.body["spec"].get("concurrencyPolicy") == "Forbid", f"{p}: overlapping runs would compete"
+
+
+JOB_POLLERS = [p for p in POLLERS if _job_spec(p.doc.body) is not None]
+
+
+@pytest.mark.parametrize("poller", JOB_POLLERS, ids=str)
+def test_a_job_ends_the_poller_before_its_deadline(poller: PollerContainer) -> None:
+    """At activeDeadlineSeconds Kubernetes marks the Job Failed, even if the poller then exits 0:
+    --max-duration must end the run first, with its drain and the pod's start within the deadline."""
+    job = _job_spec(poller.doc.body)
+    assert job is not None
+    deadline = job.get("activeDeadlineSeconds")
+    assert deadline, f"{poller}: bound the Job with activeDeadlineSeconds (a queue that never empties)"
+    max_duration = _flag_value(poller, "--max-duration")
+    timeout = _flag_value(poller, "--shutdown-timeout")
+    assert max_duration, f"{poller}: set --max-duration below activeDeadlineSeconds {deadline}, or the Job fails"
+    assert timeout, f"{poller}: set --shutdown-timeout explicitly"
+    assert float(max_duration) + float(timeout) + JOB_START_MARGIN <= deadline, (
+        f"{poller}: --max-duration {max_duration} + --shutdown-timeout {timeout} + {JOB_START_MARGIN}s to start "
+        f"should fit in activeDeadlineSeconds {deadline}")
 
 
 def test_sidecar_posts_to_the_app_in_the_same_pod() -> None:

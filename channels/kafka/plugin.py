@@ -61,7 +61,7 @@ def _build(context: BuildContext) -> KafkaConfig:
         auth=values["kafka_auth"], timestamp=values["kafka_timestamp"], extra=extra,
         overrides=tuple(context.overrides.items()), shape=context.shape, create_topic=values["kafka_create_topic"],
         partitions=values["kafka_partitions"],
-        # -1: the broker's own default (KIP-464), e.g. MSK's 3 on a cluster of three brokers or more
+        # -1: the broker's own default (KIP-464); MSK's is 3 in three Availability Zones, 2 in two
         replication=-1 if values["kafka_replication"] is None else values["kafka_replication"],
         region=values["kafka_region"] or context.region, profile=context.profile,
     )
