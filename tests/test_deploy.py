@@ -494,6 +494,13 @@ def test_poller_probes_health_on_the_port_it_serves(poller: PollerContainer) -> 
 
 
 @pytest.mark.parametrize("poller", POLLERS, ids=str)
+def test_poller_image_is_this_version(poller: PollerContainer) -> None:
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    tag = poller.container["image"].rpartition(":")[2]
+    assert tag == version, f"{poller}: image tag {tag!r} should be pyproject.toml's version {version!r}"
+
+
+@pytest.mark.parametrize("poller", POLLERS, ids=str)
 def test_poller_security_context(poller: PollerContainer) -> None:
     sc = poller.container.get("securityContext", {})
     assert sc.get("runAsNonRoot") is True, f"{poller}: runAsNonRoot should be true"
