@@ -53,6 +53,8 @@ def test_the_run_config_too() -> None:
         RunConfig(worker=worker, processes=0)
     with pytest.raises(ValueError, match="--shutdown-timeout must be between 1 and 3600"):
         RunConfig(worker=worker, shutdown_timeout=0.5)
+    with pytest.raises(ValueError, match="--max-duration must be at least 1"):
+        RunConfig(worker=worker, max_duration=0.5)
 
 
 # -- processes that fit the container -------------------------------------------------------------
