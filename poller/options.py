@@ -15,15 +15,17 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-import cloup
 
 from channels.envelopes import ENVELOPES
 from channels.options import Option, number_text
 from channels.registry import Registry, load_channels
 from poller.logs import LOG_FORMATS, LOG_LEVELS
+
+if TYPE_CHECKING:
+    import cloup
 
 __all__ = ["POLLER_OPTIONS", "Option", "apply", "check", "group_of", "installed_channels", "markdown_table",
            "option", "run_options"]
@@ -201,6 +203,8 @@ def apply(options: Iterable[Option], *, for_check: bool = False) -> Callable[[An
     """Decorate a (cloup) command with these options, in order, each in its section of --help.
     ``for_check``: the options ``poller check`` does not use are taken (a run's flags can be
     checked as they are) but not listed."""
+    import cloup  # only the CLI needs it: the workers import this module for the range checks
+
     declared = list(options)
 
     def decorate(command: Any) -> Any:
@@ -226,6 +230,8 @@ def _help(o: Option) -> str:
 
 
 def _click_option(o: Option, group: cloup.OptionGroup, hidden: bool) -> Callable[[Any], Any]:
+    import cloup
+
     kwargs: dict[str, Any] = {
         "envvar": [o.env, *o.envvars], "show_envvar": True, "help": _help(o),
         "required": o.required, "multiple": o.multiple, "hidden": hidden,
