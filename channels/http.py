@@ -562,12 +562,12 @@ OPTIONS = (
     Option(flag="--sink", envvars=("K_SINK",),
            help="HTTP channel: the sink URL (Knative's K_SINK works too); user:password@ is sent as "
                 "Basic auth."),
-    Option(flag="--http-mode", choices=MODES, default="binary",
+    Option(flag="--http-mode", run_only=True, choices=MODES, default="binary",
            help="HTTP channel: CloudEvents content mode; batch: up to --http-batch-size events per request."),
-    Option(flag="--http-batch-size", kind=int, low=1, high=1000, default=10,
+    Option(flag="--http-batch-size", run_only=True, kind=int, low=1, high=1000, default=10,
            help="HTTP channel, batch mode: events per request; a 2xx answer with batchItemFailures "
                 "retries just those."),
-    Option(flag="--http-concurrency", kind=int, low=1, high=1024, default=64,
+    Option(flag="--http-concurrency", run_only=True, kind=int, low=1, high=1024, default=64,
            help="HTTP channel: requests in flight per process at most, each on a keep-alive connection."),
     Option(flag="--http-timeout", kind=float, low=0.001, high=3600, default=30.0,
            help="HTTP channel: seconds for a whole delivery attempt (waiting for a connection, connect, "

@@ -32,6 +32,12 @@ class Option:
     dest: str = ""  # the parameter's name, if not the flag's
     lines: bool = False  # env var: one value per line (a value may contain spaces)
     metavar: str = ""  # the value's name in --help, if not the kind's
+    # The poller's own options: the section of --help they are listed in; a channel's options are
+    # listed under the channel, whatever this says.
+    group: str = ""
+    # Used by `poller run` only: `poller check` takes it (a run's flags can be checked as they
+    # are) but does not list it in its --help.
+    run_only: bool = False
 
     @property
     def name(self) -> str:

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import click
+import cloup
 import orjson
 
 from channels.http import check_url
@@ -34,7 +35,8 @@ log = logging.getLogger("poller")
 CHANNELS = installed_channels()
 
 
-@click.group(invoke_without_command=True,
+# cloup: click with option groups, so `run --help` lists its flags in sections.
+@cloup.group(invoke_without_command=True,
              context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name=DISTRIBUTION, prog_name="poller")
 @click.pass_context
@@ -103,8 +105,15 @@ def run(**opts: Any) -> int:
 # -- check -----------------------------------------------------------------------------------
 
 
-@cli.command(epilog="Exit 0 when everything answered; the first failure is one line and exit 3.")
-@apply(run_options(CHANNELS))
+CHECK_EPILOG = """Exit 0 when everything answered; the first failure is one line and exit 3.
+
+It takes every flag and environment variable of `poller run`, so a run's command line can be
+checked as it is; those it does not use are not listed here.
+"""
+
+
+@cli.command(epilog=CHECK_EPILOG)
+@apply(run_options(CHANNELS), for_check=True)
 def check(**opts: Any) -> int:
     """Check what `poller run` would use, with the same flags, and print a short report.
 

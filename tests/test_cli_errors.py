@@ -423,15 +423,17 @@ def test_unknown_profile(run_poller: RunPoller, aws_env: Mapping[str, str], queu
 
 
 def _option_blocks(help_text: str) -> dict[str, str]:
-    """--long-name -> its whole entry in ``--help`` (whitespace normalised)."""
-    options = help_text.split("Options:", 1)[1]
+    """--long-name -> its whole entry in ``--help`` (whitespace normalised), in whichever of the
+    help's sections it is listed."""
     blocks: dict[str, str] = {}
     current: list[str] = []
-    for line in options.splitlines():
-        if re.match(r"^  -", line) and current:
-            _store(blocks, current)
-            current = []
-        current.append(line)
+    for line in help_text.splitlines():
+        if re.match(r"^  -", line) or not line.startswith(" "):  # an entry, or a section's title or end
+            if current:
+                _store(blocks, current)
+            current = [line] if line.startswith("  -") else []
+        elif current:
+            current.append(line)
     if current:
         _store(blocks, current)
     return blocks

@@ -22,7 +22,7 @@ from poller.stats import SLOTS
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy" / "grafana-dashboard.json"
-README = ROOT / "README.md"
+OPERATIONS = ROOT / "docs" / "operations.md"
 
 DS_UID = "${DS_PROMETHEUS}"
 GRID_WIDTH = 24
@@ -327,7 +327,7 @@ def test_every_served_metric_is_charted(dashboard: dict[str, Any], served: Serve
     assert charted == set(served.families), f"not on the dashboard: {sorted(set(served.families) - charted)}"
 
 
-def test_readme_names_the_dashboard() -> None:
-    text = README.read_text()
+def test_the_operations_guide_names_the_dashboard() -> None:
+    text = OPERATIONS.read_text()
     section = text.split("## Health and metrics", 1)[1].split("\n## ", 1)[0]
     assert str(DASHBOARD.relative_to(ROOT)) in section

@@ -1,5 +1,6 @@
 """poller.options (one declaration per option), poller.cpus (processes that fit the container),
-and the README's flag table, which must be exactly what the declarations make."""
+the README's flag table, which must be exactly what the declarations make, and the sections of
+``poller run --help`` and ``poller check --help`` made from them."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ from pathlib import Path
 
 import click
 import pytest
+from click.testing import CliRunner
 
 from channels.http import HttpConfig
 from poller.config import RunConfig, WorkerConfig
 from poller.cpus import cpu_quota, default_processes
-from poller.options import RUN_OPTIONS, markdown_table, option
+from poller.options import POLLER_OPTIONS, RUN_OPTIONS, group_of, markdown_table, option
 from poller.sqs import SqsTarget
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -35,6 +37,53 @@ def test_every_declared_option_is_a_flag_of_run_with_its_env_var() -> None:
             param = params[o.name]
             assert o.flag in param.opts
             assert o.env in param.envvar
+
+
+def _sections(command: str) -> dict[str, list[str]]:
+    """The sections of ``poller COMMAND --help``: title -> the long flags listed under it, in order."""
+    from poller.cli import cli
+
+    result = CliRunner().invoke(cli, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    sections: dict[str, list[str]] = {}
+    title = ""
+    for line in result.output.splitlines():
+        if line and not line.startswith(" ") and line.endswith(":"):
+            title = line[:-1]
+            sections[title] = []
+        elif title and line.startswith("  -"):
+            flag = next((w for w in line.split() if w.startswith("--")), None)
+            if flag:
+                sections[title].append(flag.rstrip(","))
+    return {t: flags for t, flags in sections.items() if flags}  # not the epilog's "Examples:"
+
+
+def test_every_option_of_the_poller_is_in_a_section() -> None:
+    assert all(o.group for o in POLLER_OPTIONS), [o.flag for o in POLLER_OPTIONS if not o.group]
+
+
+def test_run_help_lists_the_options_by_section_in_the_declared_order() -> None:
+    sections = _sections("run")
+    expected: dict[str, list[str]] = {}
+    for o in RUN_OPTIONS:
+        expected.setdefault(group_of(o), []).append(o.flag)
+    assert list(sections)[:4] == ["SQS", "Delivery", "Events", "With --channel http"]
+    assert list(sections)[-2:] == ["Operations", "Other options"]  # --help last
+    assert {t: f for t, f in sections.items() if t != "Other options"} == expected
+
+
+def test_check_help_lists_only_what_check_uses_and_takes_every_flag_of_run() -> None:
+    from poller.cli import check
+
+    listed = {f for flags in _sections("check").values() for f in flags}
+    assert listed == {o.flag for o in RUN_OPTIONS if not o.run_only} | {"--help"}
+    assert {"--queue-url", "--sink", "--kafka-topic", "--retries", "--log-format"} <= listed
+    assert not {"--batch-size", "--metrics-port", "--until-empty", "--envelope", "--http-mode"} & listed
+    # a run's command line is checked as it is: a run-only flag is taken, and held to its range
+    ctx = check.make_context("check", ["--queue-url", "http://127.0.0.1:9/000000000000/q", "--batch-size", "5"])
+    assert ctx.params["batch_size"] == 5
+    with pytest.raises(click.BadParameter, match="not in the range 1<=x<=10"):
+        check.make_context("check", ["--queue-url", "http://127.0.0.1:9/000000000000/q", "--batch-size", "11"])
 
 
 @pytest.mark.parametrize(("field", "value", "flag"), [
