@@ -46,11 +46,15 @@ bench: setup
 	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
 
 # The image: docker where a daemon answers, else buildah (--format docker: the OCI format has no
-# HEALTHCHECK). IMAGE=name:tag names it.
+# HEALTHCHECK). IMAGE=name:tag names it; BUILD_ARGS="--build-arg UID=2000" goes to the builder.
+# No --layers for buildah: its layer cache reuses a `RUN --mount=from=build` step after the build
+# stage changed (and buildah 1.28 then fails to mount the cached stage).
 IMAGE ?= sqs-poller:dev
+BUILD_ARGS ?=
 image:
-	@if docker info >/dev/null 2>&1; then set -x; docker build -t $(IMAGE) .; \
-	elif command -v buildah >/dev/null 2>&1; then set -x; buildah build --format docker --layers -t $(IMAGE) .; \
+	@if docker info >/dev/null 2>&1; then set -x; docker build $(BUILD_ARGS) -t $(IMAGE) .; \
+	elif command -v buildah >/dev/null 2>&1; then \
+	  set -x; buildah build --format docker $(BUILD_ARGS) -t $(IMAGE) .; \
 	else echo "make image: no Docker daemon answers and buildah is not installed" >&2; exit 1; fi
 
 # Builds the image and runs it locked down against LocalStack and a local sink
