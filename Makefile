@@ -3,12 +3,16 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup demo lint test test-fast bench clean
+.PHONY: setup demo lint test test-fast bench image image-smoke lock clean
 
-$(BIN)/poller: pyproject.toml
+# The runtime's versions come from requirements.lock, as in the image. It is a constraints file
+# here (the test and lint tools are not in it), and pip reads hashes in a constraints file as
+# --require-hashes for everything: setup uses a copy without them.
+$(BIN)/poller: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,lint]'
+	sed -E '/^ +--hash=/d; s/ *\\$$//' requirements.lock > $(VENV)/constraints.txt
+	$(BIN)/pip install --quiet -c $(VENV)/constraints.txt -e '.[test,lint]'
 	@# LocalStack needs Python 3.13 (PEP 695); poller/kit/installcache.py installs it into a cache on first use.
 	@touch $(BIN)/poller
 
@@ -40,6 +44,35 @@ test-fast: setup
 bench: setup
 	$(BIN)/pip install --quiet -e '.[test,bench]'
 	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
+
+# The image: docker where a daemon answers, else buildah (--format docker: the OCI format has no
+# HEALTHCHECK). IMAGE=name:tag names it; BUILD_ARGS="--build-arg UID=2000" goes to the builder.
+# No --layers for buildah: its layer cache reuses a `RUN --mount=from=build` step after the build
+# stage changed (and buildah 1.28 then fails to mount the cached stage).
+IMAGE ?= sqs-poller:dev
+BUILD_ARGS ?=
+image:
+	@if docker info >/dev/null 2>&1; then set -x; docker build $(BUILD_ARGS) -t $(IMAGE) .; \
+	elif command -v buildah >/dev/null 2>&1; then \
+	  set -x; buildah build --format docker $(BUILD_ARGS) -t $(IMAGE) .; \
+	else echo "make image: no Docker daemon answers and buildah is not installed" >&2; exit 1; fi
+
+# Builds the image and runs it locked down against LocalStack and a local sink
+# (tests/test_image.py; it says why when it skips: no builder, no base image).
+image-smoke: setup
+	$(BIN)/python -m pytest -ra -p no:cacheprovider tests/test_image.py $(PYTEST_ARGS)
+
+# Refresh the lock files to the newest versions pyproject.toml allows (pip-tools, from the lock
+# extra): requirements.lock (the runtime; setup's constraints) and requirements-msk.lock (with
+# the msk extra; what the image installs). The msk lock starts from a copy of the runtime's, so
+# the two agree on every version they share.
+LOCK := CUSTOM_COMPILE_COMMAND="make lock" $(BIN)/pip-compile --quiet --generate-hashes --strip-extras \
+	--no-emit-index-url --no-emit-find-links pyproject.toml
+lock: setup
+	$(BIN)/pip install --quiet -c $(VENV)/constraints.txt -e '.[lock]'
+	$(LOCK) --upgrade --output-file requirements.lock
+	cp requirements.lock requirements-msk.lock
+	$(LOCK) --extra msk --output-file requirements-msk.lock
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -195,10 +195,17 @@ def _image_env() -> dict[str, str]:
     return env
 
 
+def _final_args() -> dict[str, str]:
+    """The final stage's ARG defaults: what `${NAME}` means in a build without --build-arg."""
+    return dict(ins.args.partition("=")[::2] for ins in _final("ARG"))
+
+
 def _image_uid() -> int:
     users = _final("USER")
     assert users, "the final stage must set USER (the image would run as root)"
-    user = users[-1].args.split(":")[0]
+    args = _final_args()
+    user = re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: args.get(m.group(1) or m.group(2), m.group(0)), users[-1].args)
+    user = user.split(":")[0]
     assert user.isdigit(), f"USER should be numeric so runAsNonRoot can verify it, not {user!r}"
     return int(user)
 
@@ -265,7 +272,8 @@ def test_image_is_multistage_slim_and_pinned() -> None:
     installs = [i.args for i in final if i.keyword == "RUN" and "pip" in i.args and " install" in i.args]
     assert installs and all("--no-index" in a for a in installs), \
         "the final stage should install only from the build stage's wheelhouse (--no-index)"
-    assert any("[msk]" in a for a in installs), "the image should install the msk extra (--kafka-auth iam)"
+    assert any("--require-hashes -r /wheels/requirements-msk.lock" in a for a in installs), \
+        "the image should install exactly the locked dependencies with the msk extra (--kafka-auth iam)"
 
 
 def test_image_runs_poller_as_non_root() -> None:
