@@ -104,7 +104,8 @@ def parse_headers(items: Iterable[str], environ: Mapping[str, str]) -> tuple[tup
         name, colon, value = item.partition(":")
         name = name.strip()
         if not colon or not name:
-            raise ValueError(f"--sink-header {name[:40]!r}: expected 'Name: value'")
+            # without the colon there is no telling the name from the value: show neither
+            raise ValueError("--sink-header: expected 'Name: value' (the text given is not shown)")
         headers.append((name, _expand(name, value.strip(), environ)))
     check_headers(headers)
     return tuple(headers)

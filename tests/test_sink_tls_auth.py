@@ -314,6 +314,9 @@ def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
     (["--sink-token-file", "{missing}"], {}, "--sink-token-file {missing}: no such file"),
     (["--sink-token-file", "{empty}"], {}, "the file is empty"),
     (["--sink-header", "X-Api-Key"], {}, "expected 'Name: value'"),
+    # a value typed without the colon is still a value: never echoed
+    (["--sink-header", "X-Api-Key=s3cr3t-typed-with-equals"], {}, "expected 'Name: value'"),
+    ([], {"POLLER_SINK_HEADER": "X-Api-Key s3cr3t-typed-with-a-space"}, "expected 'Name: value'"),
     (["--sink-header", "ce-type: spoofed"], {}, "the channel sets this header itself"),
     (["--sink-header", "Content-Type: text/plain"], {}, "the channel sets this header itself"),
     (["--sink-header", "Host: elsewhere"], {}, "the channel sets this header itself"),
