@@ -143,10 +143,12 @@ def test_demo_headless(sqs_endpoint: str) -> None:
         assert "poller-demo-" in event["source"]
         assert "coffee" in event["data"]["Body"]
         assert event["data"]["MessageId"] == event["id"]
+        assert event["origin"] == "poller-demo"  # the samples' message attribute, as an extension
     assert sorted(orjson.loads(e["data"]["Body"])["order"] for e in events) == [1, 2, 3]
     send_hint = [line for line in err.splitlines() if "send one of your own" in line]
     assert len(send_hint) == 1 and "aws sqs send-message" in send_hint[0] and "--queue-url" in send_hint[0]
     assert "throughput 0 msg/s" not in err
+    assert "is not forwarded" not in err, err  # the demo's own samples need no explaining
 
     # the poller it started was seen (the watcher works), and nothing it started is left
     commands = watcher.cmdlines.values()

@@ -138,7 +138,7 @@ def _send_samples(sqs: SQSClient, queue_url: str, options: DemoOptions) -> None:
         sqs.send_message(
             QueueUrl=queue_url,
             MessageBody=orjson.dumps({"order": sent, "item": "coffee", "sent_at": time.time()}).decode(),
-            MessageAttributes={"source": {"DataType": "String", "StringValue": "poller-demo"}},
+            MessageAttributes={"origin": {"DataType": "String", "StringValue": "poller-demo"}},
         )
 
     for _ in range(options.messages):
