@@ -614,7 +614,7 @@ def _build(context: BuildContext) -> HttpConfig:
 def _describe(config: HttpConfig) -> str:
     extras = []
     route = route_for(config.sink)
-    if route.proxy is not None:
+    if route.proxy is not None or route.bypassed:  # as SQS's route: said when a proxy variable applies
         extras.append(str(route))
     if config.https:
         cas = [what for what, given in (("--sink-ca-file", config.tls.ca_file), ("K_CA_CERTS", config.tls.ca_pem),

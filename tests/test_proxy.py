@@ -21,6 +21,8 @@ from urllib.parse import urlsplit
 import pytest
 from forwardproxy import ForwardProxy, PrivateCa, TlsFront
 
+from channels.http import CHANNEL as HTTP_CHANNEL
+from channels.http import HttpConfig
 from channels.transport.http import HttpPool
 from channels.transport.proxy import Proxy, Route, bypasses, route_for
 from poller.sqs import BlockingSqsClient, SqsError, SqsTarget
@@ -88,6 +90,20 @@ def test_each_scheme_takes_its_own_variable_and_lowercase_wins(monkeypatch: pyte
     assert str(route_for("http://sink.example/")) == "direct"
     monkeypatch.setenv("http_proxy", "http://lower:8080")
     assert str(route_for("http://sink.example/")) == "via proxy http://lower:8080"
+
+
+def test_runs_start_line_names_the_sinks_route_when_a_proxy_or_no_proxy_applies(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As SQS's: the start line says "via proxy ..." or "direct (NO_PROXY)", and nothing when
+    no proxy is set."""
+    _clear_proxy_env(monkeypatch)
+    config = HttpConfig(sink="http://127.0.0.1:8080/")
+    assert "proxy" not in HTTP_CHANNEL.describe(config).lower()
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    assert "via proxy http://127.0.0.1:9" in HTTP_CHANNEL.describe(config)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    assert "direct (NO_PROXY)" in HTTP_CHANNEL.describe(config)
 
 
 def test_proxy_urls_credentials_and_refusals() -> None:
