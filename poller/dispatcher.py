@@ -298,9 +298,7 @@ class Dispatcher:
         if self.stopping:
             return
         self.stopping = True
-        if self._probe_timer is not None:
-            self._probe_timer.cancel()
-            self._probe_timer = None
+        self._cancel_probe()
         for run in [*self._gate.take_parked(), *self._timers]:
             self._settle(run, forced=self._stop_visibility())
 
@@ -337,9 +335,7 @@ class Dispatcher:
         log.warning("circuit closed after %.0fs: the channel delivers again; receiving resumes, "
                     "%d parked run(s) sent again", now - self._gate.circuit.opened_at, len(parked))
         self._counters.set("circuit_open", 0)
-        if self._probe_timer is not None:
-            self._probe_timer.cancel()
-            self._probe_timer = None
+        self._cancel_probe()
         for run in parked:
             self._schedule(run, now)
         self._room.wake()
@@ -347,6 +343,11 @@ class Dispatcher:
     def _park(self, run: Run) -> None:
         self._gate.park(run)
         self._arm_probe()
+
+    def _cancel_probe(self) -> None:
+        if self._probe_timer is not None:
+            self._probe_timer.cancel()
+            self._probe_timer = None
 
     def _arm_probe(self) -> None:
         """One probe at a time, when the circuit's backoff says so."""

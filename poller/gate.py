@@ -38,8 +38,7 @@ class Gate:
         """A delivery got an answer. The parked runs, to send again, if this closed the circuit."""
         if not self.circuit.success():
             return None
-        parked, self.parked = list(self.parked), deque()
-        return parked
+        return self.take_parked()
 
     def failure(self, now: float, reason: str, *, wait: float, probe: bool) -> bool:
         """A delivery failed in a way worth retrying (``probe``: it was the probe). True if this
