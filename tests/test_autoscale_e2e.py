@@ -11,8 +11,8 @@ the workers' numbers reach the policy, and adding and retiring keep at-least-onc
 
 from __future__ import annotations
 
-import re
 import os
+import re
 import subprocess
 import sys
 import time
