@@ -141,10 +141,9 @@ POLLER_OPTIONS: tuple[Option, ...] = (
             help="The events' source; not for bodies an --envelope maps."),
     # -- operations -----------------------------------------------------------------------------
     _ops(flag="--processes", run_only=True, kind=int, low=1, high=256, choices=("auto",), default="auto",
-         help="Worker processes under the supervisor. A number: exactly that many. auto: one, plus one while "
-              "the workers are busy (0.85 of a core each) and a backlog waits and the machine has a spare CPU, "
-              "up to --max-processes; one is retired when the load fits in fewer for 30 s. With --max-rate, "
-              "auto runs --max-processes workers."),
+         help="Worker processes under the supervisor: a number runs exactly that many; auto runs one, adds one "
+              "while they are saturated (0.85 of a core each) with a backlog and a CPU to spare, up to "
+              "--max-processes, and retires one when the load fits in fewer (see docs/operations.md)."),
     _ops(flag="--max-processes", run_only=True, kind=int, low=1, high=256,
          default_text="the container's CPU quota, rounded up (else the usable CPUs)",
          help="The most workers --processes auto runs."),
