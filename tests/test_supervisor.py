@@ -14,7 +14,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from channels.http import HttpConfig
 from poller.autoscale import Policy
 from poller.config import RunConfig, WorkerConfig
 from poller.sqs import SqsTarget
+from poller.stats import FIELDS
 from poller.supervisor import Supervisor
 
 from support import free_port, http_get, wait_until
@@ -321,11 +322,16 @@ NOW = 10_000.0
 
 def supervisor_with(*workers: str, worker_timeout: float = 60.0) -> Supervisor:
     """A supervisor whose slots are in the states given: "healthy", "silent" (alive, last beat 15 s
-    ago), "starting" (no beat yet), "restarting" (dead, respawn in 20 s); looked at NOW."""
+    ago), "starting" (no beat yet), "restarting" (dead, respawn in 20 s), "unused" and "retiring"
+    (not wanted: --processes auto); looked at NOW."""
     sup = Supervisor(run_config(len(workers), worker_timeout=worker_timeout))
     for slot, state in zip(sup._slots, workers, strict=True):
         slot.started_at = NOW - 100
-        if state == "restarting":
+        if state == "unused":  # --processes auto: a slot not started
+            slot.wanted, slot.process = False, None
+        elif state == "retiring":  # --processes auto: told to stop, still draining (no heartbeat needed)
+            slot.wanted, slot.process = False, FakeProcess()  # type: ignore[assignment]
+        elif state == "restarting":
             slot.process, slot.respawn_at = None, NOW + 20
         else:
             slot.process = FakeProcess()  # type: ignore[assignment]
@@ -387,3 +393,30 @@ def test_stopping_is_unready() -> None:
     sup = supervisor_with("healthy")
     sup._stopping = True
     assert sup.ready() == (False, "stopping")
+
+
+@pytest.mark.parametrize("other", ["unused", "retiring"])
+def test_a_slot_not_wanted_is_no_problem_for_the_probes(other: str) -> None:
+    sup = supervisor_with("healthy", other)
+    assert sup.health(NOW) == (True, "ok")
+    assert sup.ready() == (True, "")
+    assert sup._states.healthy == 1
+
+
+def test_batch_mode_waits_only_for_the_wanted_workers() -> None:
+    sup = supervisor_with("healthy", "unused")
+    sup.config = replace(sup.config, until_empty=True)
+    drained = FIELDS.index("drained")
+    assert not sup._batch_done()
+    sup._slots[0].stats[drained] = 1
+    assert sup._batch_done()  # the slot never started does not hold the run open
+
+
+def test_a_retired_workers_counts_still_count() -> None:
+    sup = supervisor_with("healthy", "retiring")
+    acked = FIELDS.index("acked")
+    sup._slots[1].stats[acked] = 70
+    sup._slots[1].stats[FIELDS.index("in_flight")] = 3
+    sup._retire_stats(sup._slots[1])  # what the reaper does when it exits
+    totals = sup._totals()
+    assert totals[acked] == 70 and totals[FIELDS.index("in_flight")] == 0
