@@ -192,3 +192,37 @@ def test_bounds() -> None:
         Autoscaler(0, 2, batch_size=BATCH, max_in_flight=HELD)
     with pytest.raises(ValueError):
         Autoscaler(3, 2, batch_size=BATCH, max_in_flight=HELD)
+
+
+# -- the option: --processes auto | N, --max-processes ---------------------------------------------
+
+
+def test_processes_auto_scales_up_to_max_processes_or_the_quota() -> None:
+    from poller.boot import _processes
+    from poller.cpus import default_processes
+
+    assert _processes({"processes": 3, "max_processes": None, "max_rate": 0.0}) == (3, False, "--processes")
+    assert _processes({"processes": "auto", "max_processes": 4, "max_rate": 0.0}) == (4, True, "--max-processes")
+    most, why = default_processes()
+    assert _processes({"processes": "auto", "max_processes": None, "max_rate": 0.0}) == (most, most > 1, why)
+    assert _processes({"processes": "auto", "max_processes": 1, "max_rate": 0.0})[:2] == (1, False)
+    # --max-rate splits its rate across the workers: their number stays fixed
+    n, auto, why = _processes({"processes": "auto", "max_processes": 2, "max_rate": 100.0})
+    assert (n, auto) == (2, False) and "--max-rate" in why
+
+
+@pytest.mark.parametrize(("value", "parsed"), [("auto", "auto"), ("AUTO", "auto"), ("1", 1), ("256", 256)])
+def test_processes_takes_auto_or_a_number(value: str, parsed: object) -> None:
+    from poller.options import _click_type, option
+
+    assert _click_type(option("--processes")).convert(value, None, None) == parsed
+
+
+@pytest.mark.parametrize("value", ["0", "257", "many"])
+def test_processes_refuses_the_rest(value: str) -> None:
+    import click
+
+    from poller.options import _click_type, option
+
+    with pytest.raises(click.BadParameter, match="neither auto nor"):
+        _click_type(option("--processes")).convert(value, None, None)
