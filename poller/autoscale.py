@@ -155,7 +155,7 @@ class Autoscaler:
     # -- history ---------------------------------------------------------------------------
 
     def _record(self, load: Load) -> None:
-        keep = load.now - max(self.policy.window, self.policy.trial) * 2 - 1.0
+        keep = load.now - self.policy.window * 2 - 1.0  # what _window and _rate look at
         seen = set()
         for worker in load.workers:
             seen.add(worker.key)
