@@ -78,7 +78,9 @@ def fake_worker(slot: int, config: Any, stats: Any, parent_pid: int, heartbeat: 
             heartbeat.value = time.monotonic()
             raise SystemExit(1)
         _beat_forever(heartbeat)
-    if mode == "load":
+    if mode in ("load", "load-stubborn"):
+        if mode == "load-stubborn" and slot == 1:  # a worker that will not stop when retired
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         _publish_load(Path(os.environ["FAKE_WORKER_DIR"]), stats, heartbeat)
     if mode == "stubborn":
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -92,7 +94,8 @@ def _publish_load(directory: Path, stats: Any, heartbeat: Any) -> None:
     SIGTERM as a worker does, exit 0."""
     from poller.stats import Counters
 
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     counters = Counters()
     cpu_ms = 1.0
     while True:
@@ -420,3 +423,15 @@ def test_a_retired_workers_counts_still_count() -> None:
     sup._retire_stats(sup._slots[1])  # what the reaper does when it exits
     totals = sup._totals()
     assert totals[acked] == 70 and totals[FIELDS.index("in_flight")] == 0
+
+
+@pytest.mark.slow
+def test_a_retired_worker_that_does_not_stop_is_killed_after_the_shutdown_timeout(running: Any) -> None:
+    sup = running("load-stubborn", processes=2, autoscale=True, shutdown_timeout=3.0)
+    wait_until(lambda: len(sup.starts(1)) == 1, 30, "a second worker under load")
+    time.sleep(4)  # past the trial
+    (sup.dir / "idle").write_text("")
+    wait_until(lambda: "retired: was killed by SIGKILL" in sup.log(), 30, "the stubborn worker killed")
+    assert "did not stop within --shutdown-timeout of its retirement; killing it" in sup.log()
+    assert len(sup.starts(1)) == 1  # not restarted
+    assert sup.stop() == 0
