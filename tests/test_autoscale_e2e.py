@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from support import dumper_sink, queue_counts, send_parallel, split, wait_until
+from support import PollerProcess, dumper_sink, queue_counts, send_messages, send_parallel, split, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -112,3 +112,28 @@ def test_a_worker_is_added_under_a_backlog_and_retired_with_nothing_lost(
           f"({len(delivered) - len(set(delivered))} duplicates), {text.count('autoscale: adding')} added, "
           f"{retired} retired")
     assert "worker_restarts" not in text and "restarting in" not in text, text[-3000:]
+
+
+def test_the_cli_default_is_auto_and_batch_mode_ends_with_one_worker(
+    sqs: Any, make_queue: Any, aws_env: Mapping[str, str], tmp_path: Path
+) -> None:
+    """`poller run` without --processes: auto, one worker started (the others wait for a load that
+    saturates it), and --until-empty ends the run once that worker is drained."""
+    queue = make_queue()
+    ids = send_messages(sqs, queue.url, [f"b{i}" for i in range(300)])
+    with dumper_sink() as server:
+        poller = PollerProcess(["--queue-url", queue.url, "--sink", server.url, "--max-processes", "2",
+                                "--wait-time", "1", "--until-empty"], aws_env, tmp_path / "poller.log")
+        try:
+            code = poller.proc.wait(90)
+        finally:
+            poller.stop()
+        delivered = {e["id"] for e in server.events}
+    log = poller.log_text()
+    assert code == 0, log[-3000:]
+    assert "worker processes: auto, 1 to 2 (--max-processes)" in log
+    assert "with auto, 1 to 2 process(es)" in log
+    assert "started worker-0" in log and "started worker-1" not in log, log[-3000:]
+    assert "the queue is empty" in log
+    assert delivered == set(ids)
+    assert queue_counts(sqs, queue.url) == (0, 0)
