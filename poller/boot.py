@@ -111,6 +111,8 @@ def make_plan(opts: dict[str, Any], channels: Registry, *, reach_queue: bool = T
             raise BootError(f"{exc.message}; {mismatch}") from None
         raise
     processes, autoscale, why = _processes(opts)
+    if opts["max_processes"] and opts["processes"] != "auto":
+        warnings.append(f"--max-processes is for --processes auto: ignored with --processes {opts['processes']}")
     notes.append(f"worker processes: {'auto, 1 to ' if autoscale else ''}{processes} ({why})")
     try:
         worker = WorkerConfig(

@@ -226,3 +226,24 @@ def test_processes_refuses_the_rest(value: str) -> None:
 
     with pytest.raises(click.BadParameter, match="neither auto nor"):
         _click_type(option("--processes")).convert(value, None, None)
+
+
+@pytest.mark.parametrize(("args", "processes", "auto", "warned"), [
+    ([], None, True, False),
+    (["--max-processes", "3"], 3, True, False),
+    (["--processes", "2"], 2, False, False),
+    (["--processes", "2", "--max-processes", "3"], 2, False, True),
+])
+def test_the_plan_from_the_flags(args: list[str], processes: int | None, auto: bool, warned: bool) -> None:
+    from poller.boot import make_plan
+    from poller.cli import CHANNELS, run
+    from poller.cpus import default_processes
+
+    argv = ["--queue-url", "http://127.0.0.1:9/000000000000/q", "--endpoint-url", "http://127.0.0.1:9",
+            "--region", "us-east-1", "--sink", "http://127.0.0.1:9/", *args]
+    with run.make_context("run", argv) as ctx:
+        plan = make_plan(ctx.params, CHANNELS, reach_queue=False)
+    most = processes or default_processes()[0]
+    assert plan.config.processes == most
+    assert plan.config.autoscale == (auto and most > 1)
+    assert any("--max-processes is for --processes auto" in w for w in plan.warnings) == warned

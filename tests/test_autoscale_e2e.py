@@ -133,6 +133,7 @@ def test_the_cli_default_is_auto_and_batch_mode_ends_with_one_worker(
     assert code == 0, log[-3000:]
     assert "worker processes: auto, 1 to 2 (--max-processes)" in log
     assert "with auto, 1 to 2 process(es)" in log
+    assert "--max-processes is for --processes auto" not in log
     assert "started worker-0" in log and "started worker-1" not in log, log[-3000:]
     assert "the queue is empty" in log
     assert delivered == set(ids)
