@@ -110,8 +110,10 @@ def make_plan(opts: dict[str, Any], channels: Registry, *, reach_queue: bool = T
         if mismatch:  # most likely why the queue cannot be found
             raise BootError(f"{exc.message}; {mismatch}") from None
         raise
-    processes, why = (opts["processes"], "--processes") if opts["processes"] else default_processes()
-    notes.append(f"{processes} worker process(es): {why}")
+    processes, autoscale, why = _processes(opts)
+    if opts["max_processes"] and opts["processes"] != "auto":
+        warnings.append(f"--max-processes is for --processes auto: ignored with --processes {opts['processes']}")
+    notes.append(f"worker processes: {'auto, 1 to ' if autoscale else ''}{processes} ({why})")
     try:
         worker = WorkerConfig(
             target=target,
@@ -133,7 +135,7 @@ def make_plan(opts: dict[str, Any], channels: Registry, *, reach_queue: bool = T
             log_level=opts["log_level"].upper(),
             log_format=opts["log_format"],
         )
-        config = RunConfig(worker=worker, processes=processes,
+        config = RunConfig(worker=worker, processes=processes, autoscale=autoscale,
                            shutdown_timeout=opts["shutdown_timeout"],
                            stats_interval=opts["stats_interval"],
                            worker_timeout=opts["worker_timeout"],
@@ -147,6 +149,16 @@ def make_plan(opts: dict[str, Any], channels: Registry, *, reach_queue: bool = T
         warnings.append("queue has no redrive policy: rejected messages will be redelivered until they "
                         f"expire (retention {attributes.get('MessageRetentionPeriod', '?')} s)")
     return Plan(target, channel, attributes, config, tuple(notes), tuple(warnings), plugin)
+
+
+def _processes(opts: dict[str, Any]) -> tuple[int, bool, str]:
+    """(workers, or the most with auto; auto; why that many) from --processes, --max-processes."""
+    if opts["processes"] != "auto":
+        return opts["processes"], False, "--processes"
+    most, why = (opts["max_processes"], "--max-processes") if opts["max_processes"] else default_processes()
+    if opts["max_rate"]:  # the limit is split across the workers: their number must not change
+        return most, False, f"{why}; fixed, since --max-rate splits its rate across them"
+    return most, most > 1, why
 
 
 def region_warning(target: SqsTarget) -> str | None:

@@ -96,9 +96,9 @@ def run(**opts: Any) -> int:
         log.warning("%s", line)
     fifo = plan.attributes.get("FifoQueue") == "true"
     detail = describe_channel(plan)
-    log.info("polling %s%s (region %s, endpoint %s) -> %s channel%s with %d process(es)",
+    log.info("polling %s%s (region %s, endpoint %s) -> %s channel%s with %s process(es)",
              plan.target.queue_url, " (FIFO)" if fifo else "", plan.target.region, plan.target.endpoint_url,
-             plan.channel.name, f" {detail}" if detail else "", plan.config.processes)
+             plan.channel.name, f" {detail}" if detail else "", plan.config.processes_text)
     return supervisor.run()
 
 

@@ -89,7 +89,9 @@ class RunConfig:
     """What the supervisor needs: how many workers, each worker's config, and what it serves."""
 
     worker: WorkerConfig
+    # Worker processes; with autoscale, the most: one runs at first (--processes auto).
     processes: int = 1
+    autoscale: bool = False
     shutdown_timeout: float = 25.0
     stats_interval: float = 10.0
     # A worker that sent no heartbeat this long is killed and replaced.
@@ -112,3 +114,8 @@ class RunConfig:
             ("--health-port", self.health_port),
         ):
             check(flag, value)
+
+    @property
+    def processes_text(self) -> str:
+        """How many workers run, for the log: "2" or "auto, 1 to 2"."""
+        return f"auto, 1 to {self.processes}" if self.autoscale else str(self.processes)

@@ -84,6 +84,7 @@ class PollerCollector(Collector):
     queue: str
     channel: str
     healthy: Callable[[], int] | None = None  # workers alive and beating (Supervisor.healthy_workers)
+    target: Callable[[], int] | None = None  # workers wanted (--processes auto moves it)
     version: str = dataclasses.field(default_factory=poller_version)
     python: str = dataclasses.field(default_factory=platform.python_version)
 
@@ -115,6 +116,11 @@ class PollerCollector(Collector):
             yield _one(GaugeMetricFamily("sqs_poller_workers_healthy",
                                          "Worker processes alive and sending their heartbeat.", labels=_LABELS),
                        labels, self.healthy())
+        if self.target is not None:
+            yield _one(GaugeMetricFamily("sqs_poller_workers_target",
+                                         "Worker processes the supervisor wants running: --processes, or with "
+                                         "auto what the load asks for (1 to --max-processes).", labels=_LABELS),
+                       labels, self.target())
         yield _one(CounterMetricFamily("sqs_poller_worker_restarts", "Worker processes restarted.",
                                        labels=_LABELS), labels, self.restarts())
         for field in HISTOGRAMS:

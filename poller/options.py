@@ -42,11 +42,30 @@ class _Lines(click.ParamType[str]):
         return str(value)
 
 
+class _IntOrWord(click.ParamType[Any]):
+    """A number in a range, or one of a few words (``--processes auto``)."""
+
+    def __init__(self, words: tuple[str, ...], low: int | None, high: int | None) -> None:
+        self.words = words
+        self.numbers = click.IntRange(low, high)
+        self.name = f"[{'|'.join(words)}|{low}-{high}]" if low is not None and high is not None else "INTEGER"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and value.strip().lower() in self.words:
+            return value.strip().lower()
+        try:
+            return self.numbers.convert(value, param, ctx)
+        except click.BadParameter:
+            self.fail(f"{value!r} is neither {' nor '.join(self.words)} nor {self.numbers}.", param, ctx)
+
+
 def _int(value: float | None) -> int | None:
     return None if value is None else int(value)
 
 
 def _click_type(o: Option) -> Any:
+    if o.choices and o.kind is int:
+        return _IntOrWord(o.choices, _int(o.low), _int(o.high))
     if o.choices:
         return click.Choice(o.choices, case_sensitive=not o.ignore_case)
     if o.lines:
@@ -121,9 +140,13 @@ POLLER_OPTIONS: tuple[Option, ...] = (
     _events(flag="--ce-source", default_text="the queue URL",
             help="The events' source; not for bodies an --envelope maps."),
     # -- operations -----------------------------------------------------------------------------
-    _ops(flag="--processes", run_only=True, kind=int, low=1, high=256,
+    _ops(flag="--processes", run_only=True, kind=int, low=1, high=256, choices=("auto",), default="auto",
+         help="Worker processes under the supervisor: a number runs exactly that many; auto runs one, adds one "
+              "while they are saturated (0.85 of a core each) with a backlog and a CPU to spare, up to "
+              "--max-processes, and retires one when the load fits in fewer (see docs/operations.md)."),
+    _ops(flag="--max-processes", run_only=True, kind=int, low=1, high=256,
          default_text="the container's CPU quota, rounded up (else the usable CPUs)",
-         help="Worker processes under the supervisor."),
+         help="The most workers --processes auto runs."),
     _ops(flag="--shutdown-timeout", run_only=True, kind=float, low=1, high=3600, default=25.0,
          help="On SIGTERM/SIGINT, seconds to finish in-flight work before workers are killed (below "
               "Kubernetes' default 30 s grace)."),

@@ -11,7 +11,7 @@ import bisect
 from collections.abc import MutableSequence, Sequence
 
 __all__ = ["AGE_BUCKETS", "BUCKETS", "FIELDS", "GAUGES", "HISTOGRAMS", "REJECT_REASONS", "SLOTS", "Counters",
-           "format_line", "histogram", "reject_reason"]
+           "format_line", "histogram", "histogram_count", "reject_reason"]
 
 FIELDS = (
     "received",        # messages received from SQS
@@ -27,13 +27,14 @@ FIELDS = (
     "in_flight",       # gauge: held (delivering, waiting for a retry, or acked and not yet deleted)
     "circuit_open",    # gauge: 1 while the channel is down and receiving is paused
     "drained",         # gauge: 1 in batch mode once receives come back empty and nothing is held
+    "cpu_ms",          # gauge: CPU the worker process used since it started, ms (--processes auto)
     # "rejected" by reason (REJECT_REASONS): a fixed few classes, never the reason's text
     "rejected_event",  # the message cannot be made an event (or a record)
     "rejected_sink",   # the sink or the broker refused the event
     "rejected_other",
 )
 REJECT_REASONS = ("event", "sink", "other")
-GAUGES = frozenset({"in_flight", "circuit_open", "drained"})
+GAUGES = frozenset({"in_flight", "circuit_open", "drained", "cpu_ms"})
 HISTOGRAMS = (
     "receive",  # a ReceiveMessage call, long-poll wait included
     "publish",  # a delivery: from the channel's publish to its verdict
@@ -101,6 +102,11 @@ def histogram(values: Sequence[int], name: str) -> tuple[list[tuple[str, int]], 
         total += count
         buckets.append((bound, total))
     return buckets, values[start + len(bounds) + 1] / 1_000_000, values[start + len(bounds) + 2]
+
+
+def histogram_count(values: Sequence[int], name: str) -> int:
+    """How many observations a histogram of a snapshot holds (e.g. ReceiveMessage calls)."""
+    return values[_H_START[name] + len(_BUCKETS[name]) + 2]
 
 
 def reject_reason(reason: str) -> str:

@@ -21,6 +21,13 @@ without a heartbeat) while the others keep going. Readiness asks "is this pod po
 started, not stopping, and at least one worker healthy. The HTTP thread reads what the main loop
 saw on its last turn (``WorkerStates``), so the probes never touch the worker processes.
 
+Workers that follow the load (``--processes auto``, ``RunConfig.autoscale``): there is a slot
+per worker the poller may run, one is started, and once per turn ``poller.autoscale`` says from
+what the workers published (their CPU, their receives, what they hold) whether to start the
+next slot's worker or retire the newest one. A retired worker stops as on SIGTERM (what it holds
+is settled or given back), is not restarted, and its counters still count; a slot that is not
+wanted is not a problem for the probes, and batch mode waits only for the wanted ones.
+
 Workers are started with multiprocessing's ``spawn`` method: a fresh interpreter per worker, so
 no threads, locks or sockets of the parent are inherited (fork after threads is unsafe).
 """
@@ -38,9 +45,11 @@ from dataclasses import dataclass, field, replace
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from poller.autoscale import Autoscaler, Load, Policy, WorkerLoad
 from poller.config import RunConfig
+from poller.cpus import container_cpu_seconds, cpu_quota, idle_cpu_seconds
 from poller.exits import EXIT_BOOT
-from poller.stats import FIELDS, SLOTS, format_line, is_gauge
+from poller.stats import FIELDS, SLOTS, format_line, histogram_count, is_gauge
 from poller.worker import worker_main
 
 __all__ = ["Supervisor", "WorkerStates"]
@@ -51,6 +60,7 @@ _RESTART_BACKOFF_MAX = 30.0
 _HEARTBEAT_LATE = 10.0  # a heartbeat older than this: the worker is not healthy (one a second is normal)
 _LOOP_STUCK = 5.0  # /healthz: the main loop turns every 0.5 s at most
 _HEALTHY_AFTER = 30.0  # a worker that ran this long before dying resets its restart backoff
+_ACKED, _RECEIVED, _IN_FLIGHT, _CPU_MS = (FIELDS.index(f) for f in ("acked", "received", "in_flight", "cpu_ms"))
 
 
 @dataclass(slots=True)
@@ -66,6 +76,8 @@ class _Slot:
     restarts: int = 0
     respawn_at: float = 0.0
     retired: list[int] = field(default_factory=lambda: [0] * SLOTS)
+    wanted: bool = True  # to be running: started, and restarted when it dies (autoscale clears it)
+    retire_by: float = 0.0  # a worker being retired is killed if still alive then
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,9 +89,11 @@ class WorkerStates:
 
 
 class Supervisor:
-    def __init__(self, config: RunConfig, *, worker_target: Callable[..., None] = worker_main) -> None:
+    def __init__(self, config: RunConfig, *, worker_target: Callable[..., None] = worker_main,
+                 autoscale: Policy | None = None) -> None:
         """``worker_target(slot, worker_config, stats, parent_pid, heartbeat, budget)`` runs in each
-        worker process (a module-level function: spawn pickles it by name)."""
+        worker process (a module-level function: spawn pickles it by name); ``autoscale``: the
+        thresholds of ``--processes auto`` (``config.autoscale``)."""
         self.config = config
         self._worker_target = worker_target
         self._ctx = multiprocessing.get_context("spawn")
@@ -89,9 +103,14 @@ class Supervisor:
         self._worker_config = replace(config.worker, shutdown_timeout=config.shutdown_timeout - margin)
         self._slots = [
             _Slot(index=i, stats=self._ctx.Array("q", SLOTS, lock=False),
-                  heartbeat=self._ctx.Value("d", 0.0, lock=False))
+                  heartbeat=self._ctx.Value("d", 0.0, lock=False), wanted=i == 0 or not config.autoscale)
             for i in range(config.processes)
         ]
+        self._autoscaler = (
+            Autoscaler(1, config.processes, batch_size=config.worker.batch_size,
+                       max_in_flight=config.worker.max_in_flight, quota=cpu_quota(), policy=autoscale or Policy())
+            if config.autoscale else None
+        )
         # --max-messages: what the workers may still receive, shared (they take from it per receive).
         self._budget = self._ctx.Value("q", config.max_messages) if config.max_messages else None
         self._starting = True  # until a worker has sent its first heartbeat
@@ -111,6 +130,7 @@ class Supervisor:
                 totals=self._totals,
                 workers=lambda: sum(1 for s in self._slots if s.process is not None and s.process.is_alive()),
                 restarts=lambda: sum(s.restarts for s in self._slots),
+                target=lambda: sum(1 for s in self._slots if s.wanted),
                 queue=worker.target.queue_url.rstrip("/").rsplit("/", 1)[-1],
                 channel=worker.channel.name,
                 healthy=lambda: self._states.healthy,
@@ -154,6 +174,8 @@ class Supervisor:
         healthy = 0
         notes = []
         for slot in self._slots:
+            if not slot.wanted:  # not started, or being retired: nothing to report
+                continue
             process = slot.process
             if process is None or not process.is_alive():
                 wait = max(0.0, slot.respawn_at - now)
@@ -178,7 +200,8 @@ class Supervisor:
         for handled in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(handled, self._on_signal)
         for slot in self._slots:
-            self._spawn(slot)
+            if slot.wanted:
+                self._spawn(slot)
         last_totals, last_time = self._totals(), time.monotonic()
         max_duration = self.config.max_duration
         deadline = last_time + max_duration if max_duration is not None else None
@@ -190,8 +213,8 @@ class Supervisor:
                 signum = None
             self._loop_at = time.monotonic()
             if signum in (signal.SIGTERM, signal.SIGINT):
-                log.info("received %s: stopping %d worker(s) (timeout %.0fs)",
-                         signal.Signals(signum).name, len(self._slots), self.config.shutdown_timeout)
+                log.info("received %s: stopping %d worker(s) (timeout %.0fs)", signal.Signals(signum).name,
+                         sum(1 for s in self._slots if s.process is not None), self.config.shutdown_timeout)
                 self._stop()
                 return 0
             if signum == signal.SIGHUP:
@@ -202,6 +225,8 @@ class Supervisor:
             self._check_heartbeats()
             self._respawn_due()
             self._observe(time.monotonic())
+            if self._autoscaler is not None and not self._starting:
+                self._scale(self._autoscaler, time.monotonic())
             if self._batch_done():
                 self._stop()
                 return 0
@@ -223,13 +248,49 @@ class Supervisor:
         if not (self.config.until_empty or self._budget is not None) or self._starting:
             return False
         drained = FIELDS.index("drained")
-        if not all(s.process is not None and s.process.is_alive() and s.stats[drained] for s in self._slots):
+        if not all(s.process is not None and s.process.is_alive() and s.stats[drained]
+                   for s in self._slots if s.wanted):
             return False
         received = self._totals()[FIELDS.index("received")]
         why = ("--max-messages reached" if self._budget is not None and self._budget.value <= 0
                else "the queue is empty")
         log.info("%s: %d message(s) received; stopping", why, received)
         return True
+
+    # -- autoscale --------------------------------------------------------------------------
+
+    def _scale(self, autoscaler: Autoscaler, now: float) -> None:
+        """Ask the policy with what the workers published, and start or retire one worker."""
+        workers = []
+        for slot in self._slots:
+            process, stats = slot.process, slot.stats
+            # From its first stats copy on: the CPU of its start (imports, the channel) is not load.
+            if slot.wanted and process is not None and slot.booted and stats[_CPU_MS] > 0:
+                workers.append(WorkerLoad(key=(slot.index, process.pid or 0), cpu=stats[_CPU_MS] / 1000,
+                                          receives=histogram_count(stats, "receive"), received=stats[_RECEIVED],
+                                          in_flight=stats[_IN_FLIGHT]))
+        occupied = sum(1 for s in self._slots if s.wanted or s.process is not None)  # retiring ones too
+        acked = sum(s.retired[_ACKED] + s.stats[_ACKED] for s in self._slots)
+        decision = autoscaler.turn(Load(now=now, active=occupied, workers=workers, acked=acked,
+                                        idle_cpu=idle_cpu_seconds(), used_cpu=container_cpu_seconds()))
+        wanted = [s for s in self._slots if s.wanted]
+        if decision.change > 0:
+            free = next((s for s in self._slots if not s.wanted and s.process is None), None)
+            if free is None:  # the policy counts retiring slots as taken: not expected
+                return
+            free.wanted, free.failures = True, 0
+            log.info("autoscale: adding worker-%d (%d of at most %d): %s", free.index, len(wanted) + 1,
+                     len(self._slots), decision.reason)
+            self._spawn(free)
+        elif decision.change < 0 and len(wanted) > 1:
+            newest = wanted[-1]
+            newest.wanted = False
+            newest.retire_by = now + self.config.shutdown_timeout
+            log.info("autoscale: retiring worker-%d (%d left): %s", newest.index, len(wanted) - 1, decision.reason)
+            if newest.process is not None:
+                _send(newest.process, signal.SIGTERM)  # the usual graceful stop: what it holds is settled
+        elif decision.reason:
+            log.info("autoscale: %s", decision.reason)
 
     # -- workers ----------------------------------------------------------------------------
 
@@ -256,6 +317,10 @@ class Supervisor:
             slot.process = None
             self._retire_stats(slot)
             self._note_boot(slot)  # it may have sent a heartbeat we had not seen yet
+            if not slot.wanted:  # retired by autoscale (or it died while being retired): not restarted
+                log.info("worker-%d (pid %d) retired: %s after %.1fs", slot.index, process.pid,
+                         "stopped" if code == 0 else _describe_exit(code), now - slot.started_at)
+                continue
             if code == EXIT_BOOT and self._starting:
                 log.error("worker-%d could not start (exit %d); stopping all workers", slot.index, code)
                 return True
@@ -281,6 +346,12 @@ class Supervisor:
             if process is None or slot.killed or not process.is_alive():
                 continue
             self._note_boot(slot)
+            if not slot.wanted and now > slot.retire_by:
+                log.warning("worker-%d (pid %d) did not stop within --shutdown-timeout of its retirement; "
+                            "killing it", slot.index, process.pid)
+                _send(process, signal.SIGKILL)
+                slot.killed = True
+                continue
             last = max(slot.heartbeat.value, slot.started_at)  # a booting worker gets worker_timeout
             if now - last > timeout:
                 log.error("worker-%d (pid %d) sent no heartbeat for %.0fs (--worker-timeout); killing it",
@@ -296,7 +367,7 @@ class Supervisor:
     def _respawn_due(self) -> None:
         now = time.monotonic()
         for slot in self._slots:
-            if slot.process is None and now >= slot.respawn_at:
+            if slot.wanted and slot.process is None and now >= slot.respawn_at:
                 self._spawn(slot)
 
     def _stop(self) -> None:

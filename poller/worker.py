@@ -214,6 +214,8 @@ class Worker:
                 problems.append(problem)
         self.counters.set("in_flight", len(parts.ledger))
         self.counters.set("drained", int(parts.receiver.drained()))
+        # The supervisor's autoscaler compares it a few seconds apart: how much of a core we use.
+        self.counters.set("cpu_ms", int(time.process_time() * 1000))
         if problems:
             line = "; ".join(problems)
             if line != self._stall_logged:

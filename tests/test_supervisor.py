@@ -14,7 +14,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -22,8 +22,10 @@ from typing import Any
 import pytest
 
 from channels.http import HttpConfig
+from poller.autoscale import Policy
 from poller.config import RunConfig, WorkerConfig
 from poller.sqs import SqsTarget
+from poller.stats import FIELDS
 from poller.supervisor import Supervisor
 
 from support import free_port, http_get, wait_until
@@ -76,28 +78,62 @@ def fake_worker(slot: int, config: Any, stats: Any, parent_pid: int, heartbeat: 
             heartbeat.value = time.monotonic()
             raise SystemExit(1)
         _beat_forever(heartbeat)
+    if mode in ("load", "load-stubborn"):
+        if mode == "load-stubborn" and slot == 1:  # a worker that will not stop when retired
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        _publish_load(Path(os.environ["FAKE_WORKER_DIR"]), stats, heartbeat)
     if mode == "stubborn":
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         _beat_forever(heartbeat)
     raise SystemExit(0)
 
 
-def run_config(processes: int, worker_timeout: float = 5.0, shutdown_timeout: float = 10.0) -> RunConfig:
+def _publish_load(directory: Path, stats: Any, heartbeat: Any) -> None:
+    """Publish the numbers of a worker at 0.95 of a core with full receives, acknowledging 1000
+    msg/s, until a file "idle" appears (then 0.1 of a core, nearly empty receives); stop on
+    SIGTERM as a worker does, exit 0."""
+    from poller.stats import Counters
+
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    counters = Counters()
+    cpu_ms = 1.0
+    while True:
+        idle = (directory / "idle").exists()
+        cpu_ms += (10 if idle else 95) * 2  # per 0.2 s
+        counters.set("cpu_ms", int(cpu_ms))
+        for _ in range(4):
+            counters.observe("receive", 0.01)
+        counters.add("received", 1 if idle else 40)
+        counters.add("acked", 1 if idle else 200)
+        counters.copy_to(stats)
+        heartbeat.value = time.monotonic()
+        time.sleep(0.2)
+
+
+def run_config(processes: int, worker_timeout: float = 5.0, shutdown_timeout: float = 10.0,
+               autoscale: bool = False) -> RunConfig:
     worker = WorkerConfig(
         target=SqsTarget(queue_url="http://127.0.0.1:9/000000000000/q", region="us-east-1",
                          endpoint_url="http://127.0.0.1:9"),
         channel=HttpConfig(sink="http://127.0.0.1:9/"),
     )
     return RunConfig(worker=worker, processes=processes, worker_timeout=worker_timeout,
-                     shutdown_timeout=shutdown_timeout, stats_interval=3600)
+                     shutdown_timeout=shutdown_timeout, stats_interval=3600, autoscale=autoscale)
 
 
-def serve(processes: int, worker_timeout: float, shutdown_timeout: float, health_port: int = 0) -> int:
+# --processes auto on a short clock: the machine's spare CPU is not asked (the tests share it).
+QUICK_AUTOSCALE = Policy(window=1.0, sustain=1.0, keepalive=3.0, trial=3.0, spare=0.0)
+
+
+def serve(processes: int, worker_timeout: float, shutdown_timeout: float, health_port: int = 0,
+          autoscale: bool = False) -> int:
     """The supervisor's process: run it with the fake workers (and /healthz on ``health_port``)."""
     from poller.logs import setup_logging
 
     setup_logging("INFO")
-    supervisor = Supervisor(run_config(processes, worker_timeout, shutdown_timeout), worker_target=fake_worker)
+    supervisor = Supervisor(run_config(processes, worker_timeout, shutdown_timeout, autoscale),
+                            worker_target=fake_worker, autoscale=QUICK_AUTOSCALE)
     if health_port:
         supervisor.serve_http("127.0.0.1", health_port, metrics=True)
     return supervisor.run()
@@ -108,11 +144,11 @@ def serve(processes: int, worker_timeout: float, shutdown_timeout: float, health
 
 class Running:
     def __init__(self, tmp_path: Path, mode: str, *, processes: int = 2, worker_timeout: float = 5.0,
-                 shutdown_timeout: float = 10.0, health_port: int = 0) -> None:
+                 shutdown_timeout: float = 10.0, health_port: int = 0, autoscale: bool = False) -> None:
         self.dir = tmp_path
         self.log_path = tmp_path / "supervisor.log"
         code = (f"import sys; sys.path[:0] = [{TESTS!r}, {REPO!r}]; from test_supervisor import serve; "
-                f"sys.exit(serve({processes}, {worker_timeout}, {shutdown_timeout}, {health_port}))")
+                f"sys.exit(serve({processes}, {worker_timeout}, {shutdown_timeout}, {health_port}, {autoscale}))")
         env = {**os.environ, "FAKE_WORKER_MODE": mode, "FAKE_WORKER_DIR": str(tmp_path)}
         with open(self.log_path, "wb") as out:
             self.proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=out,
@@ -235,6 +271,43 @@ def test_healthz_stays_200_while_one_worker_crash_loops_and_the_other_runs(runni
     assert sup.stop() == 0
 
 
+@pytest.mark.slow
+def test_auto_adds_a_worker_under_load_and_retires_it_when_idle(running: Any) -> None:
+    """--processes auto: one worker; a second while it publishes a saturated loop and full
+    receives (and the rate doubles with it); retired (SIGTERM, not restarted, its counts kept)
+    once the load fits in one. The probes and the gauges follow."""
+    port = free_port()
+    sup = running("load", processes=2, autoscale=True, health_port=port)
+    wait_until(lambda: len(sup.starts(0)) == 1, 30, "the first worker")
+    assert sup.starts(1) == []  # one worker at first
+    wait_until(lambda: len(sup.starts(1)) == 1, 30, "a second worker under load")
+    assert "autoscale: adding worker-1 (2 of at most 2): workers at 0.9" in sup.log()
+
+    def metrics() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
+            return response.read().decode()
+
+    wait_until(lambda: 'sqs_poller_workers_target{channel="http",queue="q"} 2.0' in metrics(), 10, "target 2")
+    time.sleep(4)  # past the trial: the rate doubled, the worker stays
+    assert "retiring" not in sup.log()
+    (sup.dir / "idle").write_text("")
+    wait_until(lambda: "worker-1 (pid" in sup.log() and "retired: stopped" in sup.log(), 30, "the retirement")
+    log = sup.log()
+    assert "autoscale: retiring worker-1 (1 left): the load fits in 1 worker(s)" in log
+    acked = 'sqs_poller_messages_acked_total{channel="http",queue="q"}'
+    before = float(next(line for line in metrics().splitlines() if line.startswith(acked)).split()[-1])
+    time.sleep(1.5)  # the retired worker's counts still count: the total does not drop
+    after = float(next(line for line in metrics().splitlines() if line.startswith(acked)).split()[-1])
+    assert after >= before > 0
+    assert 'sqs_poller_workers_target{channel="http",queue="q"} 1.0' in metrics()
+    assert 'sqs_poller_worker_restarts_total{channel="http",queue="q"} 0.0' in metrics()
+    assert http_get(port, "/healthz")[:2] == (200, "ok\n")  # a retired slot is not a problem
+    assert http_get(port, "/readyz")[0] == 200
+    assert len(sup.starts(1)) == 1  # not restarted
+    assert sup.stop() == 0
+    assert "stopping 1 worker(s)" in sup.log()
+
+
 # -- health() and ready() on made-up workers -----------------------------------------------------
 
 
@@ -252,11 +325,16 @@ NOW = 10_000.0
 
 def supervisor_with(*workers: str, worker_timeout: float = 60.0) -> Supervisor:
     """A supervisor whose slots are in the states given: "healthy", "silent" (alive, last beat 15 s
-    ago), "starting" (no beat yet), "restarting" (dead, respawn in 20 s); looked at NOW."""
+    ago), "starting" (no beat yet), "restarting" (dead, respawn in 20 s), "unused" and "retiring"
+    (not wanted: --processes auto); looked at NOW."""
     sup = Supervisor(run_config(len(workers), worker_timeout=worker_timeout))
     for slot, state in zip(sup._slots, workers, strict=True):
         slot.started_at = NOW - 100
-        if state == "restarting":
+        if state == "unused":  # --processes auto: a slot not started
+            slot.wanted, slot.process = False, None
+        elif state == "retiring":  # --processes auto: told to stop, still draining (no heartbeat needed)
+            slot.wanted, slot.process = False, FakeProcess()  # type: ignore[assignment]
+        elif state == "restarting":
             slot.process, slot.respawn_at = None, NOW + 20
         else:
             slot.process = FakeProcess()  # type: ignore[assignment]
@@ -318,3 +396,42 @@ def test_stopping_is_unready() -> None:
     sup = supervisor_with("healthy")
     sup._stopping = True
     assert sup.ready() == (False, "stopping")
+
+
+@pytest.mark.parametrize("other", ["unused", "retiring"])
+def test_a_slot_not_wanted_is_no_problem_for_the_probes(other: str) -> None:
+    sup = supervisor_with("healthy", other)
+    assert sup.health(NOW) == (True, "ok")
+    assert sup.ready() == (True, "")
+    assert sup._states.healthy == 1
+
+
+def test_batch_mode_waits_only_for_the_wanted_workers() -> None:
+    sup = supervisor_with("healthy", "unused")
+    sup.config = replace(sup.config, until_empty=True)
+    drained = FIELDS.index("drained")
+    assert not sup._batch_done()
+    sup._slots[0].stats[drained] = 1
+    assert sup._batch_done()  # the slot never started does not hold the run open
+
+
+def test_a_retired_workers_counts_still_count() -> None:
+    sup = supervisor_with("healthy", "retiring")
+    acked = FIELDS.index("acked")
+    sup._slots[1].stats[acked] = 70
+    sup._slots[1].stats[FIELDS.index("in_flight")] = 3
+    sup._retire_stats(sup._slots[1])  # what the reaper does when it exits
+    totals = sup._totals()
+    assert totals[acked] == 70 and totals[FIELDS.index("in_flight")] == 0
+
+
+@pytest.mark.slow
+def test_a_retired_worker_that_does_not_stop_is_killed_after_the_shutdown_timeout(running: Any) -> None:
+    sup = running("load-stubborn", processes=2, autoscale=True, shutdown_timeout=3.0)
+    wait_until(lambda: len(sup.starts(1)) == 1, 30, "a second worker under load")
+    time.sleep(4)  # past the trial
+    (sup.dir / "idle").write_text("")
+    wait_until(lambda: "retired: was killed by SIGKILL" in sup.log(), 30, "the stubborn worker killed")
+    assert "did not stop within --shutdown-timeout of its retirement; killing it" in sup.log()
+    assert len(sup.starts(1)) == 1  # not restarted
+    assert sup.stop() == 0
