@@ -51,7 +51,7 @@ def served() -> Served:
     """Run the collector on made-up totals and take the names it yields."""
     totals = [i % 7 for i in range(SLOTS)]
     collector = PollerCollector(totals=lambda: totals, workers=lambda: 2, restarts=lambda: 1,
-                                queue="orders", channel="http", healthy=lambda: 2)
+                                queue="orders", channel="http", healthy=lambda: 2, target=lambda: 2)
     samples: dict[str, str] = {}
     families: dict[str, str] = {}
     family_of: dict[str, str] = {}
@@ -295,7 +295,7 @@ TOPICS = {
                              "sqs_poller_messages_rejected_total", "sqs_poller_delete_failures_total",
                              "sqs_poller_receipts_expired_total", "sqs_poller_receive_errors_total"},
     "visibility extensions": {"sqs_poller_visibility_extensions_total"},
-    "workers alive": {"sqs_poller_workers", "sqs_poller_workers_healthy"},
+    "workers alive": {"sqs_poller_workers", "sqs_poller_workers_healthy", "sqs_poller_workers_target"},
     "restarts": {"sqs_poller_worker_restarts_total"},
 }
 
