@@ -50,6 +50,9 @@ class _IntOrWord(click.ParamType[Any]):
         self.numbers = click.IntRange(low, high)
         self.name = f"[{'|'.join(words)}|{low}-{high}]" if low is not None and high is not None else "INTEGER"
 
+    def get_metavar(self, param: click.Parameter, ctx: click.Context) -> str:
+        return self.name  # as written: click would upper-case the word (AUTO), which is not what to type
+
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if isinstance(value, str) and value.strip().lower() in self.words:
             return value.strip().lower()
