@@ -1,7 +1,7 @@
 """Start-up probe: exec ``poller run`` against a running SQS endpoint and time exec -> first event
 at a local dumper, with the CPU of the poller's whole process tree (``/proc``) by then.
 
-    python -m benchmarks.start_probe --endpoint http://127.0.0.1:4566 --runs 5 [-- extra run flags]
+    python -m benchmarks.start_probe --endpoint http://127.0.0.1:4566 --runs 5 --processes 2 [-- extra run flags]
 
 Each run gets a fresh queue with one message (a killed run's long polls would hide the next
 run's message), and the tree is killed after the event. The first run is a warm-up.
@@ -29,15 +29,17 @@ from poller.kit.dumper import DumperServer
 log = logging.getLogger("start_probe")
 
 
-def one_run(sqs: object, dumper: DumperServer, env: dict[str, str], name: str,
+def one_run(sqs: object, dumper: DumperServer, env: dict[str, str], name: str, processes: int,
             extra: list[str]) -> tuple[float, float]:
     url = sqs.create_queue(QueueName=name)["QueueUrl"]  # type: ignore[attr-defined]
     sqs.send_message(QueueUrl=url, MessageBody='{"n": 1}')  # type: ignore[attr-defined]
     seen = len(dumper.events)
-    poller = shutil.which("poller") or "poller"
+    # The console script next to this interpreter (a venv's), else the one on PATH.
+    beside = os.path.join(os.path.dirname(sys.executable), "poller")
+    poller = beside if os.access(beside, os.X_OK) else shutil.which("poller") or "poller"
     started = time.monotonic()
-    process = subprocess.Popen([poller, "run", "--queue-url", url, "--sink", dumper.url, "--processes", "1",
-                                *extra], env=env, start_new_session=True,
+    process = subprocess.Popen([poller, "run", "--queue-url", url, "--sink", dumper.url, "--processes",
+                                str(processes), *extra], env=env, start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     cpu: dict[int, float] = {}  # last reading per pid: a process that ended keeps its last figure
     while len(dumper.events) <= seen and time.monotonic() - started < 20:
@@ -57,6 +59,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--endpoint", required=True)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--processes", type=int, default=1)
     parser.add_argument("extra", nargs="*")
     args = parser.parse_args()
     env = dict(os.environ, AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", AWS_REGION="us-east-1",
@@ -67,7 +70,8 @@ def main() -> int:
     threading.Thread(target=dumper.serve_forever, daemon=True).start()
     walls, cpus = [], []
     for i in range(args.runs + 1):
-        wall, cpu = one_run(sqs, dumper, env, f"startprobe-{os.getpid()}-{i}", args.extra)
+        wall, cpu = one_run(sqs, dumper, env, f"startprobe-{os.getpid()}-{i}", args.processes,
+                            args.extra)
         if i:  # the first is a warm-up
             walls.append(wall)
             cpus.append(cpu)
