@@ -30,16 +30,13 @@ log = logging.getLogger("start_probe")
 
 
 def one_run(sqs: object, dumper: DumperServer, env: dict[str, str], name: str, processes: int,
-            extra: list[str]) -> tuple[float, float]:
+            extra: list[str], command: list[str], cwd: str | None) -> tuple[float, float]:
     url = sqs.create_queue(QueueName=name)["QueueUrl"]  # type: ignore[attr-defined]
     sqs.send_message(QueueUrl=url, MessageBody='{"n": 1}')  # type: ignore[attr-defined]
     seen = len(dumper.events)
-    # The console script next to this interpreter (a venv's), else the one on PATH.
-    beside = os.path.join(os.path.dirname(sys.executable), "poller")
-    poller = beside if os.access(beside, os.X_OK) else shutil.which("poller") or "poller"
     started = time.monotonic()
-    process = subprocess.Popen([poller, "run", "--queue-url", url, "--sink", dumper.url, "--processes",
-                                str(processes), *extra], env=env, start_new_session=True,
+    process = subprocess.Popen([*command, "run", "--queue-url", url, "--sink", dumper.url, "--processes",
+                                str(processes), *extra], env=env, cwd=cwd, start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     cpu: dict[int, float] = {}  # last reading per pid: a process that ended keeps its last figure
     while len(dumper.events) <= seen and time.monotonic() - started < 20:
@@ -60,10 +57,18 @@ def main() -> int:
     parser.add_argument("--endpoint", required=True)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--processes", type=int, default=1)
+    parser.add_argument("--source", help="run the poller from this checkout (python -m poller with it on "
+                                         "PYTHONPATH) instead of the installed console script")
     parser.add_argument("extra", nargs="*")
     args = parser.parse_args()
     env = dict(os.environ, AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", AWS_REGION="us-east-1",
                AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL_SQS=args.endpoint)
+    if args.source:  # run from there: -m puts the working directory first on sys.path
+        command = [sys.executable, "-m", "poller"]
+        env["PYTHONPATH"] = os.path.abspath(args.source)
+    else:  # the console script next to this interpreter (a venv's), else the one on PATH
+        beside = os.path.join(os.path.dirname(sys.executable), "poller")
+        command = [beside if os.access(beside, os.X_OK) else shutil.which("poller") or "poller"]
     sqs = boto3.client("sqs", endpoint_url=args.endpoint, region_name="us-east-1",
                        aws_access_key_id="test", aws_secret_access_key="test")
     dumper = DumperServer(out=io.StringIO(), keep=True)
@@ -71,7 +76,7 @@ def main() -> int:
     walls, cpus = [], []
     for i in range(args.runs + 1):
         wall, cpu = one_run(sqs, dumper, env, f"startprobe-{os.getpid()}-{i}", args.processes,
-                            args.extra)
+                            args.extra, command, args.source)
         if i:  # the first is a warm-up
             walls.append(wall)
             cpus.append(cpu)
