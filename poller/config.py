@@ -7,7 +7,6 @@ config built in code (tests, an embedding program) is held to the same bounds as
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 from typing import Any
 
 from channels.base import ChannelConfig
