@@ -7,9 +7,9 @@ config built in code (tests, an embedding program) is held to the same bounds as
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from channels.base import ChannelConfig
-from poller.options import check
 from poller.sqs import SqsTarget
 
 __all__ = ["RunConfig", "WorkerConfig", "check_attempt_bound"]
@@ -25,6 +25,14 @@ def check_attempt_bound(max_processing_time: float, channel: ChannelConfig,
     if max_processing_time <= attempt:
         raise ValueError(f"--max-processing-time {max_processing_time:g} s must be above the {channel.name} "
                          f"channel's deadline for one attempt ({attempt:g} s: {deadline})")
+
+
+def check(flag: str, value: Any) -> None:
+    """``poller.options.check``, imported when a config is made: a worker gets its config
+    unpickled, and the options' module brings click and the installed channels' entry points."""
+    from poller.options import check as check_option
+
+    check_option(flag, value)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

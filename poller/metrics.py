@@ -139,9 +139,10 @@ def _one(family: GaugeMetricFamily | CounterMetricFamily, labels: list[str], val
 
 
 def serve(host: str, port: int, *, health: Probe, ready: Probe,
-          collector: Collector | None = None) -> HttpServer:
+          collector: Collector | None = None, sock: socket.socket | None = None) -> HttpServer:
     """Serve /healthz and /readyz (and /metrics with a ``collector``) from a daemon thread;
-    OSError if the port cannot be bound (raised here, before the thread starts)."""
+    OSError if the port cannot be bound (raised here, before the thread starts). ``sock``: a
+    listening socket bound already (to ``host`` and ``port``), served instead."""
     metrics_app = None
     if collector is not None:
         registry = CollectorRegistry(auto_describe=True)
@@ -159,7 +160,7 @@ def serve(host: str, port: int, *, health: Probe, ready: Probe,
         start_response("404 Not Found", [("Content-Type", "text/plain")])
         return [b"not found: /healthz, /readyz" + (b", /metrics" if metrics_app else b"") + b"\n"]
 
-    return HttpServer(host, port, app)
+    return HttpServer(host, port, app, sock=sock)
 
 
 WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
@@ -171,7 +172,8 @@ class HttpServer:
     the loop: it must answer in microseconds, as the probes and the collector do."""
 
     def __init__(self, host: str, port: int, app: WsgiApp, *, max_connections: int = MAX_CONNECTIONS,
-                 head_timeout: float = HEAD_TIMEOUT, send_timeout: float = SEND_TIMEOUT) -> None:
+                 head_timeout: float = HEAD_TIMEOUT, send_timeout: float = SEND_TIMEOUT,
+                 sock: socket.socket | None = None) -> None:
         self._app = app
         self._max = max_connections
         self._head_timeout = head_timeout
@@ -180,7 +182,7 @@ class HttpServer:
         self._open: dict[asyncio.StreamWriter, bool] = {}
         self._dropped = RateLimitedLog(log, "http server: %d connection(s) dropped (last: %s)", every=60.0)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._sock = socket.create_server((host, port), family=family, backlog=128)
+        self._sock = sock or socket.create_server((host, port), family=family, backlog=128)
         self.address: tuple[str, int] = self._sock.getsockname()[:2]
         self._loop = asyncio.new_event_loop()
         self._loop.set_exception_handler(_log_loop_error)

@@ -272,7 +272,8 @@ class PollerProcess:
         return self.log_path.read_text(errors="replace")
 
     def worker_pids(self) -> list[int]:
-        """The supervisor's worker processes (multiprocessing spawn children)."""
+        """The supervisor's worker processes: its children but multiprocessing's resource tracker
+        (a forked worker has the supervisor's command line, a spawned one spawn_main's)."""
         pids = []
         try:
             children = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()
@@ -283,7 +284,7 @@ class PollerProcess:
                 cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
             except OSError:
                 continue
-            if b"spawn_main" in cmdline:
+            if cmdline and b"resource_tracker" not in cmdline:
                 pids.append(int(child))
         return pids
 
