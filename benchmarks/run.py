@@ -125,10 +125,14 @@ def run_suite(config: SuiteConfig, log_dir: Path) -> RunReport:
     kind = "quick" if config.quick else "full"
     title = f"sqs-poller vs mq-bridge and boto3, {kind} run {started_at:%Y-%m-%d %H:%M} UTC ({os.cpu_count()} CPUs)"
     plots = plot_all(config.out_dir, rows, sweep, rss, config.sink_delay_ms, title, start=start)
+    notes = config.notes
+    if git_commit(Path(__file__).resolve().parent.parent) != commit:  # each row imports the code afresh
+        notes += (f"the code under test changed during the run (it started at {commit}): rows may "
+                  "have measured different code",)
     return RunReport(config=config, started=started_at, seconds=time.monotonic() - started, sqs=sqs,
                      rows=tuple(rows), sweep=tuple(sweep), latency=tuple(latency), rss=rss, start=tuple(start),
                      plots=tuple(plots), log_dir=str(log_dir), machine=machine,
-                     commit=commit, notes=config.notes)
+                     commit=commit, notes=notes)
 
 
 def write_outputs(report: RunReport) -> None:

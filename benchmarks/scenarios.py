@@ -252,13 +252,15 @@ def throughput_cases(bench: Bench) -> list[Throughput]:
         rows += _kafka_rows(bench)
     if bench.proxy is not None and bench.fast is not None and "remote" in c.scenarios:
         proxy, fast = bench.proxy, bench.fast
+        remote: list[Callable[[], Throughput]] = []
         if c.runs("remote", "mq-bridge"):
-            rows.append(_mqbridge_http(bench, REMOTE, fast, c.messages, proxy=proxy))
+            remote.append(lambda: _mqbridge_http(bench, REMOTE, fast, c.messages, proxy=proxy))
         if c.runs("remote", "poller"):
-            rows.append(run_throughput(
+            remote.append(lambda: run_throughput(
                 bench, REMOTE, "poller", "poller defaults",
                 lambda url: bench.poller(proxy.url(url), HttpTarget(fast.url), endpoint=proxy.url(bench.endpoint)),
                 count=c.messages, sink=fast))
+        rows += best_of(c.repeats, remote)  # compared with the direct rows, which are best-of too
     return rows
 
 

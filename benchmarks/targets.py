@@ -81,8 +81,8 @@ def evaluate(rows: Sequence[Throughput], rss: RssRun | None, *, latency: Sequenc
 
 
 def _start(start: Sequence[StartRun]) -> list[Outcome]:
-    first = f"Start: first event within {START_FIRST_EVENT_S:g} s of exec (median)"
-    cpu = f"Start: <= {START_CPU_S:g} s CPU, whole process tree, by then (median)"
+    first = f"Start: first event within {START_FIRST_EVENT_S:.1f} s of exec (median)"
+    cpu = f"Start: <= {START_CPU_S:.1f} s CPU, whole process tree, by then (median)"
     mine = next((r for r in start if r.family == "poller" and r.ok), None)
     if mine is None:
         return [Outcome(first, "not measured", None), Outcome(cpu, "not measured", None)]
