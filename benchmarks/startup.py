@@ -14,7 +14,6 @@ event at the sink, with the CPU of the contender's whole process tree by then.
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +26,6 @@ from benchmarks.peers import Sink
 from benchmarks.sqs import send_batch
 
 __all__ = ["FIRST_EVENT_TIMEOUT_S", "StartSample", "first_event"]
-
-log = logging.getLogger(__name__)
 
 POLL_S = 0.005
 FIRST_EVENT_TIMEOUT_S = 30.0
@@ -47,12 +44,18 @@ def first_event(spec: ContenderSpec, *, sqs: Any, queue_url: str, sink: Sink, lo
     send_batch(sqs, queue_url, [body(0, body_size, sent_us=stamp_us)])
     exec_us = time.time_ns() // 1000
     started = time.monotonic()
+    cpu: dict[int, float] = {}  # pid -> its latest reading
+
+    def read(pids: list[int]) -> None:
+        # A process read as it ends reads 0.0: CPU only grows, so keep the larger reading.
+        for pid, seconds in procstat.process_cpu(pids).items():
+            cpu[pid] = max(seconds, cpu.get(pid, 0.0))
+
     with ContenderProcess(spec, log_dir) as proc:
-        cpu: dict[int, float] = {}
         while True:
-            cpu.update(procstat.process_cpu(proc.pids()))
+            read(proc.pids())
             if sink.unique() >= 1:
-                cpu.update(procstat.process_cpu(proc.pids()))
+                read(proc.pids())
                 break
             if not proc.alive():
                 raise RuntimeError(f"{spec.label} exited with code {proc.proc.returncode} before the first "
