@@ -106,7 +106,7 @@ def _latency(latency: Sequence[Latency]) -> Outcome:
     theirs = next((r for r in latency if r.contender == "mq-bridge" and not r.error), None)
     if mine is None or theirs is None:
         return Outcome(target, "not measured", None)
-    measured = f"{mine.p99_ms:.1f} vs {theirs.p99_ms:.1f} ms (p50 {mine.p50_ms:.1f} vs {theirs.p50_ms:.1f})"
+    measured = f"{mine.p99_ms:.2f} vs {theirs.p99_ms:.2f} ms (p50 {mine.p50_ms:.2f} vs {theirs.p50_ms:.2f})"
     return Outcome(target, measured, mine.p99_ms <= theirs.p99_ms)
 
 
