@@ -14,8 +14,9 @@ BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
 
 # Scenario keys (see benchmarks/README.md): fast = ceiling, naive, good loop, mq-bridge and the
-# poller on the fast sink; slow = the 20 ms sink; remote = SQS behind the delay proxy.
-SCENARIOS = ("fast", "slow", "kafka", "remote", "latency", "rss", "inflight")
+# poller on the fast sink; slow = the 20 ms sink; remote = SQS behind the delay proxy; start =
+# exec -> first event (fast sink).
+SCENARIOS = ("fast", "slow", "kafka", "remote", "latency", "rss", "inflight", "start")
 CONTENDERS = ("ceiling", "naive", "good", "mq-bridge", "poller")
 
 
@@ -27,7 +28,7 @@ class SuiteConfig:
     naive_messages: int = 1_000         # the naive loop is ~50x slower: fewer, same bodies
     body_size: int = 200
     threads: int = 8                    # the ceiling's and the good loop's
-    processes: tuple[int, ...] = (1, 2)  # poller rows besides its defaults (skipped if equal to them)
+    processes: tuple[int, ...] = (1, 2)  # poller rows with a fixed --processes, besides its defaults
     sink_delay_ms: float = 20.0
     sqs_rtt_ms: float = 20.0
     latency_rate: float = 300.0
@@ -35,6 +36,8 @@ class SuiteConfig:
     stall_seconds: float = 60.0
     stall_messages: int = 5_000
     concurrency: tuple[int, ...] = (4, 8, 16, 32, 64, 128, 256)
+    repeats: int = 2                    # best-of windows: mq-bridge and poller defaults (fast, Kafka), poller's remote
+    start_runs: int = 5                 # counted start-up runs per contender (after one warm-up)
     scenarios: tuple[str, ...] = SCENARIOS
     contenders: tuple[str, ...] = CONTENDERS
     poller_args: tuple[str, ...] = ()
@@ -54,7 +57,8 @@ class SuiteConfig:
 
 QUICK = SuiteConfig(
     quick=True, messages=2_000, slow_messages=1_000, naive_messages=300, latency_seconds=10.0,
-    stall_seconds=20.0, stall_messages=2_000, concurrency=(8, 64, 256), results_md=None,
+    stall_seconds=20.0, stall_messages=2_000, concurrency=(8, 64, 256), repeats=1, start_runs=3,
+    results_md=None,
 )
 
 
@@ -85,6 +89,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-seconds", type=float, help="seconds of steady load (full 30, quick 10)")
     p.add_argument("--latency-rate", type=float, help="messages per second offered (300)")
     p.add_argument("--stall-seconds", type=float, help="seconds of the stalled sink (full 60, quick 20)")
+    p.add_argument("--repeats", type=int,
+                   help="windows each of mq-bridge and the poller's defaults on the fast sink and Kafka, and of "
+                        "the poller's on SQS +20 ms; the best of each is kept (full 2, quick 1)")
+    p.add_argument("--start-runs", type=int,
+                   help="counted start-up runs per contender, after a warm-up (full 5, quick 3)")
     p.add_argument("--scenarios", help=f"subset of {','.join(SCENARIOS)}")
     p.add_argument("--contenders", help=f"subset of {','.join(CONTENDERS)}")
     p.add_argument("--poller-arg", action="append", default=[], metavar="ARG",
@@ -110,7 +119,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[SuiteConfig, argparse.Namesp
     config = QUICK if args.quick else SuiteConfig()
     changes: dict[str, object] = {}
     for name in ("messages", "slow_messages", "naive_messages", "body_size", "threads",
-                 "latency_seconds", "latency_rate", "stall_seconds", "out_dir"):
+                 "latency_seconds", "latency_rate", "stall_seconds", "repeats", "start_runs", "out_dir"):
         value = getattr(args, name)
         if value is not None:
             changes[name] = value

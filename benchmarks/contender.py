@@ -56,9 +56,20 @@ def _http_ok(host: str, port: int, path: str) -> bool:
         conn.close()
 
 
+_HELPERS = ("resource_tracker", "forkserver")  # multiprocessing's own processes, not workers
+
+
 def worker_pids(pid: int) -> list[int]:
-    """Children started by multiprocessing's spawn (the poller's workers; not its resource tracker)."""
-    return [c for c in procstat.children(pid) if "spawn_main" in procstat.cmdline(c)]
+    """The poller's worker processes: its children, however they were started (spawn, fork, or a
+    forkserver's children), but not multiprocessing's resource tracker or forkserver."""
+    workers = []
+    for child in procstat.children(pid):
+        line = procstat.cmdline(child)
+        if "forkserver" in line:
+            workers += [c for c in procstat.children(child) if not any(h in procstat.cmdline(c) for h in _HELPERS)]
+        elif not any(h in line for h in _HELPERS):
+            workers.append(child)
+    return workers
 
 
 def health_ready(port: int, processes: int | None) -> ReadyRule:

@@ -43,14 +43,16 @@ class Window:
     cpu_seconds: float
     startup_cpu_seconds: float
     processes: int                    # processes in the tree at the end of the window
-    workers: int                      # of which multiprocessing workers (the poller's --processes)
+    workers: int                      # of which multiprocessing workers (the poller's), at the end
+    workers_seen: tuple[int, int] = (0, 0)  # fewest and most workers alive during the window
     peer_cpu_seconds: Mapping[str, float] = field(default_factory=dict)
     exit_code: int | None = None
     notes: tuple[str, ...] = ()
 
     def details(self) -> dict[str, Any]:
         return {"startup_cpu_seconds": round(self.startup_cpu_seconds, 3), "processes": self.processes,
-                "workers": self.workers, "exit_code": self.exit_code, "notes": list(self.notes)}
+                "workers": self.workers,
+                "workers_seen": list(self.workers_seen), "exit_code": self.exit_code, "notes": list(self.notes)}
 
 
 def sink_progress(sink: Sink, sqs: Any, queue_url: str, expected: int) -> Progress:
@@ -80,7 +82,7 @@ def drain_window(spec: ContenderSpec, *, sqs: Any, queue_url: str, bodies: list[
             peers_before = {name: procstat.total_cpu(pid) for name, pid in peers.items()}
             began = time.monotonic()
             proc.thaw()
-            _wait(proc, progress, len(bodies), timeout, spec.label)
+            workers_seen = _wait(proc, progress, len(bodies), timeout, spec.label)
             seconds = time.monotonic() - began
             after = proc.cpu()
             workers = len(worker_pids(proc.pid))
@@ -97,24 +99,29 @@ def drain_window(spec: ContenderSpec, *, sqs: Any, queue_url: str, bodies: list[
         notes.append(f"exit code {code}")
     return Window(
         seconds=seconds, cpu_seconds=sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items()),
-        startup_cpu_seconds=sum(before.values()), processes=len(after), workers=workers,
+        startup_cpu_seconds=sum(before.values()), processes=len(after), workers=workers, workers_seen=workers_seen,
         peer_cpu_seconds=peer_cpu, exit_code=code, notes=tuple(notes),
     )
 
 
-def _wait(proc: ContenderProcess, progress: Progress, expected: int, timeout: float, label: str) -> None:
+def _wait(proc: ContenderProcess, progress: Progress, expected: int, timeout: float, label: str) -> tuple[int, int]:
+    """Until ``progress`` says complete; returns the fewest and most worker processes seen meanwhile
+    (a poller whose workers follow the load changes their number inside the window)."""
     deadline = time.monotonic() + timeout
     shown = 0
     moved = time.monotonic()
+    fewest, most = 1 << 30, 0
     with bar(total=expected, desc=label) as progress_bar:
         while True:
+            workers = len(worker_pids(proc.pid))
+            fewest, most = min(fewest, workers), max(most, workers)
             delivered, complete = progress()
             if delivered > shown:
                 progress_bar.update(min(delivered, expected) - shown)
                 shown = min(delivered, expected)
                 moved = time.monotonic()
             if complete:
-                return
+                return (fewest, most)
             if not proc.alive():
                 raise RuntimeError(f"{label} exited with code {proc.proc.returncode} after {delivered} of "
                                    f"{expected}; log tail:\n{proc.log_tail()}")

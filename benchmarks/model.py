@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["CEILING", "FAST", "INFLIGHT", "KAFKA", "REMOTE", "SLOW", "Latency", "RssRun", "Throughput"]
+__all__ = ["CEILING", "FAST", "INFLIGHT", "KAFKA", "REMOTE", "SLOW", "START", "Latency", "RssRun", "StartRun",
+           "Throughput"]
 
 # Scenarios: every contender of one scenario reads the same queue contents into the same peer.
 CEILING = "no channel"
@@ -15,6 +17,7 @@ SLOW = "20 ms sink"
 KAFKA = "Kafka (tansu)"
 REMOTE = "SQS +20 ms"
 INFLIGHT = "in-flight, 20 ms sink"
+START = "start"
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,3 +109,32 @@ class RssRun:
 
     def as_json(self) -> dict[str, Any]:
         return {**asdict(self), "start": self.start, "end": self.end, "peak": self.peak, "flat": self.flat}
+
+
+@dataclass(frozen=True, slots=True)
+class StartRun:
+    """Start-up, several runs: exec -> the first event at the sink, and the CPU of the contender's
+    whole process tree by then. Each run on a fresh queue holding one message."""
+
+    contender: str
+    family: str
+    first_event_s: tuple[float, ...] = ()
+    cpu_s: tuple[float, ...] = ()
+    warmup: int = 1                     # runs done first and not counted (cold page cache, .pyc)
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and bool(self.first_event_s)
+
+    @property
+    def first_event_median(self) -> float:
+        return statistics.median(self.first_event_s) if self.first_event_s else 0.0
+
+    @property
+    def cpu_median(self) -> float:
+        return statistics.median(self.cpu_s) if self.cpu_s else 0.0
+
+    def as_json(self) -> dict[str, Any]:
+        return {**asdict(self), "first_event_median": round(self.first_event_median, 3),
+                "cpu_median": round(self.cpu_median, 3)}

@@ -1,5 +1,5 @@
 """PNG plots of a run (matplotlib, no display): throughput and CPU per message per contender,
-throughput against in-flight on the 20 ms sink, RSS under a stalled sink."""
+throughput against in-flight on the 20 ms sink, RSS under a stalled sink, start-up."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ matplotlib.use("Agg")  # files only; no display here or in CI
 
 import matplotlib.pyplot as plt
 
-from benchmarks.model import CEILING, SLOW, RssRun, Throughput
+from benchmarks.model import CEILING, SLOW, RssRun, StartRun, Throughput
 from benchmarks.report import SCENARIO_ORDER
 from benchmarks.targets import find
 
@@ -93,8 +93,33 @@ def plot_rss(rss: RssRun, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_startup(start: Sequence[StartRun], path: Path) -> None:
+    """Median time to the first event and tree CPU by then, per contender, with each run as a dot."""
+    good = [r for r in start if r.ok]
+    if not good:
+        return
+    y = range(len(good))
+    colors = [COLORS.get(r.family, "#9467bd") for r in good]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 0.5 * len(good) + 1.8), sharey=True)
+    for ax, runs, median in ((left, lambda r: r.first_event_s, lambda r: r.first_event_median),
+                             (right, lambda r: r.cpu_s, lambda r: r.cpu_median)):
+        ax.barh(y, [median(r) for r in good], color=colors, alpha=0.6)
+        for i, r in enumerate(good):
+            ax.plot(runs(r), [i] * len(runs(r)), "k.", markersize=4)
+            ax.text(median(r), i, f" {median(r):.2f}", va="center", fontsize=8)
+        ax.grid(axis="x", alpha=0.3)
+    left.set_yticks(list(y), [r.contender for r in good])
+    left.invert_yaxis()
+    left.set_xlabel("exec -> first event at the sink, s (bar: median, dots: runs)")
+    right.set_xlabel("CPU of the whole process tree by then, s")
+    fig.suptitle("Start-up (fast sink, one message waiting)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_all(out_dir: Path, rows: Sequence[Throughput], sweep: Sequence[Throughput], rss: RssRun | None,
-             delay_ms: float, title: str) -> list[str]:
+             delay_ms: float, title: str, *, start: Sequence[StartRun] = ()) -> list[str]:
     """Writes the plots that have data; returns their file names."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -102,6 +127,8 @@ def plot_all(out_dir: Path, rows: Sequence[Throughput], sweep: Sequence[Throughp
             ("inflight.png", lambda p: plot_inflight(sweep, rows, delay_ms, p))]
     if rss is not None:
         jobs.append(("rss_stalled_sink.png", lambda p: plot_rss(rss, p)))
+    if start:
+        jobs.append(("startup.png", lambda p: plot_startup(start, p)))
     for name, job in jobs:
         path = out_dir / name
         path.unlink(missing_ok=True)

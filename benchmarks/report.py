@@ -26,6 +26,7 @@ from benchmarks.model import (
     SLOW,
     Latency,
     RssRun,
+    StartRun,
     Throughput,
 )
 from benchmarks.targets import Outcome, evaluate, find, poller_default
@@ -48,6 +49,7 @@ class RunReport:
     sweep: tuple[Throughput, ...] = ()
     latency: tuple[Latency, ...] = ()
     rss: RssRun | None = None
+    start: tuple[StartRun, ...] = ()
     plots: tuple[str, ...] = ()                # file names next to report.md
     log_dir: str = ""
     machine: str = ""                          # CPU model, cores, memory, load
@@ -55,7 +57,7 @@ class RunReport:
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     def outcomes(self) -> list[Outcome]:
-        return evaluate(self.rows, self.rss)
+        return evaluate(self.rows, self.rss, latency=self.latency, start=self.start)
 
 
 # --------------------------------------------------------------------------- context
@@ -123,6 +125,9 @@ def _notes(row: Throughput) -> str:
         return row.error if row.error.startswith("skipped") else f"**failed**: {row.error}"
     d = row.details
     notes = [f"{d['duplicates']} duplicates"] if d.get("duplicates") else []
+    if row.family == "poller" and d.get("workers_seen"):
+        low, high = d["workers_seen"]
+        notes.append(f"{low} worker(s)" if low == high else f"{low}-{high} workers")
     notes += list(d.get("notes", ()))
     if d.get("startup_cpu_seconds") is not None:
         notes.append(f"start-up {d['startup_cpu_seconds']:.2f} s CPU (not counted)")
@@ -206,6 +211,24 @@ def sweep_table(sweep: Sequence[Throughput], delay_ms: float) -> str:
                      lines, "rrrrrl")
 
 
+def start_table(start: Sequence[StartRun]) -> str:
+    mq = next((r for r in start if r.family == "mq-bridge" and r.ok), None)
+    lines = []
+    for r in start:
+        if not r.ok:
+            note = r.error or "no run"
+            lines.append([r.contender, "0", "-", "-", "-", "-", "-",
+                          note if note.startswith("skipped") else f"**failed**: {note}"])
+            continue
+        vs = (f"{r.first_event_median / mq.first_event_median:.2f}x / {r.cpu_median / mq.cpu_median:.2f}x"
+              if mq is not None and r is not mq and mq.first_event_median and mq.cpu_median else "-")
+        lines.append([r.contender, str(len(r.first_event_s)), f"{r.first_event_median:.2f}",
+                      f"{min(r.first_event_s):.2f}-{max(r.first_event_s):.2f}", f"{r.cpu_median:.2f}",
+                      f"{min(r.cpu_s):.2f}-{max(r.cpu_s):.2f}", vs, ""])
+    return _md_table(["contender", "runs", "first event s (median)", "range", "tree CPU s by then (median)",
+                      "range", "vs mq-bridge", "notes"], lines, "lrrrrrrl")
+
+
 def targets_table(outcomes: Sequence[Outcome]) -> str:
     mark = {True: "PASS", False: "**FAIL**", None: "not measured"}
     return _md_table(["target", "measured (poller defaults, same run)", "result"],
@@ -236,7 +259,7 @@ def render_markdown(report: RunReport, *, image_prefix: str = "") -> str:
         "Peers' CPU (LocalStack, sink, tansu, proxy) is a share of one core over the window, never added to "
         "a contender.",
         "",
-        "## Targets (issue 8)",
+        "## Targets (issue 16)",
         "",
         targets_table(report.outcomes()),
         "",
@@ -246,6 +269,13 @@ def render_markdown(report: RunReport, *, image_prefix: str = "") -> str:
         "",
     ]
     body: list[str] = []
+    if report.start:
+        body += ["## Start-up: exec to the first event (fast sink)", "",
+                 f"Each run: a fresh queue holding one message, the contender exec'd, the time until its event "
+                 f"reached the sink (the sink's arrival time) and the CPU of its whole process tree by then; "
+                 f"then it is killed. One warm-up run each, not counted, then {c.start_runs} rounds with the "
+                 f"contenders interleaved. `vs mq-bridge`: time ratio / CPU ratio of the medians.", "",
+                 start_table(report.start), ""]
     if any(r.scenario == REMOTE for r in report.rows):
         body += [f"## SQS {c.sqs_rtt_ms:g} ms away (delay proxy in front of LocalStack)", "",
                  remote_table(report.rows), ""]
@@ -284,6 +314,10 @@ def format_text(report: RunReport) -> str:
         rate = ("SKIPPED" if r.error.startswith("skipped") else "FAILED") if r.error else _fmt_rate(r)
         lines.append(f"{r.scenario:<22} {r.contender:<26} {rate:>8} {_fmt_cpu(r):>10} {_pair(r, mq):>16} "
                      f"{_pair(r, ceiling):>16}")
+    for st in report.start:
+        if st.ok:
+            lines.append(f"start {st.contender:<28} first event {st.first_event_median:.2f} s, "
+                         f"tree CPU {st.cpu_median:.2f} s (medians of {len(st.first_event_s)})")
     for lat in report.latency:
         lines.append(f"latency {lat.contender:<26} p50 {lat.p50_ms:.1f} ms, p99 {lat.p99_ms:.1f} ms "
                      f"at {lat.achieved_per_s:,.0f} msg/s")
@@ -305,6 +339,7 @@ def write_json(path: Path, report: RunReport) -> None:
         "inflight": [r.as_json() for r in report.sweep],
         "latency": [r.as_json() for r in report.latency],
         "rss": report.rss.as_json() if report.rss else None,
+        "start": [r.as_json() for r in report.start],
         "targets": [asdict(o) for o in report.outcomes()],
         "log_dir": report.log_dir,
         "machine": report.machine,

@@ -41,6 +41,7 @@ from benchmarks.scenarios import (
     inflight_sweep,
     latency_cases,
     rss_case,
+    start_cases,
     throughput_cases,
 )
 from benchmarks.sqs import sqs_client
@@ -84,7 +85,7 @@ def services(config: SuiteConfig, log_dir: Path) -> Iterator[Bench]:
             stack.callback(started.stop)
             return started
 
-        if wanted & {"fast", "latency", "remote"}:
+        if wanted & {"fast", "latency", "remote", "start"}:
             bench.fast = sink("sink-fast")
         if wanted & {"slow", "inflight"}:
             bench.slow = sink("sink-20ms", delay_ms=config.sink_delay_ms)
@@ -115,6 +116,7 @@ def run_suite(config: SuiteConfig, log_dir: Path) -> RunReport:
     machine = machine_summary()  # before the run: its load average is the box's, not ours
     commit = git_commit(Path(__file__).resolve().parent.parent)  # the code that is measured
     with services(config, log_dir) as bench:
+        start = start_cases(bench)  # first: the box is at its quietest before the drains
         rows = throughput_cases(bench)
         sweep = inflight_sweep(bench)
         latency = latency_cases(bench)
@@ -122,11 +124,15 @@ def run_suite(config: SuiteConfig, log_dir: Path) -> RunReport:
         sqs = _sqs_name(bench, config)
     kind = "quick" if config.quick else "full"
     title = f"sqs-poller vs mq-bridge and boto3, {kind} run {started_at:%Y-%m-%d %H:%M} UTC ({os.cpu_count()} CPUs)"
-    plots = plot_all(config.out_dir, rows, sweep, rss, config.sink_delay_ms, title)
+    plots = plot_all(config.out_dir, rows, sweep, rss, config.sink_delay_ms, title, start=start)
+    notes = config.notes
+    if git_commit(Path(__file__).resolve().parent.parent) != commit:  # each row imports the code afresh
+        notes += (f"the code under test changed during the run (it started at {commit}): rows may "
+                  "have measured different code",)
     return RunReport(config=config, started=started_at, seconds=time.monotonic() - started, sqs=sqs,
-                     rows=tuple(rows), sweep=tuple(sweep), latency=tuple(latency), rss=rss,
+                     rows=tuple(rows), sweep=tuple(sweep), latency=tuple(latency), rss=rss, start=tuple(start),
                      plots=tuple(plots), log_dir=str(log_dir), machine=machine,
-                     commit=commit, notes=config.notes)
+                     commit=commit, notes=notes)
 
 
 def write_outputs(report: RunReport) -> None:

@@ -18,6 +18,7 @@ from benchmarks import mqbridge
 from benchmarks.config import SuiteConfig
 from benchmarks.contender import ContenderProcess, ContenderSpec
 from benchmarks.contenders import (
+    LOOP_LABELS,
     HttpTarget,
     KafkaTarget,
     PollerOptions,
@@ -36,13 +37,15 @@ from benchmarks.model import (
     SLOW,
     Latency,
     RssRun,
+    StartRun,
     Throughput,
 )
 from benchmarks.peers import DelayProxy, Sink, consume_count, create_topic
 from benchmarks.progress import bar
 from benchmarks.sqs import REGION, fresh_queue, preload, send_batch
+from benchmarks.startup import StartSample, first_event
 
-__all__ = ["Bench", "inflight_sweep", "latency_cases", "rss_case", "throughput_cases"]
+__all__ = ["Bench", "best_of", "inflight_sweep", "latency_cases", "rss_case", "start_cases", "throughput_cases"]
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +69,6 @@ class Bench:
     stall: Sink | None = None
     kafka: str | None = None
     proxy: DelayProxy | None = None
-    poller_processes: int | None = None   # what the poller's defaults gave, once seen
     mq_pythons: dict[mqbridge.MqBridge, Path | str] = field(default_factory=dict)  # venv Python, or why not
 
     def poller(self, queue_url: str, target: HttpTarget | KafkaTarget, *, processes: int | None = None,
@@ -145,10 +147,8 @@ def _throughput(bench: Bench, url: str, scenario: str, family: str, label: str, 
         records, unique = consume_count(bench.kafka, topic, count)
         details.update(kafka_records=records, delivered=unique, duplicates=records - unique)
     error = None if unique >= count else f"only {unique} of {count} distinct messages arrived"
-    if family == "poller" and label == "poller defaults" and window.workers:
-        label = f"poller defaults (p{window.workers})"  # what the defaults gave here, seen not assumed
-        details["defaults"] = True
-        bench.poller_processes = bench.poller_processes or window.workers
+    if family == "poller":  # how many workers it ran is seen, not assumed (they may follow the load)
+        details["workers_seen"] = list(window.workers_seen)
     result = Throughput(scenario, label, family, count, window.seconds, window.cpu_seconds,
                         window.peer_cpu_seconds, details, error)
     log.info("%-22s %-26s %7.0f msg/s %7.1f us CPU/msg  (%.1f s)%s", scenario, label, result.msg_per_s,
@@ -159,18 +159,49 @@ def _throughput(bench: Bench, url: str, scenario: str, family: str, label: str, 
 # --------------------------------------------------------------------------- throughput
 
 
-def _poller_rows(bench: Bench, scenario: str, sink: Sink, count: int) -> list[Throughput]:
-    """The poller's defaults first (how many processes they make is seen, not assumed), then each
-    ``--processes`` value that differs from it."""
-    rows = []
+def _poller_default_row(bench: Bench, scenario: str, sink: Sink, count: int) -> Throughput:
+    """The poller's defaults (how many workers they ran is in the row's notes)."""
     target = HttpTarget(sink.url)
-    rows.append(run_throughput(bench, scenario, "poller", "poller defaults",
-                               lambda url: bench.poller(url, target), count=count, sink=sink))
-    for p in bench.config.processes:
-        if p != bench.poller_processes:
-            rows.append(run_throughput(bench, scenario, "poller", poller_label(p),
-                                       lambda url, p=p: bench.poller(url, target, processes=p), count=count, sink=sink))
-    return rows
+    return run_throughput(bench, scenario, "poller", "poller defaults", lambda url: bench.poller(url, target),
+                          count=count, sink=sink)
+
+
+def _poller_process_rows(bench: Bench, scenario: str, sink: Sink, count: int) -> list[Throughput]:
+    """Each ``--processes`` value: a fixed count, which the defaults need not be."""
+    target = HttpTarget(sink.url)
+    return [run_throughput(bench, scenario, "poller", poller_label(p),
+                           lambda url, p=p: bench.poller(url, target, processes=p), count=count, sink=sink)
+            for p in bench.config.processes]
+
+
+def _poller_rows(bench: Bench, scenario: str, sink: Sink, count: int) -> list[Throughput]:
+    return [_poller_default_row(bench, scenario, sink, count), *_poller_process_rows(bench, scenario, sink, count)]
+
+
+def best_of(repeats: int, cases: list[Callable[[], Throughput]]) -> list[Throughput]:
+    """Each case ``repeats`` times, the cases interleaved (A B A B: the box's drift falls on both), and
+    for each the window with the least CPU per message, the others named in its notes.
+
+    Why: mq-bridge spends a nearly constant share of a core while it drains, so its CPU per message
+    is that share over its rate, and its rate follows LocalStack's pace in its window (see
+    benchmarks/README.md). The poller's CPU per message moves much less with the pace. Taking
+    each one's best window is the same rule for both and does not flatter the poller."""
+    tries: list[list[Throughput]] = [[] for _ in cases]
+    for _ in range(max(1, repeats)):
+        for i, case in enumerate(cases):
+            tries[i].append(case())
+    out = []
+    for rows in tries:
+        good = [r for r in rows if r.ok]
+        if not good or len(rows) == 1:
+            out.append(rows[-1])
+            continue
+        best = min(good, key=lambda r: r.cpu_us_per_msg)
+        windows = [f"{r.cpu_us_per_msg:.1f} us/msg at {r.msg_per_s:,.0f} msg/s" if r.ok else "failed" for r in rows]
+        out.append(replace(best, details={**best.details, "windows": windows,
+                                          "notes": [*best.details.get("notes", ()),
+                                                    f"best of {len(rows)} windows: {'; '.join(windows)}"]}))
+    return out
 
 
 def _relabel(row: Throughput, label: str, **details: Any) -> Throughput:
@@ -204,10 +235,14 @@ def throughput_cases(bench: Bench) -> list[Throughput]:
                                        lambda url: loop_spec("good", bench.endpoint, url, sink=fast.url,
                                                              threads=c.threads),
                                        count=c.messages, sink=fast))
+        pair: list[Callable[[], Throughput]] = []
         if c.runs("fast", "mq-bridge"):
-            rows.append(_mqbridge_http(bench, FAST, fast, c.messages))
+            pair.append(lambda: _mqbridge_http(bench, FAST, fast, c.messages))
         if c.runs("fast", "poller"):
-            rows += _poller_rows(bench, FAST, fast, c.messages)
+            pair.append(lambda: _poller_default_row(bench, FAST, fast, c.messages))
+        rows += best_of(c.repeats, pair)
+        if c.runs("fast", "poller"):
+            rows += _poller_process_rows(bench, FAST, fast, c.messages)
     if bench.slow is not None and "slow" in c.scenarios:
         if c.runs("slow", "mq-bridge"):
             rows.append(_mqbridge_http(bench, SLOW, bench.slow, c.slow_messages))
@@ -217,33 +252,40 @@ def throughput_cases(bench: Bench) -> list[Throughput]:
         rows += _kafka_rows(bench)
     if bench.proxy is not None and bench.fast is not None and "remote" in c.scenarios:
         proxy, fast = bench.proxy, bench.fast
-        if c.runs("remote", "mq-bridge"):
+        if c.runs("remote", "mq-bridge"):  # context only (~400 msg/s: a long window), so once
             rows.append(_mqbridge_http(bench, REMOTE, fast, c.messages, proxy=proxy))
-        if c.runs("remote", "poller"):
-            rows.append(run_throughput(
+        if c.runs("remote", "poller"):  # its target is against its own direct row, a best-of too
+            rows += best_of(c.repeats, [lambda: run_throughput(
                 bench, REMOTE, "poller", "poller defaults",
                 lambda url: bench.poller(proxy.url(url), HttpTarget(fast.url), endpoint=proxy.url(bench.endpoint)),
-                count=c.messages, sink=fast))
+                count=c.messages, sink=fast)])
     return rows
 
 
 def _kafka_rows(bench: Bench) -> list[Throughput]:
     c, bootstrap = bench.config, bench.kafka
     assert bootstrap is not None
-    rows = []
-    if c.runs("kafka", "mq-bridge"):
+
+    def mq_row() -> Throughput:
         topic = create_topic(bootstrap, partitions=3)
 
         def make_mq(url: str) -> ContenderSpec:
             route = mqbridge.kafka_route(url, bench.endpoint, REGION, bootstrap, topic)
             return bench.mq_bridge(mqbridge.FULL, route, "mq-bridge-kafka")
-        rows.append(run_throughput(bench, KAFKA, "mq-bridge", "mq-bridge", make_mq, count=c.messages, topic=topic))
-    if c.runs("kafka", "poller"):
+        return run_throughput(bench, KAFKA, "mq-bridge", "mq-bridge", make_mq, count=c.messages, topic=topic)
+
+    def poller_row() -> Throughput:
         topic = create_topic(bootstrap, partitions=3)
-        rows.append(run_throughput(bench, KAFKA, "poller", "poller defaults",
-                                   lambda url: bench.poller(url, KafkaTarget(bootstrap, topic)),
-                                   count=c.messages, topic=topic))
-    return rows
+        return run_throughput(bench, KAFKA, "poller", "poller defaults",
+                              lambda url: bench.poller(url, KafkaTarget(bootstrap, topic)), count=c.messages,
+                              topic=topic)
+
+    pair: list[Callable[[], Throughput]] = []
+    if c.runs("kafka", "mq-bridge"):
+        pair.append(mq_row)
+    if c.runs("kafka", "poller"):
+        pair.append(poller_row)
+    return best_of(c.repeats, pair)
 
 
 def inflight_sweep(bench: Bench) -> list[Throughput]:
@@ -389,3 +431,66 @@ def _rss(bench: Bench, url: str, sink: Sink) -> RssRun:
     log.info("stalled sink: RSS %.1f MB -> %.1f MB (peak %.1f MB) over %.0f s: %s", result.start / 1e6,
              result.end / 1e6, result.peak / 1e6, c.stall_seconds, "flat" if result.flat else "NOT flat")
     return result
+
+
+# --------------------------------------------------------------------------- start-up
+
+
+def _start_specs(bench: Bench) -> list[tuple[str, str, SpecFactory]]:
+    """(label, family, queue URL -> spec) of every contender that delivers to the fast sink."""
+    c, fast = bench.config, bench.fast
+    assert fast is not None
+    specs: list[tuple[str, str, SpecFactory]] = []
+    if "mq-bridge" in c.contenders:
+        specs.append(("mq-bridge", "mq-bridge", lambda url: bench.mq_bridge(
+            mqbridge.BASIC, mqbridge.http_route(url, bench.endpoint, REGION, fast.url), "mq-start")))
+    if "poller" in c.contenders:
+        specs.append(("poller defaults", "poller", lambda url: bench.poller(url, HttpTarget(fast.url))))
+    for kind in ("naive", "good"):
+        if kind in c.contenders:
+            specs.append((LOOP_LABELS[kind], kind, lambda url, kind=kind: loop_spec(
+                kind, bench.endpoint, url, sink=fast.url, threads=c.threads)))
+    return specs
+
+
+def start_cases(bench: Bench) -> list[StartRun]:
+    """Exec -> first event at the fast sink, and the tree's CPU by then, for every contender: one
+    warm-up round, then ``start_runs`` rounds, the contenders interleaved within each round (so
+    that the box's drift falls on all of them alike), each run on a fresh queue of one message."""
+    c = bench.config
+    if bench.fast is None or "start" not in c.scenarios:
+        return []
+    specs = _start_specs(bench)
+    samples: dict[str, list[StartSample]] = {label: [] for label, _f, _m in specs}
+    errors: dict[str, str] = {}
+    rounds = 1 + c.start_runs
+    with bar(total=rounds * len(specs), desc="start-up", unit="run") as progress:
+        for round_ in range(rounds):
+            for label, _family, make_spec in specs:
+                progress.update(1)
+                if label in errors:
+                    continue
+                try:
+                    with fresh_queue(bench.sqs, _slug(f"start-{label}")) as url:
+                        sample = first_event(make_spec(url), sqs=bench.sqs, queue_url=url, sink=bench.fast,
+                                             log_dir=bench.log_dir, body_size=c.body_size)
+                except Skipped as exc:
+                    errors[label] = str(exc)
+                    continue
+                except Exception as exc:  # noqa: BLE001 - the row says why; the run goes on
+                    log.error("start / %s failed: %s", label, _first_line(exc))
+                    errors[label] = _first_line(exc)
+                    continue
+                if round_:  # round 0 is the warm-up
+                    samples[label].append(sample)
+    out = []
+    for label, family, _make in specs:
+        got = samples[label]
+        row = StartRun(label, family, tuple(s.first_event_s for s in got), tuple(s.cpu_s for s in got),
+                       error=errors.get(label))
+        if row.ok:
+            log.info("start %-18s first event %.2f s (%.2f-%.2f), tree CPU %.2f s (%.2f-%.2f) by then", label,
+                     row.first_event_median, min(row.first_event_s), max(row.first_event_s), row.cpu_median,
+                     min(row.cpu_s), max(row.cpu_s))
+        out.append(row)
+    return out
