@@ -5,8 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import Any, NamedTuple, TypeAlias
 
 from channels.base import Message
 from channels.events import EventError, EventFormat, is_event_format
@@ -21,9 +20,9 @@ STRUCTURED_CONTENT_TYPE = b"application/cloudevents+json"
 Header: TypeAlias = tuple[str, str | bytes | None]
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
-    """What ``Producer.produce`` gets for one message. ``timestamp`` 0 = the producer's clock."""
+class Record(NamedTuple):
+    """What ``Producer.produce`` gets for one message. ``timestamp`` 0 = the producer's clock.
+    (A named tuple: one is made per message, and it is made ~3x faster than a frozen dataclass.)"""
 
     value: bytes
     key: bytes | None
@@ -34,13 +33,17 @@ class Record:
 class RecordBuilder:
     """Builds records for one queue; pure, no broker needed."""
 
-    __slots__ = ("_event", "_format", "_key_attribute", "_key_mode", "_sent_time")
+    __slots__ = ("_constant", "_event", "_format", "_key_attribute", "_key_mode", "_sent_time")
 
     def __init__(self, config: KafkaConfig, source: str) -> None:
         self._event = EventFormat(source, config.data_mode, dict(config.overrides), config.shape)
         self._format = config.format
         self._key_mode, _, self._key_attribute = config.key.partition(":")
         self._sent_time = config.timestamp == "sent"
+        # binary: the ce_ headers that are the same for every record (specversion, source, type,
+        # the overrides), encoded once; each record adds its own (id, time, extensions).
+        self._constant: list[Header] = [("ce_" + name, value.encode())
+                                        for name, value in self._event.constant_attributes().items()]
 
     @property
     def events(self) -> EventFormat:
@@ -51,13 +54,16 @@ class RecordBuilder:
         headers: list[Header]
         if self._format == "binary":
             value, content_type = self._event.data(message)
-            headers = [("ce_" + name, v.encode()) for name, v in self._event.attributes(message).items()]
+            headers = self._constant.copy()
+            headers += [("ce_" + name, v.encode()) for name, v in self._event.per_message_attributes(message).items()]
             headers.append(("content-type", content_type.encode()))
-            headers += attribute_headers(message, cloudevents=True)
+            if message.message_attributes:
+                headers += attribute_headers(message, cloudevents=True)
         elif self._format == "structured":
             value = self._event.structured(message)
             headers = [("content-type", STRUCTURED_CONTENT_TYPE)]
-            headers += attribute_headers(message, cloudevents=True)
+            if message.message_attributes:
+                headers += attribute_headers(message, cloudevents=True)
         else:
             value = message.body.encode()
             headers = attribute_headers(message, cloudevents=False)
