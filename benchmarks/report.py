@@ -290,7 +290,7 @@ def render_markdown(report: RunReport, *, image_prefix: str = "") -> str:
     if report.sweep:
         body += ["## Throughput against in-flight (20 ms sink, `--processes 1`)", "",
                  "Only `--http-concurrency` changes; the bound is what that many requests in flight can carry "
-                 "at 20 ms each (the poller's `--max-in-flight`, 100 messages per process by default, bounds "
+                 "at 20 ms each (the poller's `--max-in-flight`, 200 messages per process by default, bounds "
                  "it too).", "", sweep_table(report.sweep, c.sink_delay_ms), ""]
     if report.plots:
         body += ["## Plots", ""] + [f"![{Path(p).stem}]({image_prefix}{p})" for p in report.plots] + [""]

@@ -41,13 +41,13 @@ class WorkerConfig:
 
     target: SqsTarget
     channel: ChannelConfig
-    receivers: int = 4
+    receivers: int = 8
     batch_size: int = 10
     wait_time: int = 20
     visibility_timeout: int | None = None
     # The queue's own default, read at start; used to know when to extend in-flight messages.
     queue_visibility_timeout: int = 30
-    max_in_flight: int = 100
+    max_in_flight: int = 200
     delete_linger: float = 0.05
     nack_backoff: float = 2.0
     nack_backoff_max: float = 300.0
