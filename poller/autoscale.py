@@ -11,10 +11,11 @@ signal changed: Celery counts reserved tasks; a worker here is one event loop, s
   back full, or a worker held ``--max-in-flight``), and the machine has ``spare`` CPU for one
   more (a worker on a core that is already taken only adds contention: measured here, a second
   worker on 2 cores shared with LocalStack cost 1.5x the CPU per message for a lower rate).
-- **Trial**: ``trial`` seconds after an up, the poller's acknowledged rate must be ``gain`` times
-  the rate before it, else the new worker is retired and no up is tried for ``retry_after``
-  seconds (doubled per failed trial, up to ``retry_max``): whatever the CPU numbers say, a worker
-  that does not add throughput only adds cost.
+- **Trial**: ``trial`` seconds after an up, if a backlog still waits, the poller's acknowledged
+  rate must be ``gain`` times the rate before it, else the new worker is retired and no up is
+  tried for ``retry_after`` seconds (doubled per failed trial, up to ``retry_max``): whatever the
+  CPU numbers say, a worker that does not add throughput only adds cost. With the backlog gone by
+  then (a burst cleared), the trial has nothing to judge: the down rule decides.
 - **Down** (-1, never below ``minimum``): for ``keepalive`` seconds, and at least ``keepalive``
   after the last up, the workers' CPU in all fitted in one fewer worker at ``fits`` of a core
   each. ``fits`` well below ``busy`` is the hysteresis: the load that made an up leaves too much
@@ -110,7 +111,9 @@ class Autoscaler:
             _, before = self._trial
             self._trial = None
             after = self._rate(now, policy.window * 2)
-            if after is not None and after < before * policy.gain and load.active > self.minimum:
+            # Judged only while a backlog still waits: a burst the added worker helped clear is a
+            # lower rate now, not a worker that did not help (the load-fits rule retires it later).
+            if after is not None and after < before * policy.gain and load.active > self.minimum and self._backlog():
                 self._no_up_until = now + self._retry_after
                 waited, self._retry_after = self._retry_after, min(policy.retry_max, self._retry_after * 2)
                 return self._down(now, f"the worker added did not raise the rate ({before:,.0f} -> {after:,.0f} "

@@ -37,11 +37,11 @@ is a copy of the supervisor with one thread, the one that forked; what the copy 
   (``/proc/self/task``, which counts C libraries' threads too, librdkafka's), and spawn otherwise.
   The one thread of its own, the HTTP server's, starts after the first workers (``run``): they
   are forked, and the first receive does not wait for the server. Workers started later (a
-  restart) are spawned while the server runs.
+  restart, one autoscale adds) are spawned while the server runs.
 - Signal handlers: the supervisor's would queue a signal in the child's copy of the queue, where
-  nobody reads it. SIGTERM, SIGINT and SIGHUP are blocked across the fork; the child's first code
-  (``_worker_process``) puts back a fresh interpreter's handlers, then unblocks them: a signal
-  sent meanwhile arrives then, as it would to a spawned worker. The worker installs its own.
+  nobody reads it. SIGTERM, SIGINT and SIGHUP are blocked across the start (fork or spawn); the
+  child's first code (``_worker_process``) puts back their default actions, then unblocks them:
+  a signal sent meanwhile ends it then. The worker's loop installs its own (a graceful stop).
 - File descriptors: the start checks close their connections before the first worker starts;
   the HTTP server's listening socket is bound before the fork (a port in use stops the start
   before any worker exists) and closed in a forked child before its worker runs.
@@ -60,7 +60,7 @@ import sys
 import time
 import types
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from multiprocessing import util
 from multiprocessing.context import ForkContext, SpawnContext
@@ -343,7 +343,7 @@ class Supervisor:
             name=f"worker-{slot.index}",
         )
         slot.heartbeat.value = 0.0
-        with _signals_blocked() if ctx is self._fork else _main_left_behind():
+        with _signals_blocked(), nullcontext() if ctx is self._fork else _main_left_behind():
             process.start()
         slot.process, slot.started_at, slot.booted, slot.killed = process, time.monotonic(), False, False
         log.info("started worker-%d (pid %d, %s)", slot.index, process.pid, ctx.get_start_method())
@@ -458,13 +458,15 @@ class Supervisor:
 
 
 def _worker_process(target: Callable[..., None], *args: Any) -> None:
-    """A worker process's first code (module level: spawn pickles it by name). Forked, the process
-    has the supervisor's signal handlers, with their signals blocked (``_signals_blocked``): a
-    fresh interpreter's handlers go back first, then the signals are unblocked, so one sent
-    meanwhile arrives now, as to a spawned worker, instead of into the supervisor's queue."""
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    """A worker process's first code (module level: spawn pickles it by name). It begins with the
+    supervisor's signals blocked (``_signals_blocked``; a spawned interpreter inherits the mask
+    through exec): forked, it has the supervisor's handlers, which would queue a signal where
+    nobody reads it; spawned, Python's SIGINT handler would raise KeyboardInterrupt, a traceback
+    in the middle of its start. Default actions go in first, then the signals are unblocked: one
+    sent meanwhile (Ctrl-C reaches the whole group) ends the worker now, quietly, holding nothing
+    yet, until the worker's loop installs its own handlers (a graceful stop)."""
+    for signum in _HANDLED:
+        signal.signal(signum, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
     target(*args)
 
@@ -480,7 +482,7 @@ def _single_threaded() -> bool:
 
 @contextmanager
 def _signals_blocked() -> Iterator[None]:
-    """The supervisor's signals wait (pending) while a worker is forked, see ``_worker_process``;
+    """The supervisor's signals wait (pending) while a worker is started, see ``_worker_process``;
     here, they are handled once the child exists."""
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED)
     try:

@@ -316,9 +316,13 @@ def worker_main(slot: int, config: WorkerConfig, shared_stats: MutableSequence[i
 
     threading.excepthook = on_thread_error
 
+    orphaned = False
+
     def tick() -> None:
+        nonlocal orphaned
         counters.copy_to(shared_stats)
-        if os.getppid() != parent_pid:
+        if os.getppid() != parent_pid and not orphaned:
+            orphaned = True  # once: the ticks go on while the stop drains
             log.warning("the supervisor is gone; stopping")
             worker.stop()
 

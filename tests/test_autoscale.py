@@ -147,6 +147,20 @@ def test_a_worker_that_does_not_raise_the_rate_is_retired_and_not_tried_again_so
     assert run.changes() == [1, -1, 1]  # then tried again
 
 
+def test_a_burst_cleared_during_the_trial_is_no_failed_trial() -> None:
+    """The added worker helped drain a burst: by the trial's end the queue is empty and the rate
+    is low. Not a failure (no penalty on the next up): the load-fits rule retires it later."""
+    run = make_run()
+    run.go(12, share=0.95, fill=10, rate=1000)
+    assert run.changes() == [1]
+    run.go(30, share=0.2, fill=0, rate=0)  # the burst is gone: empty receives
+    assert not any("did not raise the rate" in d.reason for _, d in run.decisions)
+    run.go(20, share=0.2, fill=0, rate=0)
+    assert run.changes() == [1, -1] and "fits in 1 worker(s)" in run.decisions[-1][1].reason
+    run.go(20, share=0.95, fill=10, rate=1000)  # the next burst: an up at once, no retry wait
+    assert run.changes() == [1, -1, 1]
+
+
 def test_a_worker_that_raises_the_rate_stays_and_the_load_going_retires_it() -> None:
     run = make_run()
     run.go(12, share=0.95, fill=10, rate=1000)

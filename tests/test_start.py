@@ -105,7 +105,7 @@ def reporting_worker(slot: int, config: Any, stats: MutableSequence[int], parent
     report = {
         "forked": parent_pid == FORKED_FROM,
         "sigterm": signal.getsignal(signal.SIGTERM) == signal.SIG_DFL,
-        "sigint": signal.getsignal(signal.SIGINT) is signal.default_int_handler,
+        "sigint": signal.getsignal(signal.SIGINT) == signal.SIG_DFL,
         "sighup": signal.getsignal(signal.SIGHUP) == signal.SIG_DFL,
         "blocked": sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])),
         "listening": _listening_sockets(),
@@ -184,6 +184,20 @@ def test_a_signal_sent_during_the_fork_is_not_lost() -> None:
             "supervisor._worker_process(sys.exit, 0)\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, timeout=60)
     assert result.returncode == -signal.SIGTERM, result.stderr.decode()
+
+
+def test_ctrl_c_while_a_worker_starts_ends_it_quietly() -> None:
+    """Ctrl-C reaches the whole process group, a worker still starting included (its signals
+    blocked since the supervisor started it, by fork or spawn): it ends by the signal's default
+    action, holding nothing yet, with no KeyboardInterrupt traceback on the poller's stderr."""
+    code = ("import os, signal, sys\n"
+            "from poller import supervisor\n"
+            "signal.pthread_sigmask(signal.SIG_BLOCK, supervisor._HANDLED)\n"
+            "os.kill(os.getpid(), signal.SIGINT)\n"
+            "supervisor._worker_process(sys.exit, 0)\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, timeout=60)
+    assert result.returncode == -signal.SIGINT, result.stderr.decode()
+    assert b"Traceback" not in result.stderr, result.stderr.decode()
 
 
 def test_a_workers_modules_leave_out_the_clis() -> None:
