@@ -223,6 +223,16 @@ async def test_hand_over_publishes_one_run_per_message_and_counts() -> None:
 
 
 @on_loop
+async def test_a_receipt_handle_held_already_is_not_published_again_and_its_room_goes_back() -> None:
+    rig = make_rig(batch_size=10)
+    await rig.receive([raw_message(0), raw_message(1, group="g"), raw_message(2, group="g")])
+    await rig.receive([raw_message(0), raw_message(1, group="g"), raw_message(2, group="g"), raw_message(3)])
+    assert sorted(m.id for m in handed(rig.channel)) == ["id-0", "id-1", "id-3"]  # id-2 waits for id-1
+    assert rig.held == 4
+    assert rig.ledger.reserved == 4
+
+
+@on_loop
 async def test_ack_queues_a_delete_and_the_message_stays_held_until_deleted() -> None:
     rig = make_rig()
     await rig.receive([raw_message(1), raw_message(2)])
