@@ -110,13 +110,9 @@ class Dispatcher:
         else:
             self._gate.received()
         for run in _runs_of(messages, now + self._timeout, now):
-            if len(run.entries) == 1:  # a standard queue's run: no new list for it
-                if not self._ledger.add(run.entries[0]):
-                    continue
-            else:
-                run.entries = [held for held in run.entries if self._ledger.add(held)]
-                if not run.entries:
-                    continue
+            run.entries = [held for held in run.entries if self._ledger.add(held)]
+            if not run.entries:
+                continue
             if stop_visibility is not None:
                 self._settle(run, forced=stop_visibility)
             else:
@@ -148,18 +144,12 @@ class Dispatcher:
         run.attempt += 1
         run.window = run.unreported = window
         now = self._clock()
-        entries = run.entries
-        if len(entries) == 1:  # a standard queue's run: without the loop and the slice
-            held = entries[0]
-            held.stage, held.attempt_started, held.outcome, held.reason = Stage.DELIVERING, now, None, ""
-            messages = [held.message]
-        else:
-            for i, held in enumerate(entries):
-                if i < window:
-                    held.stage, held.attempt_started, held.outcome, held.reason = Stage.DELIVERING, now, None, ""
-                else:
-                    held.stage = Stage.WAITING
-            messages = [held.message for held in entries[:window]]
+        for i, held in enumerate(run.entries):
+            if i < window:
+                held.stage, held.attempt_started, held.outcome, held.reason = Stage.DELIVERING, now, None, ""
+            else:
+                held.stage = Stage.WAITING
+        messages = [held.message for held in run.entries[:window]]
         self._publishing = True
         try:
             self._channel.publish(messages, self.report)
