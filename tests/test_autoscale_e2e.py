@@ -22,7 +22,16 @@ from typing import Any
 
 import pytest
 
-from support import PollerProcess, dumper_sink, queue_counts, send_messages, send_parallel, split, wait_until
+from support import (
+    PollerProcess,
+    dumper_sink,
+    queue_counts,
+    send_messages,
+    send_parallel,
+    split,
+    wait_empty,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -106,7 +115,7 @@ def test_a_worker_is_added_under_a_backlog_and_retired_with_nothing_lost(
     assert exit_code == 0, text[-3000:]
     lost = set(ids) - set(delivered)
     assert not lost, f"{len(lost)} lost:\n{text[-3000:]}"
-    wait_until(lambda: queue_counts(sqs, queue.url) == (0, 0), 30, "the queue empty, nothing invisible")
+    wait_empty(sqs, queue.url, 30)
     retired = text.count("retired: stopped")
     print(f"\n{case}: {len(ids)} messages, {len(delivered)} deliveries "
           f"({len(delivered) - len(set(delivered))} duplicates), {text.count('autoscale: adding')} added, "

@@ -26,7 +26,7 @@ from cloudevents.core.bindings.http import HTTPMessage, from_http_event
 from channels.http import REFUSAL_RUN
 from poller.kit.dumper import DumperServer
 from support import (
-    PollerProcess, drain, free_port, http_get, make_body, queue_counts, send_messages, wait_until,
+    PollerProcess, drain, free_port, http_get, make_body, queue_counts, send_messages, wait_empty, wait_until,
 )
 
 pytestmark = pytest.mark.integration
@@ -79,7 +79,7 @@ def test_5000_mixed_messages_arrive_once_and_queue_ends_empty(
             ids = send_messages(sqs, queue.url, entries)
             wait_until(lambda: len(server.received) >= len(ids), 300, "all 5000 events at the sink")
             elapsed = time.monotonic() - started
-            wait_until(lambda: queue_counts(sqs, queue.url) == (0, 0), 60, "the queue to be empty")
+            wait_empty(sqs, queue.url, 60)
         finally:
             code = poller.stop()
         assert code == 0, poller.log_text()[-3000:]
@@ -132,7 +132,7 @@ def test_fifo_groups_arrive_in_order(sqs: Any, make_queue: Any, aws_env: dict[st
         try:
             send_messages(sqs, queue.url, entries)
             wait_until(lambda: len(server.received) >= len(entries), 120, "all FIFO events")
-            wait_until(lambda: queue_counts(sqs, queue.url) == (0, 0), 60, "the queue to be empty")
+            wait_empty(sqs, queue.url, 60)
         finally:
             assert poller.stop() == 0
     for g in groups:
@@ -166,7 +166,7 @@ def test_rejected_messages_go_to_the_dlq_and_the_rest_flow(
                 return len(dead) >= bad
 
             wait_until(dlq_has_all_bad, 90, "the rejected messages in the DLQ")
-            wait_until(lambda: queue_counts(sqs, queue.url) == (0, 0), 30, "the queue to be empty")
+            wait_empty(sqs, queue.url, 30)
         finally:
             assert poller.stop() == 0
     assert sorted(m["Body"] for m in dead) == sorted(f"bad {i}" for i in range(bad))

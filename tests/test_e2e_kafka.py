@@ -41,7 +41,7 @@ from support import (
     send_parallel,
     silent_server,
     split,
-    wait_until,
+    wait_empty, wait_until,
 )
 
 pytestmark = pytest.mark.integration
@@ -388,7 +388,7 @@ def test_oversize_records_go_to_the_dlq_and_the_rest_flow(
             return len(dead) >= len(big)
 
         wait_until(dlq_has_all_big, 90, "the oversize messages in the DLQ")
-        wait_until(lambda: queue_counts(sqs, queue.url) == (0, 0), 30, "the queue to be empty")
+        wait_empty(sqs, queue.url, 30)
     finally:
         code = poller.stop()
     text = poller.log_text()

@@ -38,7 +38,7 @@ from channels.transport.tls import TlsFiles
 from poller.kit.cehttp import ServerOptions
 from poller.kit.dumper import DumperServer
 
-from support import PollerProcess, Reports, drain, message, queue_counts, send_messages, wait_until
+from support import PollerProcess, Reports, drain, message, send_messages, wait_empty, wait_until
 
 SOURCE = "https://sqs.us-east-1.amazonaws.com/123456789012/q"
 QUEUE_URL = "https://sqs.us-east-1.amazonaws.com/123456789012/orders"  # never reached by the usage errors
@@ -377,7 +377,7 @@ def test_a_private_ca_through_k_ca_certs_and_through_the_file(
                                tmp_path / "env.log")
         try:
             wait_until(lambda: {e["id"] for e in sink.events} >= set(ids), 60, "the events through K_CA_CERTS")
-            wait_until(lambda: queue_counts(sqs, queue.url) == (0, 0), 30, "the queue to be empty")
+            wait_empty(sqs, queue.url, 30)
         finally:
             assert poller.stop() == 0
         assert "trusting K_CA_CERTS beside the system's CAs" in poller.log_text()
@@ -387,7 +387,7 @@ def test_a_private_ca_through_k_ca_certs_and_through_the_file(
                                tmp_path / "file.log", unset=("K_CA_CERTS",))
         try:
             wait_until(lambda: {e["id"] for e in sink.events} >= set(more), 60, "the events through --sink-ca-file")
-            wait_until(lambda: queue_counts(sqs, queue.url) == (0, 0), 30, "the queue to be empty")
+            wait_empty(sqs, queue.url, 30)
         finally:
             assert poller.stop() == 0
 
@@ -409,7 +409,7 @@ def test_mutual_tls_and_headers_from_the_environment(
         poller = PollerProcess(poller_args(queue.url, sink.url), env, tmp_path / "poller.log")
         try:
             wait_until(lambda: {e["id"] for e in sink.events} >= set(ids), 60, "the events over mutual TLS")
-            wait_until(lambda: queue_counts(sqs, queue.url) == (0, 0), 30, "the queue to be empty")
+            wait_empty(sqs, queue.url, 30)
         finally:
             assert poller.stop() == 0
         check = subprocess.run([sys.executable, "-m", "poller", "check", "--queue-url", queue.url,
@@ -468,7 +468,7 @@ def test_a_token_rotated_mid_run_loses_nothing_and_sends_nothing_to_the_dlq(
             volume.rotate("new-token-2222")
             sender.join()
             wait_until(lambda: {e["id"] for e in sink.events} >= set(ids), 90, "every event")
-            wait_until(lambda: queue_counts(sqs, queue.url) == (0, 0), 60, "the queue to be empty")
+            wait_empty(sqs, queue.url, 60)
         finally:
             assert poller.stop() == 0
     assert len(ids) == 300

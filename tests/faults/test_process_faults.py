@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from support import (
-    Deliveries, FaultCase, PollerProcess, pid_alive, queue_counts, send_parallel, split, tally, wait_until,
+    Deliveries, FaultCase, PollerProcess, pid_alive, queue_counts, send_parallel, split, tally, wait_empty, wait_until,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
@@ -60,7 +60,7 @@ def test_sigkill_of_a_worker(
     os.kill(victim, signal.SIGKILL)
     wait_until(lambda: victim not in poller.worker_pids() and len(poller.worker_pids()) == 2, 30,
                "the supervisor to replace the killed worker")
-    wait_until(lambda: queue_counts(sqs, queue.url) == (0, 0), 120, "the queue to be empty")
+    wait_empty(sqs, queue.url, 120)
     assert poller.stop() == 0, poller.log_text()[-3000:]
     assert "was killed by SIGKILL" in poller.log_text()
     case.finish()
@@ -93,7 +93,7 @@ def test_sigkill_of_the_supervisor(
     assert left > 0, "the orphaned workers emptied the queue: nothing left for the new poller"
     second = start_poller(queue.url, deliveries.poller_args(), *slow_flow)
     second.wait_for_workers(2)
-    wait_until(lambda: queue_counts(sqs, queue.url) == (0, 0), 120, "the queue to be empty")
+    wait_empty(sqs, queue.url, 120)
     assert second.stop() == 0, second.log_text()[-3000:]
     case.finish()
 

@@ -21,7 +21,7 @@ import pytest
 
 from support import (
     Deliveries, FaultCase, PollerProcess, SinkDeliveries, Tally, drain, dumper_sink, queue_counts, send_messages,
-    tally, wait_until,
+    tally, wait_empty, wait_until,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
@@ -189,7 +189,7 @@ def test_fifo_order_when_messages_are_given_back(
         wait_until(lambda: len(server.events) >= 40, 60, "40 events accepted", interval=0.02)
         victim = poller.worker_pids()[0]
         os.kill(victim, signal.SIGKILL)
-        wait_until(lambda: queue_counts(sqs, queue.url) == (0, 0), 120, "the queue to be empty")
+        wait_empty(sqs, queue.url, 120)
         assert poller.stop() == 0, poller.log_text()[-3000:]
         accepted = [e["id"] for e in server.events]
     first: dict[str, int] = {}
