@@ -172,31 +172,24 @@ def test_a_supervisor_with_another_thread_spawns(tmp_path: Path) -> None:
     assert _reports(tmp_path, thread=True) == [{"forked": False, **_CLEAN}] * 2
 
 
-def test_a_signal_sent_during_the_fork_is_not_lost() -> None:
-    """The state a forked worker begins in: the supervisor's handler, the signals blocked, and a
-    SIGTERM that came meanwhile. It must end the worker as it would a spawned one (the default
-    action), not run the supervisor's handler and carry on."""
+@pytest.mark.parametrize("signum, handler", [
+    # forked: the supervisor's handler is in place, and would carry on in the child
+    (signal.SIGTERM, "signal.signal(signal.SIGTERM, lambda *args: sys.exit(7))"),
+    # spawned, Ctrl-C to the group: Python's own handler would raise KeyboardInterrupt (a traceback)
+    (signal.SIGINT, "pass"),
+])
+def test_a_signal_sent_while_a_worker_starts_ends_it_quietly(signum: signal.Signals, handler: str) -> None:
+    """The state a worker begins in: its signals blocked since the supervisor started it (by fork
+    or spawn), the handler it came with, and a signal that came meanwhile. It ends the worker by
+    the default action (it holds nothing yet), with no handler run and no traceback."""
     code = ("import os, signal, sys\n"
             "from poller import supervisor\n"
-            "signal.signal(signal.SIGTERM, lambda *args: sys.exit(7))\n"
+            f"{handler}\n"
             "signal.pthread_sigmask(signal.SIG_BLOCK, supervisor._HANDLED)\n"
-            "os.kill(os.getpid(), signal.SIGTERM)\n"
+            f"os.kill(os.getpid(), {int(signum)})\n"
             "supervisor._worker_process(sys.exit, 0)\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, timeout=60)
-    assert result.returncode == -signal.SIGTERM, result.stderr.decode()
-
-
-def test_ctrl_c_while_a_worker_starts_ends_it_quietly() -> None:
-    """Ctrl-C reaches the whole process group, a worker still starting included (its signals
-    blocked since the supervisor started it, by fork or spawn): it ends by the signal's default
-    action, holding nothing yet, with no KeyboardInterrupt traceback on the poller's stderr."""
-    code = ("import os, signal, sys\n"
-            "from poller import supervisor\n"
-            "signal.pthread_sigmask(signal.SIG_BLOCK, supervisor._HANDLED)\n"
-            "os.kill(os.getpid(), signal.SIGINT)\n"
-            "supervisor._worker_process(sys.exit, 0)\n")
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, timeout=60)
-    assert result.returncode == -signal.SIGINT, result.stderr.decode()
+    assert result.returncode == -signum, result.stderr.decode()
     assert b"Traceback" not in result.stderr, result.stderr.decode()
 
 
