@@ -883,3 +883,30 @@ def test_librdkafka_repeats_its_outage_lines_only_once_a_minute(caplog: pytest.L
         sink.log(logging.ERROR, "FAIL [%s] Connect to %s failed", "rdkafka#producer-1", "127.0.0.1:8")
     levels = [(r.levelno, r.getMessage().rsplit(" ", 2)[0][-11:]) for r in caplog.records]
     assert [lvl for lvl, _ in levels] == [logging.ERROR] + [logging.DEBUG] * 4 + [logging.ERROR]
+
+
+def test_a_fatal_error_poll_raises_fails_the_next_publish() -> None:
+    """poll() may raise a fatal error rather than hand it to error_cb (seen: UNKNOWN_PRODUCER_ID
+    after the broker restarted without its state). The poll thread records it as error_cb's would
+    be, so the next publish fails and the worker restarts with a new producer, instead of its
+    circuit probing a dead producer for ever."""
+    fatal = KafkaError(KafkaError.UNKNOWN_PRODUCER_ID, "unknown producer id", fatal=True)
+
+    class FatalProducer(FakeProducer):
+        def poll(self, timeout: float = 0) -> int:
+            time.sleep(0.01)
+            raise KafkaException(fatal)
+
+    producer = FatalProducer()
+    channel, reports = channel_with(producer)
+    channel._start_polling()
+    try:
+        deadline = time.monotonic() + 5
+        while channel._fatal is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        channel._stop.set()
+    assert channel._fatal is not None, "the poll thread did not record the fatal error"
+    with pytest.raises(ChannelError, match="fatal"):
+        channel.publish([message(1)], lambda m, o, r: reports.append((m.id, o)))
+    assert reports == [("id-1", Outcome.RETRY)]

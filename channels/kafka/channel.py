@@ -369,6 +369,17 @@ class KafkaChannel(Channel):
                 return
             try:
                 self._poll_once(producer, 0.1)
+            except KafkaException as exc:
+                # poll() may raise a fatal error rather than hand it to error_cb (seen: the broker
+                # restarted without its state, UNKNOWN_PRODUCER_ID): recorded as _on_error does, so
+                # that the next publish fails and the worker restarts with a new producer. Logged
+                # as anything else, the producer stayed dead and its worker probed it for ever.
+                error = exc.args[0] if exc.args else None
+                if isinstance(error, KafkaError) and error.fatal():
+                    self._on_error(error)
+                else:
+                    log.exception("Kafka poll loop error")
+                self._stop.wait(0.1)
             except Exception:  # a dead poll thread would stop all reports: log, go on
                 log.exception("Kafka poll loop error")
                 self._stop.wait(0.1)
