@@ -885,20 +885,42 @@ def test_librdkafka_repeats_its_outage_lines_only_once_a_minute(caplog: pytest.L
     assert [lvl for lvl, _ in levels] == [logging.ERROR] + [logging.DEBUG] * 4 + [logging.ERROR]
 
 
-def test_a_fatal_error_poll_raises_fails_the_next_publish() -> None:
-    """poll() may raise a fatal error rather than hand it to error_cb (seen: UNKNOWN_PRODUCER_ID
-    after the broker restarted without its state). The poll thread records it as error_cb's would
-    be, so the next publish fails and the worker restarts with a new producer, instead of its
-    circuit probing a dead producer for ever."""
-    fatal = KafkaError(KafkaError.UNKNOWN_PRODUCER_ID, "unknown producer id", fatal=True)
+class FatalProducer(FakeProducer):
+    """Its poll() raises a fatal error (seen: UNKNOWN_PRODUCER_ID after the broker restarted
+    without its state) rather than handing it to error_cb."""
 
-    class FatalProducer(FakeProducer):
-        def poll(self, timeout: float = 0) -> int:
+    def poll(self, timeout: float = 0) -> int:
+        time.sleep(0.01)
+        raise KafkaException(KafkaError(KafkaError.UNKNOWN_PRODUCER_ID, "unknown producer id", fatal=True))
+
+
+def test_a_producer_whose_poll_raises_a_fatal_error_is_replaced() -> None:
+    """Replaced as a stuck one is: what it held is reported RETRY, the new one takes the next."""
+    producer, new = FatalProducer(), FakeProducer()
+    channel, reports = channel_with(producer)
+    channel._new_producer = lambda conf: new  # type: ignore[method-assign]
+    channel.publish([message(1)], lambda m, o, r: reports.append((m.id, o)))
+    channel._start_polling()
+    try:
+        deadline = time.monotonic() + 5
+        while channel._producer is producer and time.monotonic() < deadline:
             time.sleep(0.01)
-            raise KafkaException(fatal)
+    finally:
+        channel._stop.set()
+    assert channel._producer is new and channel._fatal is None
+    assert reports == [("id-1", Outcome.RETRY)]
+
+
+def test_a_fatal_error_poll_raises_fails_the_next_publish_when_no_new_producer_can_be_made() -> None:
+    """The producer cannot be replaced: the error is recorded as error_cb's would be, so the next
+    publish fails and the worker restarts with a new producer, instead of its circuit probing a
+    dead producer for ever."""
+    def cannot(conf: Any) -> Any:
+        raise KafkaException(KafkaError(KafkaError._TRANSPORT, "no broker"))
 
     producer = FatalProducer()
     channel, reports = channel_with(producer)
+    channel._new_producer = cannot  # type: ignore[method-assign]
     channel._start_polling()
     try:
         deadline = time.monotonic() + 5

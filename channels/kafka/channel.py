@@ -371,18 +371,27 @@ class KafkaChannel(Channel):
                 self._poll_once(producer, 0.1)
             except KafkaException as exc:
                 # poll() may raise a fatal error rather than hand it to error_cb (seen: the broker
-                # restarted without its state, UNKNOWN_PRODUCER_ID): recorded as _on_error does, so
-                # that the next publish fails and the worker restarts with a new producer. Logged
-                # as anything else, the producer stayed dead and its worker probed it for ever.
+                # restarted without its state, UNKNOWN_PRODUCER_ID). The producer is dead: replaced
+                # as a stuck one is, else recorded as _on_error does (the next publish fails and the
+                # worker restarts). Only logged, it stayed dead and its worker probed it for ever.
                 error = exc.args[0] if exc.args else None
                 if isinstance(error, KafkaError) and error.fatal():
-                    self._on_error(error)
+                    self._replace_dead(producer, error)
                 else:
                     log.exception("Kafka poll loop error")
                 self._stop.wait(0.1)
             except Exception:  # a dead poll thread would stop all reports: log, go on
                 log.exception("Kafka poll loop error")
                 self._stop.wait(0.1)
+
+    def _replace_dead(self, producer: Producer, error: KafkaError) -> None:
+        log.error("Kafka producer fatal error: %s", error.str())
+        try:
+            self._replace_producer(producer)
+        except Exception:  # never let the poll thread die of it
+            log.exception("cannot replace the Kafka producer")
+        if self._producer is producer:  # not replaced: the worker restarts with a new one
+            self._on_error(error)
 
     def _poll_once(self, producer: Producer, timeout: float) -> None:
         producer.poll(timeout)
