@@ -894,19 +894,24 @@ class FatalProducer(FakeProducer):
         raise KafkaException(KafkaError(KafkaError.UNKNOWN_PRODUCER_ID, "unknown producer id", fatal=True))
 
 
+def poll_until(channel: KafkaChannel, done: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Run the channel's poll thread until ``done`` (or ``timeout``), then stop it."""
+    channel._start_polling()
+    try:
+        deadline = time.monotonic() + timeout
+        while not done() and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        channel._stop.set()
+
+
 def test_a_producer_whose_poll_raises_a_fatal_error_is_replaced() -> None:
     """Replaced as a stuck one is: what it held is reported RETRY, the new one takes the next."""
     producer, new = FatalProducer(), FakeProducer()
     channel, reports = channel_with(producer)
     channel._new_producer = lambda conf: new  # type: ignore[method-assign]
     channel.publish([message(1)], lambda m, o, r: reports.append((m.id, o)))
-    channel._start_polling()
-    try:
-        deadline = time.monotonic() + 5
-        while channel._producer is producer and time.monotonic() < deadline:
-            time.sleep(0.01)
-    finally:
-        channel._stop.set()
+    poll_until(channel, lambda: channel._producer is not producer)
     assert channel._producer is new and channel._fatal is None
     assert reports == [("id-1", Outcome.RETRY)]
 
@@ -921,13 +926,7 @@ def test_a_fatal_error_poll_raises_fails_the_next_publish_when_no_new_producer_c
     producer = FatalProducer()
     channel, reports = channel_with(producer)
     channel._new_producer = cannot  # type: ignore[method-assign]
-    channel._start_polling()
-    try:
-        deadline = time.monotonic() + 5
-        while channel._fatal is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-    finally:
-        channel._stop.set()
+    poll_until(channel, lambda: channel._fatal is not None)
     assert channel._fatal is not None, "the poll thread did not record the fatal error"
     with pytest.raises(ChannelError, match="fatal"):
         channel.publish([message(1)], lambda m, o, r: reports.append((m.id, o)))
