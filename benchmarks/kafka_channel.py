@@ -24,30 +24,28 @@ from dataclasses import dataclass
 
 import uvloop
 
+from benchmarks.procstat import thread_cpu_seconds
 from channels.base import Message, Outcome
 from channels.kafka.channel import KafkaChannel
 from channels.kafka.config import KafkaConfig
 
 log = logging.getLogger("benchmarks.kafka_channel")
 
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
 def _thread_cpu(names: Mapping[int, str]) -> dict[str, float]:
     """CPU seconds (utime + stime) per thread group of this process: ``names`` by native id, else
     librdkafka's threads by their prefix, else "other"."""
     by_name: dict[str, float] = defaultdict(float)
     for tid in os.listdir("/proc/self/task"):
+        seconds = thread_cpu_seconds(int(tid))
         try:
-            with open(f"/proc/self/task/{tid}/stat") as f:
-                stat = f.read()
             with open(f"/proc/self/task/{tid}/comm") as f:
                 name = f.read().strip()
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2:].split()
+        if seconds is None:
+            continue
         group = names.get(int(tid)) or ("librdkafka" if name.startswith("rdk:") else "other")
-        by_name[group] += (int(fields[11]) + int(fields[12])) / _TICK
+        by_name[group] += seconds
     return by_name
 
 

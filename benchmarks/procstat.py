@@ -16,6 +16,7 @@ __all__ = [
     "listener_pid",
     "process_cpu",
     "rss_bytes",
+    "thread_cpu_seconds",
     "total_cpu",
     "tree",
     "tree_rss",
@@ -25,9 +26,9 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def _stat_fields(pid: int) -> list[str] | None:
+def _stat_fields(pid: int, path: str | None = None) -> list[str] | None:
     try:
-        text = Path(f"/proc/{pid}/stat").read_text()
+        text = Path(path or f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
@@ -41,6 +42,12 @@ def cpu_seconds(pid: int) -> float:
         return 0.0
     # After the name: field 3 (state) is index 0, so utime (14) is 11 and stime (15) is 12.
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def thread_cpu_seconds(tid: int) -> float | None:
+    """utime + stime of one thread of this process, in seconds; None if it is gone."""
+    fields = _stat_fields(tid, f"/proc/self/task/{tid}/stat")
+    return None if fields is None else (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def is_stopped(pid: int) -> bool:

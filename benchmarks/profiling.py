@@ -24,13 +24,12 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import uvloop
 
 from benchmarks.peers import Sink
-from benchmarks.procstat import CLK_TCK
+from benchmarks.procstat import thread_cpu_seconds
 from benchmarks.sqs import (
     REGION,
     VISIBILITY_TIMEOUT,
@@ -104,12 +103,9 @@ def thread_cpu() -> dict[str, float]:
         tid = thread.native_id
         if tid is None:
             continue
-        try:
-            text = Path(f"/proc/self/task/{tid}/stat").read_text()
-        except OSError:
+        seconds = thread_cpu_seconds(tid)
+        if seconds is None:
             continue
-        fields = text[text.rindex(")") + 2:].split()
-        seconds = (int(fields[11]) + int(fields[12])) / CLK_TCK
         name = thread.name.rsplit("-", 1)[0] if thread.name[-1:].isdigit() else thread.name
         groups[name] = groups.get(name, 0.0) + seconds
     return groups
