@@ -271,7 +271,7 @@ class Supervisor:
                 self._stop()
                 return 0
             if deadline is not None and time.monotonic() >= deadline:
-                received = self._totals()[FIELDS.index("received")]
+                received = self._total(_RECEIVED)
                 log.info("--max-duration reached (%gs): %d message(s) received; stopping", max_duration, received)
                 self._stop()
                 return 0
@@ -291,7 +291,7 @@ class Supervisor:
         if not all(s.process is not None and s.process.is_alive() and s.stats[drained]
                    for s in self._slots if s.wanted):
             return False
-        received = self._totals()[FIELDS.index("received")]
+        received = self._total(_RECEIVED)
         why = ("--max-messages reached" if self._budget is not None and self._budget.value <= 0
                else "the queue is empty")
         log.info("%s: %d message(s) received; stopping", why, received)
@@ -310,7 +310,7 @@ class Supervisor:
                                           receives=histogram_count(stats, "receive"), received=stats[_RECEIVED],
                                           in_flight=stats[_IN_FLIGHT]))
         occupied = sum(1 for s in self._slots if s.wanted or s.process is not None)  # retiring ones too
-        acked = sum(s.retired[_ACKED] + s.stats[_ACKED] for s in self._slots)
+        acked = self._total(_ACKED)
         decision = autoscaler.turn(Load(now=now, active=occupied, workers=workers, acked=acked,
                                         idle_cpu=idle_cpu_seconds(), used_cpu=container_cpu_seconds()))
         wanted = [s for s in self._slots if s.wanted]
@@ -454,7 +454,11 @@ class Supervisor:
             slot.stats[i] = 0
 
     def _totals(self) -> list[int]:
-        return [sum(slot.retired[i] + slot.stats[i] for slot in self._slots) for i in range(SLOTS)]
+        return [self._total(i) for i in range(SLOTS)]
+
+    def _total(self, index: int) -> int:
+        """One field of ``_totals``: the live workers' and the retired counts of every slot."""
+        return sum(slot.retired[index] + slot.stats[index] for slot in self._slots)
 
 
 def _worker_process(target: Callable[..., None], *args: Any) -> None:
