@@ -54,6 +54,8 @@ for _name in HISTOGRAMS:
     _H_START[_name] = _end
     _end += len(_BUCKETS[_name]) + 3
 SLOTS = _end  # the shared array's length
+# Per histogram, what ``observe`` needs (twice per message): its first slot, its bounds, its sum's slot.
+_H_SLOTS = {name: (start, _BUCKETS[name], start + len(_BUCKETS[name]) + 1) for name, start in _H_START.items()}
 
 
 class Counters:
@@ -78,12 +80,11 @@ class Counters:
         return self._values[_INDEX[name]]
 
     def observe(self, histogram: str, seconds: float) -> None:
-        start = _H_START[histogram]
-        buckets = _BUCKETS[histogram]
+        start, buckets, total = _H_SLOTS[histogram]
         values = self._values
         values[start + bisect.bisect_left(buckets, seconds)] += 1
-        values[start + len(buckets) + 1] += int(seconds * 1_000_000)
-        values[start + len(buckets) + 2] += 1
+        values[total] += int(seconds * 1_000_000)
+        values[total + 1] += 1
 
     def snapshot(self) -> list[int]:
         return list(self._values)

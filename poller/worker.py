@@ -29,6 +29,7 @@ those polls bring) is visible again once every poll in flight has ended
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -333,6 +334,7 @@ def worker_main(slot: int, config: WorkerConfig, shared_stats: MutableSequence[i
         loop.set_exception_handler(_log_loop_error)
         return await worker.run(tick)
 
+    _tune_gc()
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             code = runner.run(main())
@@ -340,6 +342,19 @@ def worker_main(slot: int, config: WorkerConfig, shared_stats: MutableSequence[i
         log.error("worker failed: %s", error_text(exc), exc_info=log.isEnabledFor(logging.DEBUG))
         code = EXIT_FAILED
     raise SystemExit(code)
+
+
+def _tune_gc() -> None:
+    """The cycle collector, for a loop that makes a few dozen short-lived objects per message.
+
+    With CPython's default first threshold (700 allocations) the young generation is collected
+    every ~20 messages and each time walks the messages still held, which then get walked again
+    in the older generations: ~4% of a worker's CPU in a profile (perf, ``gc_collect_main`` and
+    ``visit_*``). At 20,000 most of a collection's objects have died by then. Measured with
+    interleaved drains of 20,000 messages into the fast sink (4 pairs): 134 -> 130 us/msg. What
+    was made before the loop (modules, configuration) is frozen out of every collection."""
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
 
 
 def _log_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
