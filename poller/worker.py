@@ -353,7 +353,7 @@ def _tune_gc() -> None:
     ``visit_*``, ``subtype_traverse``). With 20,000 (and 20 for the older generations, CPython's
     10) a collection comes every few hundred messages. Measured with interleaved drains of 20,000
     messages into the fast sink, 4 pairs: 134 -> 130 us/msg. What exists before the loop starts
-    (modules, configuration) is frozen out of every collection (no difference measured alone)."""
+    (modules, configuration) is frozen out of every collection (not measured on its own)."""
     gc.freeze()
     gc.set_threshold(20_000, 20, 20)
 
