@@ -18,7 +18,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from channels.base import Channel, ChannelError, Message, Outcome, Report
 from channels.events import EventError
-from channels.kafka.config import KafkaConfig, _error_text, _message_timeout
+from channels.kafka.config import KafkaConfig, _error_text, _kafka_error, _message_timeout
 from channels.kafka.msk import _MskToken, msk_oauth_callback
 from channels.kafka.progress import ProducerProgress
 from channels.kafka.records import Record, RecordBuilder
@@ -285,8 +285,8 @@ class KafkaChannel(Channel):
         try:
             future.result(timeout=self.config.metadata_timeout + 5)
         except KafkaException as exc:
-            error = exc.args[0] if exc.args else None
-            if isinstance(error, KafkaError) and error.code() == KafkaError.TOPIC_ALREADY_EXISTS:
+            error = _kafka_error(exc)
+            if error is not None and error.code() == KafkaError.TOPIC_ALREADY_EXISTS:
                 return  # another worker won the race
             raise ChannelError(f"cannot create Kafka topic {name!r}: {_error_text(exc)}{self._token_cause()}") from None
         except (TimeoutError, CancelledError) as exc:  # no answer within the bound
@@ -369,19 +369,16 @@ class KafkaChannel(Channel):
                 return
             try:
                 self._poll_once(producer, 0.1)
-            except KafkaException as exc:
+            except Exception as exc:  # a dead poll thread would stop all reports: log, go on
                 # poll() may raise a fatal error rather than hand it to error_cb (seen: the broker
                 # restarted without its state, UNKNOWN_PRODUCER_ID). The producer is dead: replaced
                 # as a stuck one is, else recorded as _on_error does (the next publish fails and the
                 # worker restarts). Only logged, it stayed dead and its worker probed it for ever.
-                error = exc.args[0] if exc.args else None
-                if isinstance(error, KafkaError) and error.fatal():
+                error = _kafka_error(exc)
+                if error is not None and error.fatal():
                     self._replace_dead(producer, error)
                 else:
                     log.exception("Kafka poll loop error")
-                self._stop.wait(0.1)
-            except Exception:  # a dead poll thread would stop all reports: log, go on
-                log.exception("Kafka poll loop error")
                 self._stop.wait(0.1)
 
     def _replace_dead(self, producer: Producer, error: KafkaError) -> None:
@@ -492,8 +489,8 @@ class KafkaChannel(Channel):
             entry.generation = -1  # not taken
             raise
         except KafkaException as exc:
-            err = exc.args[0] if exc.args else None
-            return _outcome(err) if isinstance(err, KafkaError) else Outcome.RETRY, _error_text(exc)
+            err = _kafka_error(exc)
+            return _outcome(err) if err is not None else Outcome.RETRY, _error_text(exc)
         finally:
             if entry.generation >= 0:
                 entry.record = None  # librdkafka has its copy
@@ -664,8 +661,8 @@ class KafkaChannel(Channel):
         except EventError as exc:  # built once already; cannot happen, but never loop on it
             self._settle(entry, Outcome.REJECT, str(exc))
         except KafkaException as exc:
-            err = exc.args[0] if exc.args else None
-            self._settle(entry, _outcome(err) if isinstance(err, KafkaError) else Outcome.RETRY, _error_text(exc))
+            err = _kafka_error(exc)
+            self._settle(entry, _outcome(err) if err is not None else Outcome.RETRY, _error_text(exc))
         return True
 
     def _make_alone(self) -> Producer | None:

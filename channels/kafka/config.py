@@ -220,9 +220,15 @@ def _pairs(value: Any, what: str) -> tuple[tuple[str, str], ...]:
         raise ValueError(f"{what} must be (key, value) pairs") from None
 
 
+def _kafka_error(exc: BaseException) -> KafkaError | None:
+    """The ``KafkaError`` a ``KafkaException`` carries, or None (any other exception, or none given)."""
+    err = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
+    return err if isinstance(err, KafkaError) else None
+
+
 def _error_text(exc: KafkaException) -> str:
-    err = exc.args[0] if exc.args else None
-    return err.str() if isinstance(err, KafkaError) else str(exc)
+    err = _kafka_error(exc)
+    return err.str() if err is not None else str(exc)
 
 
 def _message_timeout(conf: Mapping[str, Any]) -> float:
