@@ -54,7 +54,8 @@ for _name in HISTOGRAMS:
     _H_START[_name] = _end
     _end += len(_BUCKETS[_name]) + 3
 SLOTS = _end  # the shared array's length
-# Per histogram, what ``observe`` needs (twice per message): its first slot, its bounds, its sum's slot.
+# Per histogram: its first slot, its bounds, its sum's slot (the count's is the next); ``observe``
+# reads it twice per message.
 _H_SLOTS = {name: (start, _BUCKETS[name], start + len(_BUCKETS[name]) + 1) for name, start in _H_START.items()}
 
 
@@ -80,11 +81,11 @@ class Counters:
         return self._values[_INDEX[name]]
 
     def observe(self, histogram: str, seconds: float) -> None:
-        start, buckets, total = _H_SLOTS[histogram]
+        start, buckets, sum_slot = _H_SLOTS[histogram]
         values = self._values
         values[start + bisect.bisect_left(buckets, seconds)] += 1
-        values[total] += int(seconds * 1_000_000)
-        values[total + 1] += 1
+        values[sum_slot] += int(seconds * 1_000_000)
+        values[sum_slot + 1] += 1
 
     def snapshot(self) -> list[int]:
         return list(self._values)
@@ -95,19 +96,18 @@ class Counters:
 
 def histogram(values: Sequence[int], name: str) -> tuple[list[tuple[str, int]], float, int]:
     """(cumulative buckets as Prometheus wants them, sum in seconds, count) from a snapshot."""
-    start = _H_START[name]
-    bounds = _BUCKETS[name]
-    counts = values[start:start + len(bounds) + 1]
+    start, bounds, sum_slot = _H_SLOTS[name]
+    counts = values[start:sum_slot]
     buckets, total = [], 0
     for bound, count in zip((*map(str, bounds), "+Inf"), counts, strict=True):
         total += count
         buckets.append((bound, total))
-    return buckets, values[start + len(bounds) + 1] / 1_000_000, values[start + len(bounds) + 2]
+    return buckets, values[sum_slot] / 1_000_000, values[sum_slot + 1]
 
 
 def histogram_count(values: Sequence[int], name: str) -> int:
     """How many observations a histogram of a snapshot holds (e.g. ReceiveMessage calls)."""
-    return values[_H_START[name] + len(_BUCKETS[name]) + 2]
+    return values[_H_SLOTS[name][2] + 1]
 
 
 def reject_reason(reason: str) -> str:
