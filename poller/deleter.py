@@ -16,10 +16,11 @@ import asyncio
 import logging
 import math
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 from poller.backoff import backoff
 from poller.logs import RateLimitedLog
-from poller.sqs import SqsClient, SqsError, error_text
+from poller.sqs import BatchFailure, SqsError, error_text
 from poller.stats import Counters
 
 __all__ = ["Deleter"]
@@ -30,8 +31,14 @@ _EXPIRED_CODES = frozenset({"ReceiptHandleIsInvalid", "InvalidReceiptHandle"})
 _RETRY_LIMIT = 45.0  # seconds a batch is retried at most
 
 
+class BatchDeleter(Protocol):
+    """What the deleter needs of SQS (``SqsClient``)."""
+
+    async def delete_batch(self, receipt_handles: Sequence[str]) -> list[BatchFailure]: ...
+
+
 class Deleter:
-    def __init__(self, sqs: SqsClient, *, linger: float, visibility_timeout: float,
+    def __init__(self, sqs: BatchDeleter, *, linger: float, visibility_timeout: float,
                  done: Callable[[Sequence[str]], None], counters: Counters,
                  loop: asyncio.AbstractEventLoop | None = None) -> None:
         self._sqs = sqs

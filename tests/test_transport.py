@@ -23,7 +23,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar, cast
 
 import pytest
 import uvloop
@@ -304,6 +304,24 @@ def inconsistencies(pool: HttpPool) -> list[str]:
     return found
 
 
+class _CheckedPool:
+    """The pool, with its state checked at every ``done`` callback (state changes come before
+    callbacks). A wrapper, not a patched ``send``: the compiled pool's methods cannot be replaced."""
+
+    def __init__(self, pool: HttpPool, seen: list[str]) -> None:
+        self._pool = pool
+        self._seen = seen
+
+    def send(self, data: bytes, done: Any, **options: Any) -> None:
+        def checked(*answer: Any) -> None:
+            self._seen.extend(inconsistencies(self._pool))  # not raised: it would break the loop's callback
+            done(*answer)
+        self._pool.send(data, checked, **options)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pool, name)
+
+
 @asynccontextmanager
 async def pool_for(port: int, **kwargs: Any) -> AsyncIterator[HttpPool]:
     """A pool to 127.0.0.1:``port``; aborted at the end, its connections seen closed.
@@ -312,17 +330,8 @@ async def pool_for(port: int, **kwargs: Any) -> AsyncIterator[HttpPool]:
     the end: the indexes must agree with the connections' states in every scenario."""
     pool = HttpPool("127.0.0.1", port, **kwargs)
     seen: list[str] = []
-    send = pool.send
-
-    def checked_send(data: bytes, done: Any, **options: Any) -> None:
-        def checked(*answer: Any) -> None:
-            seen.extend(inconsistencies(pool))  # not raised: it would break the loop's callback
-            done(*answer)
-        send(data, checked, **options)
-
-    pool.send = checked_send  # type: ignore[method-assign]
     try:
-        yield pool
+        yield cast(HttpPool, _CheckedPool(pool, seen))
         seen.extend(inconsistencies(pool))
     finally:
         pool.abort()
