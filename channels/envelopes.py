@@ -46,6 +46,7 @@ from datetime import datetime
 from typing import Any
 
 import orjson
+from mypy_extensions import mypyc_attr
 
 from channels.base import Message, Outcome, Report
 
@@ -101,6 +102,7 @@ class _Gather:
         return self.left == 0
 
 
+@mypyc_attr(native_class=False)  # compiled (setup.py), it could not extend Message, a Python class
 @dataclass(slots=True, eq=False)
 class Part(Message):
     """One event of a message with an envelope, as the channel sees it: ``id`` is the event's, the

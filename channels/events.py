@@ -49,6 +49,7 @@ from datetime import UTC, datetime
 from urllib.parse import quote
 
 import orjson
+from mypy_extensions import mypyc_attr
 
 from channels.base import Message, Report
 from channels.envelopes import ENVELOPES, Part, json_document, kinds_of, unwrap
@@ -143,6 +144,9 @@ def _rfc3339_second(seconds: int) -> str:
     return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S.")
 
 
+# Compiled with mypyc (setup.py), a frozen dataclass does not unpickle (its __setattr__ refuses the
+# fields); the configs the supervisor hands its workers are pickled: this one stays a Python class.
+@mypyc_attr(native_class=False)
 @dataclass(frozen=True, slots=True)
 class EventShape:
     """What the events' ``type`` and ``source`` are (``--ce-type``, ``--ce-source``; empty: the

@@ -68,6 +68,7 @@ from typing import ClassVar
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import orjson
+from mypy_extensions import mypyc_attr
 
 from channels.base import Channel, ChannelError, Message, Outcome, Report
 from channels.events import EventError, EventFormat, EventShape, is_extension_name
@@ -112,6 +113,7 @@ def outcome_of(status: int) -> Outcome:
     return Outcome.REJECT if status in _REFUSED else Outcome.RETRY
 
 
+@mypyc_attr(native_class=False)  # compiled (setup.py), a class cannot subclass OSError
 class _NotSent(OSError):
     """A request withdrawn before it was written (``HttpChannel.shed``)."""
 
@@ -182,6 +184,7 @@ def basic_auth(url: str) -> str | None:
     return "Basic " + base64.b64encode(userinfo.encode()).decode("ascii")
 
 
+@mypyc_attr(native_class=False)  # pickled for the workers (channels/events.py's EventShape says why)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HttpConfig:
     name: ClassVar[str] = "http"

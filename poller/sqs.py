@@ -42,6 +42,7 @@ from botocore.credentials import Credentials, ReadOnlyCredentials, RefreshableCr
 from botocore.endpoint_provider import EndpointProvider
 from botocore.exceptions import BotoCoreError
 from botocore.utils import is_valid_endpoint_url, is_valid_ipv6_endpoint_url, validate_region_name
+from mypy_extensions import mypyc_attr
 
 from channels.base import Message
 from channels.transport.http import Aborted, HttpPool, encode_headers
@@ -84,6 +85,11 @@ _EXPIRED_CODES = frozenset({"ExpiredToken", "ExpiredTokenException"})
 # Retryable once the clock is corrected or the credentials refreshed.
 _RECOVERABLE_CODES = _CLOCK_CODES | _EXPIRED_CODES
 # Codes this client makes up itself: no answer of SQS's.
+# botocore's stubs say these return bool; they return an re.Match or None. Typed as object so that
+# mypyc (setup.py) does not check for a bool at run time.
+_endpoint_check: Callable[[str], object] = is_valid_endpoint_url
+_ipv6_endpoint_check: Callable[[str], object] = is_valid_ipv6_endpoint_url
+
 _CLIENT_CODES = frozenset({"ConnectionError", "Timeout", "InvalidResponse", "InvalidRequest", "Aborted",
                            "CredentialError"})
 _FORCED_REFRESH_EVERY = 10.0  # seconds between two refreshes forced by ExpiredToken, at least
@@ -137,6 +143,7 @@ PERMISSION_PROBES = (
 )
 
 
+@mypyc_attr(native_class=False)  # picklable when compiled (channels/events.py says why)
 @dataclass(frozen=True, slots=True)
 class SqsTarget:
     """Where and as whom to talk to SQS; resolved once in the parent, picklable for workers."""
@@ -184,7 +191,7 @@ def _sqs_endpoint(session: botocore.session.Session, region: str, endpoint_url: 
                                                   scoped_config=session.get_scoped_config(),
                                                   client_name="sqs").provide()
     if endpoint_url is not None:
-        if not (is_valid_endpoint_url(endpoint_url) or is_valid_ipv6_endpoint_url(endpoint_url)):
+        if not (_endpoint_check(endpoint_url) or _ipv6_endpoint_check(endpoint_url)):
             raise ValueError(f"Invalid endpoint: {endpoint_url}")
         return endpoint_url
     loader = session.get_component("data_loader")

@@ -56,6 +56,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import httptools
+from mypy_extensions import mypyc_attr
 
 from channels.transport.proxy import Proxy
 
@@ -93,10 +94,12 @@ Done = Callable[[int, float, "bytes | None", "BaseException | None"], None]
 ``Retry-After`` (0.0 if none), the body (None unless kept); or an error (status 0)."""
 
 
+@mypyc_attr(native_class=False)  # compiled (setup.py), a class cannot subclass OSError
 class ProtocolError(OSError):
     """The server's answer is not HTTP/1.x this client can frame; the connection was closed."""
 
 
+@mypyc_attr(native_class=False)  # compiled (setup.py), a class cannot subclass OSError
 class Aborted(OSError):
     """``HttpPool.abort()`` was called: the request was broken off, or refused."""
 
@@ -456,6 +459,7 @@ class _Connection(asyncio.Protocol):
             request.finish(0, None, error)
 
 
+@mypyc_attr(native_class=False)  # compiled (setup.py), a class cannot subclass OSError
 class _TunnelRefused(OSError):
     """The proxy answered CONNECT with something other than 2xx."""
 

@@ -1,0 +1,63 @@
+"""Compiles the worker's hot path with mypyc (the rest of setup is pyproject.toml).
+
+Delivering a message runs through these modules on every receive, event, POST and delete. Compiled,
+a worker spent ~20% less CPU per message into an HTTP sink and ~10% into Kafka (interleaved drains
+of 20,000 messages from LocalStack, one worker). The sources stay plain Python: without mypy's mypyc
+or a C compiler, or with SQS_POLLER_PURE_PYTHON=1, the same modules install and run uncompiled.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sysconfig
+
+from setuptools import setup
+
+# The modules a message passes through, and nothing that only runs at start or in the supervisor.
+# Not channels/kafka/channel.py: its tests replace its methods on an instance, which compiled code
+# does not see, for ~1-2% at most. In these modules `@mypyc_attr(native_class=False)` keeps a class
+# plain Python where mypyc cannot have it native: OSError subclasses, classes that extend a Python
+# class (channels.base's, which plugins extend), and frozen dataclasses that are pickled.
+HOT_MODULES = [
+    "channels/envelopes.py",
+    "channels/events.py",
+    "channels/http.py",
+    "channels/kafka/records.py",
+    "channels/reports.py",
+    "channels/tracing.py",
+    "channels/transport/http.py",
+    "poller/acker.py",
+    "poller/backoff.py",
+    "poller/circuit.py",
+    "poller/deleter.py",
+    "poller/dispatcher.py",
+    "poller/gate.py",
+    "poller/ledger.py",
+    "poller/receiver.py",
+    "poller/sqs.py",
+    "poller/stats.py",
+]
+
+
+def _compiler() -> str | None:
+    cc = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
+    return shutil.which(cc.split()[0])
+
+
+def _ext_modules() -> list[object]:
+    if os.environ.get("SQS_POLLER_PURE_PYTHON") == "1":
+        return []
+    try:
+        from mypyc.build import mypycify
+    except ImportError:
+        print("setup.py: mypyc is not installed; the modules stay pure Python")
+        return []
+    if _compiler() is None:
+        print("setup.py: no C compiler; the modules stay pure Python")
+        return []
+    # The shared library inside the poller package: an editable install puts the packages, not the
+    # project root, on the import path.
+    return list(mypycify(HOT_MODULES, opt_level="3", group_name="poller._hotpath"))
+
+
+setup(ext_modules=_ext_modules())
