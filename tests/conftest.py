@@ -29,8 +29,8 @@ from poller.kit.localkafka import create_bucket, start_tansu, tansu_s3_env
 from poller.kit.localsqs import start_sqs
 from poller.kit.process import Service
 
-# Re-exported so tests can take them from either module.
-from support import drain, drain_count, queue_counts, send_messages  # noqa: F401
+# drain, drain_count, queue_counts and send_messages are re-exported: tests take them from either module.
+from support import drain, drain_count, queue_counts, send_messages, stale_builds  # noqa: F401
 
 REGION = "us-east-1"
 TEST_CREDENTIALS = {
@@ -43,6 +43,14 @@ TEST_CREDENTIALS = {
 
 # A test that takes one of these (directly or through another fixture) talks to a real service.
 SERVICE_FIXTURES = frozenset({"sqs_service", "kafka_broker", "tansu_factory"})
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Refuse to test an old build of the hot path (setup.py compiles it in place; ``make test``
+    builds it again first, a bare ``pytest`` does not)."""
+    stale = stale_builds()
+    if stale:
+        raise pytest.UsageError(f"the compiled {', '.join(stale)} predate their sources: run `make compile`")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -42,7 +42,34 @@ __all__ = [
     "drain_count", "dumper_sink", "free_port", "has_ids", "make_body", "message_size", "new_topic", "pid_alive",
     "poller_cpu", "queue_counts", "send_messages", "send_parallel", "silent_server", "split", "tally",
     "wait_until",
+    "HOT_MODULES", "REPO", "stale_builds",
 ]
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _hot_modules() -> tuple[str, ...]:
+    """setup.py's HOT_MODULES (read, not imported: importing setup.py runs setup())."""
+    import ast
+    tree = ast.parse((REPO / "setup.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "HOT_MODULES" for t in node.targets):
+            return tuple(ast.literal_eval(node.value))
+    raise LookupError("setup.py has no HOT_MODULES")
+
+
+HOT_MODULES = _hot_modules()  # paths, as setup.py names them
+
+
+def stale_builds() -> list[str]:
+    """The hot modules whose source changed after the mypyc build (``make compile``): the build,
+    not the source, would be imported and tested. Their code is in the one shared library."""
+    libraries = list((REPO / "poller").glob("_hotpath__mypyc.*.so"))
+    if not libraries:
+        return []
+    built = min(library.stat().st_mtime for library in libraries)
+    return [source for source in HOT_MODULES if (REPO / source).stat().st_mtime > built]
+
 
 BATCH_MAX_ENTRIES = 10
 BATCH_MAX_BYTES = 256 * 1024  # SendMessageBatch: total of all bodies + attributes per call
