@@ -2,18 +2,25 @@
 # `docker build -t sqs-poller .` (BuildKit, the default builder since Docker 23: RUN --mount needs
 # it). podman and buildah keep the HEALTHCHECK only with `--format docker`.
 #
-# Two stages. `build` turns the project into a wheel and downloads the wheels of every dependency
-# at the versions and hashes requirements-msk.lock names (confluent-kafka, uvloop, httptools and
-# orjson ship manylinux wheels, so nothing is compiled); the final stage installs them into a venv
-# from that local wheelhouse, offline, and keeps no compiler, no source tree and no wheel files.
+# Two stages. `build` turns the project into a wheel, its hot path compiled with mypyc (setup.py;
+# the stage's gcc), and downloads the wheels of every dependency at the versions and hashes
+# requirements-msk.lock names (confluent-kafka, uvloop, httptools and orjson ship manylinux wheels,
+# so nothing else is compiled); the final stage installs them into a venv from that local
+# wheelhouse, offline, and keeps no compiler, no source tree and no wheel files.
 #
 # The base is pinned by Python version and Debian release. For byte-for-byte rebuilds pin the
 # digest too (python:3.11-slim-bookworm@sha256:...) and let Renovate/Dependabot move it.
 
 FROM python:3.11-slim-bookworm AS build
+# A compiler for the wheel's mypyc build, in this stage only. Unpinned: bookworm's security updates
+# move libc6-dev's version, and a pin would fail every build after one.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-# .dockerignore lets in only what the wheel needs: pyproject.toml, README.md (the package's long
-# description), LICENSE and the two packages, and the lock file.
+# .dockerignore lets in only what the wheel needs: pyproject.toml, setup.py, README.md (the
+# package's long description), LICENSE and the two packages, and the lock file.
 COPY . .
 # /dist: the project's own wheel; /wheels: the locked dependencies with the msk extra
 # (aws-msk-iam-sasl-signer-python, for --kafka-auth iam), and the lock itself. --only-binary: a
