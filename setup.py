@@ -2,11 +2,13 @@
 
 Delivering a message runs through these modules on every receive, event, POST and delete. Compiled,
 a worker spent ~20% less CPU per message into an HTTP sink and ~10% into Kafka (interleaved drains
-of 20,000 messages from LocalStack, one worker). The sources stay plain Python: without mypy's mypyc
-or a C compiler, or with SQS_POLLER_PURE_PYTHON=1, the same modules install and run uncompiled.
+of 20,000 messages from LocalStack, one worker). The sources stay plain Python: without mypy's
+mypyc, a C compiler or Python's headers, or with SQS_POLLER_PURE_PYTHON=1, the same modules install
+and run uncompiled.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import sysconfig
@@ -39,22 +41,27 @@ HOT_MODULES = [
 ]
 
 
-def _compiler() -> str | None:
+def _why_pure() -> str | None:
+    """Why the modules stay pure Python here, or None: they can be compiled."""
+    if os.environ.get("SQS_POLLER_PURE_PYTHON") == "1":
+        return "SQS_POLLER_PURE_PYTHON=1"
+    if importlib.util.find_spec("mypyc") is None:
+        return "mypyc is not installed"
     cc = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
-    return shutil.which(cc.split()[0])
+    if shutil.which(cc.split()[0]) is None:
+        return "no C compiler"
+    if not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")):
+        return "no Python headers (python3-dev)"
+    return None
 
 
 def _ext_modules() -> list[object]:
-    if os.environ.get("SQS_POLLER_PURE_PYTHON") == "1":
+    reason = _why_pure()
+    if reason is not None:
+        print(f"setup.py: {reason}; the hot path stays pure Python")
         return []
-    try:
-        from mypyc.build import mypycify
-    except ImportError:
-        print("setup.py: mypyc is not installed; the modules stay pure Python")
-        return []
-    if _compiler() is None:
-        print("setup.py: no C compiler; the modules stay pure Python")
-        return []
+    from mypyc.build import mypycify
+
     # The shared library inside the poller package: an editable install puts the packages, not the
     # project root, on the import path.
     return list(mypycify(HOT_MODULES, opt_level="3", group_name="poller._hotpath"))

@@ -14,8 +14,9 @@ import pytest
 from support import HOT_MODULES, REPO
 
 # Unit tests of the compiled modules' behaviour, run again from the sources (no services).
-_UNIT_TESTS = ("test_worker_unit.py", "test_visibility.py", "test_events.py", "test_transport.py",
-               "test_kafka_unit.py", "test_circuit.py", "test_backoff.py", "test_loop_reports.py")
+_UNIT_TESTS = ("test_worker_unit.py", "test_visibility.py", "test_events.py", "test_envelopes.py", "test_transport.py",
+               "test_sqs_errors.py", "test_sqs_signing.py", "test_kafka_unit.py", "test_circuit.py", "test_backoff.py",
+               "test_loop_reports.py")
 
 
 def _name(path: str) -> str:
