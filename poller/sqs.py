@@ -84,12 +84,11 @@ _CLOCK_CODES = frozenset(
 _EXPIRED_CODES = frozenset({"ExpiredToken", "ExpiredTokenException"})
 # Retryable once the clock is corrected or the credentials refreshed.
 _RECOVERABLE_CODES = _CLOCK_CODES | _EXPIRED_CODES
-# Codes this client makes up itself: no answer of SQS's.
 # botocore's stubs say these return bool; they return an re.Match or None. Typed as object so that
 # mypyc (setup.py) does not check for a bool at run time.
 _endpoint_check: Callable[[str], object] = is_valid_endpoint_url
 _ipv6_endpoint_check: Callable[[str], object] = is_valid_ipv6_endpoint_url
-
+# Codes this client makes up itself: no answer of SQS's.
 _CLIENT_CODES = frozenset({"ConnectionError", "Timeout", "InvalidResponse", "InvalidRequest", "Aborted",
                            "CredentialError"})
 _FORCED_REFRESH_EVERY = 10.0  # seconds between two refreshes forced by ExpiredToken, at least
