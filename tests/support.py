@@ -42,7 +42,7 @@ __all__ = [
     "drain_count", "dumper_sink", "free_port", "has_ids", "make_body", "message_size", "new_topic", "pid_alive",
     "poller_cpu", "queue_counts", "send_messages", "send_parallel", "silent_server", "split", "tally",
     "wait_until",
-    "HOT_MODULES", "REPO", "stale_builds",
+    "HOT_MODULES", "HOT_MODULE_NAMES", "REPO", "stale_builds",
 ]
 
 REPO = Path(__file__).resolve().parent.parent
@@ -59,6 +59,7 @@ def _hot_modules() -> tuple[str, ...]:
 
 
 HOT_MODULES = _hot_modules()  # paths, as setup.py names them
+HOT_MODULE_NAMES = tuple(path.removesuffix(".py").replace("/", ".") for path in HOT_MODULES)  # for import
 
 
 def stale_builds() -> list[str]:

@@ -11,16 +11,12 @@ import sys
 
 import pytest
 
-from support import HOT_MODULES, REPO
+from support import HOT_MODULE_NAMES, HOT_MODULES, REPO
 
 # Unit tests of the compiled modules' behaviour, run again from the sources (no services).
 _UNIT_TESTS = ("test_worker_unit.py", "test_visibility.py", "test_events.py", "test_envelopes.py", "test_transport.py",
                "test_sqs_errors.py", "test_sqs_signing.py", "test_kafka_unit.py", "test_circuit.py", "test_backoff.py",
                "test_loop_reports.py")
-
-
-def _name(path: str) -> str:
-    return path.removesuffix(".py").replace("/", ".")
 
 
 def _built() -> list[str]:
@@ -31,17 +27,17 @@ def _built() -> list[str]:
 @pytest.mark.skipif(not _built(), reason="not compiled: setup.py found no mypyc or no C compiler (make compile)")
 def test_every_hot_module_is_imported_compiled() -> None:
     assert _built() == list(HOT_MODULES), "a partial build: run `make compile`"
-    for path in HOT_MODULES:
-        module = importlib.import_module(_name(path))
+    for name in HOT_MODULE_NAMES:
+        module = importlib.import_module(name)
         assert isinstance(module.__loader__, importlib.machinery.ExtensionFileLoader), module.__file__
 
 
 @pytest.mark.slow
 def test_the_unit_tests_of_the_hot_path_pass_from_the_sources() -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
-    check = ("import sys, importlib.machinery as m; from support import HOT_MODULES; import importlib; "
-             "bad = [p for p in HOT_MODULES if not isinstance(importlib.import_module("
-             "p.removesuffix('.py').replace('/', '.')).__loader__, m.SourceFileLoader)]; "
+    check = ("import sys, importlib, importlib.machinery as m; from support import HOT_MODULE_NAMES; "
+             "bad = [n for n in HOT_MODULE_NAMES "
+             "if not isinstance(importlib.import_module(n).__loader__, m.SourceFileLoader)]; "
              "sys.exit(f'imported compiled: {bad}' if bad else 0)")
     probe = subprocess.run([sys.executable, "-c", f"import pure_python; {check}"], env=env, cwd=REPO,
                            capture_output=True, text=True, timeout=60)
