@@ -18,7 +18,6 @@ import asyncio
 import enum
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 
 from channels.base import Message, Outcome
 
@@ -37,29 +36,36 @@ class Stage(enum.Enum):
     DELETING = "deleting"  # acked: DeleteMessageBatch pending
 
 
-@dataclass(slots=True, eq=False)
+# Plain classes, not dataclasses: compiled (setup.py), a dataclass keeps the __init__ that
+# dataclasses generates, interpreted: ~0.9 us per message for Held, ~0.1 us as written here.
 class Held:
-    message: Message
-    run: Run
-    visible_until: float  # when SQS would hand the message out again (the worker's clock)
-    received_at: float = 0.0  # when the receive that brought it returned
-    stage: Stage = Stage.DELIVERING
-    attempt_started: float = 0.0
-    outcome: Outcome | None = None
-    reason: str = ""
-    retry_after: float = 0.0  # seconds the sink asked to wait (Retry-After)
+    __slots__ = ("attempt_started", "message", "outcome", "reason", "received_at", "retry_after", "run",
+                 "stage", "visible_until")
+
+    def __init__(self, message: Message, run: Run, visible_until: float, received_at: float = 0.0) -> None:
+        self.message = message
+        self.run = run
+        self.visible_until = visible_until  # when SQS would hand the message out again (the worker's clock)
+        self.received_at = received_at  # when the receive that brought it returned
+        self.stage = Stage.DELIVERING
+        self.attempt_started = 0.0
+        self.outcome: Outcome | None = None
+        self.reason = ""
+        self.retry_after = 0.0  # seconds the sink asked to wait (Retry-After)
 
 
-@dataclass(slots=True, eq=False)
 class Run:
-    entries: list[Held] = field(default_factory=list)
-    attempt: int = 0  # bumped on each publish; a report for an older attempt is stale
-    window: int = 0  # how many entries, from the first, the current attempt handed over
-    unreported: int = 0
-    failures: int = 0  # failed attempts while the circuit was closed
-    probe: bool = False
-    paced: bool = False  # scheduled for its turn under --max-rate (not a retry)
-    live: bool = True  # False once settled for good or given back
+    __slots__ = ("attempt", "entries", "failures", "live", "paced", "probe", "unreported", "window")
+
+    def __init__(self) -> None:
+        self.entries: list[Held] = []
+        self.attempt = 0  # bumped on each publish; a report for an older attempt is stale
+        self.window = 0  # how many entries, from the first, the current attempt handed over
+        self.unreported = 0
+        self.failures = 0  # failed attempts while the circuit was closed
+        self.probe = False
+        self.paced = False  # scheduled for its turn under --max-rate (not a retry)
+        self.live = True  # False once settled for good or given back
 
 
 class Ledger:

@@ -349,7 +349,7 @@ class SigV4Signer:
         to_sign = f"AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
         # _freeze made sure of both keys: botocore types them as optional.
         key = self._signing_key(day, creds.secret_key or "")
-        signature = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
+        signature = hmac.digest(key, to_sign.encode(), "sha256").hex()  # hmac.new: a Python class
         headers = {
             "Host": self._host,
             "Content-Type": self._CONTENT_TYPE,

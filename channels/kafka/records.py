@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Mapping
-from typing import Any, NamedTuple, TypeAlias
+from typing import Any, TypeAlias
 
 from channels.base import Message
 from channels.events import EventError, EventFormat, is_event_format
@@ -20,14 +20,18 @@ STRUCTURED_CONTENT_TYPE = b"application/cloudevents+json"
 Header: TypeAlias = tuple[str, str | bytes | None]
 
 
-class Record(NamedTuple):
+class Record:
     """What ``Producer.produce`` gets for one message. ``timestamp`` 0 = the producer's clock.
-    (A named tuple: one is made per message, and it is made ~3x faster than a frozen dataclass.)"""
+    (A plain class: one is made per message. Compiled (setup.py), it is made in ~0.1 us; a named
+    tuple's generated ``__new__`` stays interpreted, ~0.5 us, and a frozen dataclass's is slower.)"""
 
-    value: bytes
-    key: bytes | None
-    headers: list[Header]
-    timestamp: int
+    __slots__ = ("headers", "key", "timestamp", "value")
+
+    def __init__(self, value: bytes, key: bytes | None, headers: list[Header], timestamp: int) -> None:
+        self.value = value
+        self.key = key
+        self.headers = headers
+        self.timestamp = timestamp
 
 
 class RecordBuilder:
