@@ -16,14 +16,16 @@ import sysconfig
 from setuptools import setup
 
 # The modules a message passes through, and nothing that only runs at start or in the supervisor.
-# Not channels/kafka/channel.py: its tests replace its methods on an instance, which compiled code
-# does not see, for ~1-2% at most. In these modules `@mypyc_attr(native_class=False)` keeps a class
-# plain Python where mypyc cannot have it native: OSError subclasses, classes that extend a Python
-# class (channels.base's, which plugins extend), and frozen dataclasses that are pickled.
+# In these modules `@mypyc_attr(native_class=False)` keeps a class plain Python where mypyc cannot
+# have it native: OSError subclasses, classes that extend a Python class (channels.base's, which
+# plugins extend), and frozen dataclasses that are pickled. A seam a test replaces is an instance
+# attribute: compiled code does not see a method replaced on an instance.
 HOT_MODULES = [
     "channels/envelopes.py",
     "channels/events.py",
     "channels/http.py",
+    "channels/kafka/channel.py",
+    "channels/kafka/progress.py",
     "channels/kafka/records.py",
     "channels/reports.py",
     "channels/tracing.py",

@@ -577,7 +577,7 @@ def with_alone_producer(channel: KafkaChannel, alone: FakeProducer) -> list[dict
     confs: list[dict[str, Any]] = []
     channel._conf = {"bootstrap.servers": "b:9092", "linger.ms": 5, "enable.idempotence": True,
                      "transactional.id": "t", "enable.gapless.guarantee": True}
-    channel._new_producer = lambda conf: confs.append(conf) or alone  # type: ignore[method-assign]
+    channel._new_producer = lambda conf: confs.append(conf) or alone
     return confs
 
 
@@ -610,7 +610,7 @@ def test_single_record_producer_that_cannot_be_made_retries() -> None:
     def fail(conf: dict[str, Any]) -> Any:
         raise KafkaException(KafkaError(KafkaError._INVALID_ARG, "nope"))
 
-    channel._new_producer = fail  # type: ignore[method-assign]
+    channel._new_producer = fail
     channel.publish([message(0)], lambda m, o, r: reports.append((m.id, o)))
     producer.deliver(0, TOO_LARGE)
     channel._poll_once(producer, 0)
@@ -678,7 +678,7 @@ def wait_for(predicate: Callable[[], object], timeout: float = 10) -> None:
 def test_stalled_when_the_poll_thread_does_not_come_round() -> None:
     producer = FakeProducer()
     channel, _ = channel_with(producer)
-    channel.STALL_AFTER = 0.3  # type: ignore[misc]
+    channel.stall_after = 0.3
     assert channel.stalled() is None  # not started
     start_polling(channel)
     assert channel.stalled() is None
@@ -706,8 +706,8 @@ def replaceable(producer: FakeProducer) -> tuple[KafkaChannel, list[tuple[str, O
         made.append(FakeProducer())
         return made[-1]
 
-    channel._new_producer = new_producer  # type: ignore[method-assign]
-    channel.CHECK_EVERY = 0  # type: ignore[misc]  # ask the broker on every round
+    channel._new_producer = new_producer
+    channel.check_every = 0  # ask the broker on every round
     return channel, reports, made
 
 
@@ -909,7 +909,7 @@ def test_a_producer_whose_poll_raises_a_fatal_error_is_replaced() -> None:
     """Replaced as a stuck one is: what it held is reported RETRY, the new one takes the next."""
     producer, new = FatalProducer(), FakeProducer()
     channel, reports = channel_with(producer)
-    channel._new_producer = lambda conf: new  # type: ignore[method-assign]
+    channel._new_producer = lambda conf: new
     channel.publish([message(1)], lambda m, o, r: reports.append((m.id, o)))
     poll_until(channel, lambda: channel._producer is not producer)
     assert channel._producer is new and channel._fatal is None
@@ -925,7 +925,7 @@ def test_a_fatal_error_poll_raises_fails_the_next_publish_when_no_new_producer_c
 
     producer = FatalProducer()
     channel, reports = channel_with(producer)
-    channel._new_producer = cannot  # type: ignore[method-assign]
+    channel._new_producer = cannot
     poll_until(channel, lambda: channel._fatal is not None)
     assert channel._fatal is not None, "the poll thread did not record the fatal error"
     with pytest.raises(ChannelError, match="fatal"):

@@ -9,9 +9,9 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import CancelledError
-from typing import Any, ClassVar
+from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -62,6 +62,11 @@ _STUCK_CODES = frozenset(
 )
 _GROUP_OVERTAKEN = ("sent again alone after a batch-wide size error: later messages of its FIFO "
                     "group may be ahead of it in Kafka")
+# The poll thread comes round every 0.1 s; silent this long, it is stuck in a callback.
+STALL_AFTER = 30.0
+# Stuck-producer evidence: one metadata request a second at most, each waiting this long.
+CHECK_EVERY = 1.0
+CHECK_TIMEOUT = 1.0
 _CLOSED = "Kafka channel closed before delivery"
 _SHED = "not sent: the circuit opened while it waited for room in the Kafka producer's queue"
 _REPLACED = "its Kafka producer was replaced (stuck while the broker answered)"
@@ -131,12 +136,6 @@ class KafkaChannel(Channel):
     a replacement made on doubtful evidence would then cost DLQ budget instead of a producer id.)
     """
 
-    # The poll thread comes round every 0.1 s; silent this long, it is stuck in a callback.
-    STALL_AFTER: ClassVar[float] = 30.0
-    # Stuck-producer evidence: one metadata request a second at most, each waiting this long.
-    CHECK_EVERY: ClassVar[float] = 1.0
-    CHECK_TIMEOUT: ClassVar[float] = 1.0
-
     def __init__(self, config: KafkaConfig, source: str) -> None:
         self.config = config
         self.source = source
@@ -173,6 +172,12 @@ class KafkaChannel(Channel):
         self._retired: Producer | None = None
         self._progress = ProducerProgress()  # guarded by _lock
         self._next_check = 0.0
+        # Seams the unit tests set (instance attributes: this module is compiled, setup.py, and
+        # compiled code does not see a method replaced on an instance).
+        self._new_producer: Callable[[dict[str, Any]], Producer] = Producer
+        self.stall_after = STALL_AFTER
+        self.check_every = CHECK_EVERY
+        self.check_timeout = CHECK_TIMEOUT
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -208,10 +213,6 @@ class KafkaChannel(Channel):
         self._last_poll = time.monotonic()
         self._poller = threading.Thread(target=self._poll_loop, name="kafka-poll", daemon=True)
         self._poller.start()
-
-    @staticmethod
-    def _new_producer(conf: dict[str, Any]) -> Producer:
-        return Producer(conf)  # a seam: the unit tests put fakes here
 
     def _client_config(self) -> dict[str, Any]:
         conf = self.config.producer_config()
@@ -356,9 +357,9 @@ class KafkaChannel(Channel):
         if not poller.is_alive():
             return "the Kafka poll thread has ended: delivery reports are no longer served"
         silent = time.monotonic() - self._last_poll
-        if silent > self.STALL_AFTER:
+        if silent > self.stall_after:
             return (f"the Kafka poll thread has not come round for {silent:.0f} s "
-                    f"(limit {self.STALL_AFTER:g} s): stuck in a callback")
+                    f"(limit {self.stall_after:g} s): stuck in a callback")
         return None
 
     def _poll_loop(self) -> None:
@@ -575,7 +576,7 @@ class KafkaChannel(Channel):
         now = time.monotonic()
         if token is None or now < self._next_check or producer is not self._producer:
             return
-        self._next_check = now + self.CHECK_EVERY
+        self._next_check = now + self.check_every
         up = self._broker_answers(producer)
         with self._lock:
             replace = self._progress.answered(token, up, time.monotonic())
@@ -585,7 +586,7 @@ class KafkaChannel(Channel):
     def _broker_answers(self, producer: Producer) -> bool:
         """A metadata request answered (all topics: asking for one by name may create it)."""
         try:
-            producer.list_topics(timeout=self.CHECK_TIMEOUT)
+            producer.list_topics(timeout=self.check_timeout)
         except KafkaException:
             return False
         return True
@@ -644,9 +645,8 @@ class KafkaChannel(Channel):
         while self._alone_queue:
             entry = self._alone_queue.popleft()
             with self._lock:
-                if entry not in self._pending:  # settled meanwhile by close()
-                    continue
-            if not self._produce_alone(producer, entry):
+                settled = entry not in self._pending  # meanwhile, by close()
+            if not settled and not self._produce_alone(producer, entry):
                 held.append(entry)
         self._alone_queue.extendleft(reversed(held))  # ahead of any queued meanwhile, in order
 
