@@ -37,7 +37,7 @@ class Stage(enum.Enum):
 
 
 # Plain classes, not dataclasses: compiled (setup.py), a dataclass keeps the __init__ that
-# dataclasses generates, interpreted: ~0.9 us per message for Held, ~0.1 us as written here.
+# dataclasses generates, interpreted: Held was made in ~0.9 us, ~0.35 us as written here.
 class Held:
     __slots__ = ("attempt_started", "message", "outcome", "reason", "received_at", "retry_after", "run",
                  "stage", "visible_until")

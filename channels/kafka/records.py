@@ -22,7 +22,7 @@ Header: TypeAlias = tuple[str, str | bytes | None]
 
 class Record:
     """What ``Producer.produce`` gets for one message. ``timestamp`` 0 = the producer's clock.
-    (A plain class: one is made per message. Compiled (setup.py), it is made in ~0.1 us; a named
+    (A plain class: one is made per message. Compiled (setup.py), it is made in ~0.35 us; a named
     tuple's generated ``__new__`` stays interpreted, ~0.5 us, and a frozen dataclass's is slower.)"""
 
     __slots__ = ("headers", "key", "timestamp", "value")
