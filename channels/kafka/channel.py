@@ -177,7 +177,6 @@ class KafkaChannel(Channel):
         self._new_producer: Callable[[dict[str, Any]], Producer] = Producer
         self.stall_after = STALL_AFTER
         self.check_every = CHECK_EVERY
-        self.check_timeout = CHECK_TIMEOUT
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -586,7 +585,7 @@ class KafkaChannel(Channel):
     def _broker_answers(self, producer: Producer) -> bool:
         """A metadata request answered (all topics: asking for one by name may create it)."""
         try:
-            producer.list_topics(timeout=self.check_timeout)
+            producer.list_topics(timeout=CHECK_TIMEOUT)
         except KafkaException:
             return False
         return True
