@@ -152,7 +152,11 @@ class Ledger:
 
 class Room:
     """Receivers waiting for room below ``--max-in-flight`` (or for the circuit to close): each
-    waits with a timeout and checks again; ``changed`` wakes them once a batch fits."""
+    waits with a timeout and checks again; ``changed`` wakes as many as batches fit now.
+
+    Not all of them: while the cap binds (a slow sink, slow deletes), room comes back a delete
+    batch at a time, and waking every receiver for one batch's room had each of the others wake,
+    find none and wait again (a new future and timer) for nothing, once per delete batch."""
 
     def __init__(self, ledger: Ledger, batch: int, loop: asyncio.AbstractEventLoop, *,
                  recheck: float = 0.5) -> None:
@@ -160,26 +164,45 @@ class Room:
         self._batch = batch
         self._loop = loop
         self._recheck = recheck  # a waiter looks again this often, woken or not
-        self._waiters: list[asyncio.Future[None]] = []
+        self._waiters: list[asyncio.Future[None]] = []  # in the order they came; none done
 
     async def wait(self) -> None:
         future: asyncio.Future[None] = self._loop.create_future()
         self._waiters.append(future)
-        timer = self._loop.call_later(self._recheck, _resolve, future)
+        timer = self._loop.call_later(self._recheck, self._expire, future)
         try:
             await future
         finally:
             timer.cancel()
+            if future.cancelled():  # its task was cancelled: no longer waiting
+                self._drop(future)
 
     def changed(self) -> None:
-        """Messages were released: wake the waiters if a batch fits now."""
-        if self._waiters and self._ledger.fits(self._batch):
-            self.wake()
+        """Messages were released: wake the first waiters, one per batch that fits now."""
+        waiters = self._waiters
+        if not waiters:
+            return
+        fit = (self._ledger.limit - self._ledger.reserved) // self._batch
+        if fit > 0:
+            woken, self._waiters = waiters[:fit], waiters[fit:]
+            for future in woken:
+                _resolve(future)
 
     def wake(self) -> None:
+        """Wake them all (the circuit closed, or a stop)."""
         waiters, self._waiters = self._waiters, []
         for future in waiters:
             _resolve(future)
+
+    def _expire(self, future: asyncio.Future[None]) -> None:
+        self._drop(future)
+        _resolve(future)
+
+    def _drop(self, future: asyncio.Future[None]) -> None:
+        try:
+            self._waiters.remove(future)
+        except ValueError:
+            pass  # woken already
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

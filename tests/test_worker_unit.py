@@ -843,3 +843,61 @@ async def test_a_receiver_waiting_out_its_backoff_is_not_a_poll_in_flight() -> N
     assert rig.polls.in_flight == 0 and rig.ledger.reserved == 0
     rig.stop()
     await asyncio.wait_for(task, 5)
+
+
+# -- room below --max-in-flight -------------------------------------------------------------------
+
+
+async def _waiting(room: Room, count: int) -> list[asyncio.Task[None]]:
+    tasks = [asyncio.create_task(room.wait()) for _ in range(count)]
+    await asyncio.sleep(0)  # each is waiting now
+    return tasks
+
+
+@on_loop
+async def test_room_for_one_batch_wakes_one_waiter_the_first() -> None:
+    ledger = Ledger(30)
+    ledger.reserve(30)
+    room = Room(ledger, 10, asyncio.get_running_loop(), recheck=60)
+    first, second, third = await _waiting(room, 3)
+    ledger.unreserve(10)
+    room.changed()
+    await asyncio.sleep(0)
+    assert first.done() and not second.done() and not third.done()
+    ledger.unreserve(20)  # room for two more batches: both
+    room.changed()
+    await asyncio.sleep(0)
+    assert second.done() and third.done()
+
+
+@on_loop
+async def test_no_room_wakes_no_waiter_and_wake_wakes_them_all() -> None:
+    ledger = Ledger(30)
+    ledger.reserve(25)
+    room = Room(ledger, 10, asyncio.get_running_loop(), recheck=60)
+    tasks = await _waiting(room, 2)
+    room.changed()
+    await asyncio.sleep(0)
+    assert not any(t.done() for t in tasks)
+    room.wake()  # the circuit closed, or a stop
+    await asyncio.sleep(0)
+    assert all(t.done() for t in tasks)
+
+
+@on_loop
+async def test_a_waiter_that_timed_out_or_was_cancelled_does_not_take_a_wake_up() -> None:
+    ledger = Ledger(30)
+    ledger.reserve(30)
+    room = Room(ledger, 10, asyncio.get_running_loop(), recheck=0.02)
+    (expired,) = await _waiting(room, 1)
+    await asyncio.sleep(0.05)
+    assert expired.done()  # its recheck came: it looks again on its own
+    (cancelled,) = await _waiting(room, 1)
+    cancelled.cancel()
+    await asyncio.sleep(0)
+    room._recheck = 60  # the next ones wait for a wake-up only
+    (waiter,) = await _waiting(room, 1)
+    ledger.unreserve(10)
+    room.changed()
+    await asyncio.sleep(0)
+    assert waiter.done()
