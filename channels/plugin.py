@@ -54,7 +54,9 @@ class ChannelPlugin:
     when ``--max-processing-time`` is not above it. ``describe`` is the detail of the start's
     log line (no secrets). ``probe`` is what ``poller check`` does to show the sink is there:
     ``(what, detail)`` for its report line, ``ChannelError`` if it is not; without one the
-    channel is started and closed once.
+    channel is started and closed once. ``max_in_flight`` is its default for ``--max-in-flight``
+    when it holds each message longer than a request takes (Kafka: ``linger.ms``, then the
+    in-sync replicas), so that the same rate needs more room; None: the poller's own default.
     """
 
     name: str
@@ -63,6 +65,7 @@ class ChannelPlugin:
     deadline: str
     describe: Callable[[Any], str] = _no_description
     probe: Callable[[Any, str], tuple[str, str]] | None = None
+    max_in_flight: int | None = None
 
 
 def start_and_close(config: ChannelConfig, source: str, timeout: float = 5.0) -> None:

@@ -22,7 +22,7 @@ from channels.http import check_url
 from channels.plugin import BuildContext, ChannelPlugin, start_and_close
 from channels.registry import Registry
 from channels.transport.proxy import route_for
-from poller.config import RunConfig, WorkerConfig, check_attempt_bound
+from poller.config import MAX_IN_FLIGHT, RunConfig, WorkerConfig, check_attempt_bound
 from poller.cpus import default_processes
 from poller.exits import EXIT_BOOT
 from poller.logs import setup_logging
@@ -123,7 +123,7 @@ def make_plan(opts: dict[str, Any], channels: Registry, *, reach_queue: bool = T
             wait_time=opts["wait_time"],
             visibility_timeout=opts["visibility_timeout"],
             queue_visibility_timeout=int(attributes.get("VisibilityTimeout", 30)),
-            max_in_flight=opts["max_in_flight"],
+            max_in_flight=opts["max_in_flight"] or plugin.max_in_flight or MAX_IN_FLIGHT,
             delete_linger=opts["delete_linger"],
             nack_backoff=opts["nack_backoff"],
             nack_backoff_max=opts["nack_backoff_max"],

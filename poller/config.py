@@ -12,7 +12,10 @@ from typing import Any
 from channels.base import ChannelConfig
 from poller.sqs import SqsTarget
 
-__all__ = ["RunConfig", "WorkerConfig", "check_attempt_bound"]
+__all__ = ["MAX_IN_FLIGHT", "RunConfig", "WorkerConfig", "check_attempt_bound"]
+
+# --max-in-flight's default, unless the channel declares its own (ChannelPlugin.max_in_flight).
+MAX_IN_FLIGHT = 200
 
 
 def check_attempt_bound(max_processing_time: float, channel: ChannelConfig,
@@ -47,7 +50,7 @@ class WorkerConfig:
     visibility_timeout: int | None = None
     # The queue's own default, read at start; used to know when to extend in-flight messages.
     queue_visibility_timeout: int = 30
-    max_in_flight: int = 200
+    max_in_flight: int = MAX_IN_FLIGHT
     delete_linger: float = 0.05
     nack_backoff: float = 2.0
     nack_backoff_max: float = 300.0

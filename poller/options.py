@@ -116,7 +116,8 @@ POLLER_OPTIONS: tuple[Option, ...] = (
     # -- delivery -----------------------------------------------------------------------------
     # its choices are the installed channels' names (run_options)
     _delivery(flag="--channel", dest="channel_name", default="http", help="Where messages go."),
-    _delivery(flag="--max-in-flight", run_only=True, kind=int, low=1, high=100_000, default=200,
+    _delivery(flag="--max-in-flight", run_only=True, kind=int, low=1, high=100_000,
+              default_text="200; the kafka channel's 400",
               help="Messages a process holds at most (delivering, waiting, or acked and not yet deleted); "
                    "receiving pauses above it. Memory: up to this many bodies per process (SQS's limit is "
                    "1 MiB a message)."),

@@ -61,9 +61,9 @@ def kmsg(record: Any) -> ce_kafka.KafkaMessage:
 def test_defaults_and_user_overrides() -> None:
     conf = config().producer_config()
     assert conf["enable.idempotence"] is True and conf["acks"] == "all"
-    assert conf["compression.type"] == "lz4" and conf["linger.ms"] == 20
+    assert conf["compression.type"] == "lz4" and conf["linger.ms"] == 50
     assert conf["message.timeout.ms"] == 60_000  # one attempt; the worker retries in place
-    assert config(extra=(("linger.ms", "50"), ("compression.type", "zstd"))).producer_config()["linger.ms"] == "50"
+    assert config(extra=(("linger.ms", "5"), ("compression.type", "zstd"))).producer_config()["linger.ms"] == "5"
     assert set(DEFAULTS) <= set(conf)
 
 

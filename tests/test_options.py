@@ -4,6 +4,7 @@ the README's flag table, which must be exactly what the declarations make, and t
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -104,6 +105,41 @@ def test_the_run_config_too() -> None:
         RunConfig(worker=worker, shutdown_timeout=0.5)
     with pytest.raises(ValueError, match="--max-duration must be at least 1"):
         RunConfig(worker=worker, max_duration=0.5)
+
+
+_SINK = ["--sink", "http://127.0.0.1:9/"]
+_KAFKA = ["--channel", "kafka", "--kafka-bootstrap-servers", "127.0.0.1:9", "--kafka-topic", "t"]
+
+
+@pytest.mark.parametrize(("args", "env", "held"), [
+    (_SINK, {}, 200),
+    (_KAFKA, {}, 400),  # the channel's own room (ChannelPlugin.max_in_flight)
+    ([*_KAFKA, "--max-in-flight", "150"], {}, 150),
+    (_KAFKA, {"POLLER_MAX_IN_FLIGHT": "300"}, 300),
+])
+def test_max_in_flight_defaults_to_the_channels_room(args: list[str], env: dict[str, str], held: int,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from poller.boot import make_plan
+    from poller.cli import CHANNELS, run
+
+    for name in [n for n in os.environ if n.startswith("POLLER_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    argv = ["--queue-url", TARGET.queue_url, "--endpoint-url", TARGET.endpoint_url, *args]
+    with run.make_context("run", argv) as ctx:
+        plan = make_plan(dict(ctx.params), CHANNELS, reach_queue=False)
+    assert plan.config.worker.max_in_flight == held
+
+
+def test_the_default_text_of_max_in_flight_names_each_channels_room() -> None:
+    from poller.cli import CHANNELS
+
+    rooms = {n: CHANNELS.get(n).max_in_flight for n in CHANNELS.names()}
+    assert rooms["kafka"] is not None
+    for name, room in rooms.items():
+        if room is not None:
+            assert f"the {name} channel's {room}" in option("--max-in-flight").shown_default()
 
 
 # -- processes that fit the container -------------------------------------------------------------

@@ -37,12 +37,14 @@ DEFAULTS: Mapping[str, Any] = {
     "acks": "all",
     # librdkafka's default is 5 ms. At 1,500 msg/s into 3 partitions that makes batches of two or
     # three records, and each batch costs a request, a broker-thread wake-up and a delivery-report
-    # wake-up. 20 ms cut the channel's own CPU per message by ~30% (benchmarks/kafka_channel.py on
-    # tansu, interleaved rounds, 2026-12-06: 115 -> 84 us; 50 ms gave 76) and a whole worker's by
-    # ~6% (interleaved drains of 20,000 messages from LocalStack, 3 pairs: 141 -> 133 us). It holds
-    # each message 20 ms longer, ~60 of --max-in-flight's 200 at 3,000 msg/s: above 20 ms that
-    # share would grow into the worker's room.
-    "linger.ms": 20,
+    # wake-up on the worker's loop. 20 ms cut the channel's own CPU per message by ~30%
+    # (benchmarks/kafka_channel.py on tansu, interleaved rounds, 2026-12-06: 115 -> 84 us; 50 ms
+    # gave 76). A whole worker's, in interleaved drains of 20,000 messages from LocalStack, fell
+    # ~6% more from 5 to 20 ms and 13-30% more from 20 to 50 ms (six pairs, 2026-12-07), mostly on
+    # the loop: fewer, larger batches of reports. It holds each message 50 ms more, so the
+    # channel's default --max-in-flight is 400, not 200 (plugin.py): at 200 the held messages
+    # reached the cap at 1,600 msg/s. Latency-bound topics: --kafka-config linger.ms=5.
+    "linger.ms": 50,
     "batch.size": 1_000_000,
     "compression.type": "lz4",
     # One delivery attempt: the worker retries in place with visibility extended, so a shorter
