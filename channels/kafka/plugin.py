@@ -85,8 +85,8 @@ CHANNEL = ChannelPlugin(
     # request: at one rate, more messages are held. At 200, held messages plus the room reserved
     # for 8 receives of 10 already reached the cap at ~1,600 msg/s with linger.ms 20 (the
     # in-flight gauge sampled every 0.1 s: median 120 held), so receives waited for room.
-    # Interleaved drains into tansu, 2026-12-07, 20,000 messages each: 400 alone gave 2,707 vs
-    # 2,454 msg/s at 55 vs 62.5 us/msg (medians of three); with linger.ms 50 too, four pairs,
-    # 58-71.5 vs 63-96 us/msg.
+    # Interleaved drains into tansu, 2026-12-07, 20,000 messages each: 400 alone gave 2,554 vs
+    # 2,346 msg/s at 59 vs 64 us/msg (medians of four); 400 with linger.ms 50 against 200 with
+    # 20, four pairs: 58-71.5 vs 63-96 us/msg, less in three (the fourth: 64.5 vs 63).
     max_in_flight=400,
 )
