@@ -36,7 +36,7 @@ class SuiteConfig:
     stall_seconds: float = 60.0
     stall_messages: int = 5_000
     concurrency: tuple[int, ...] = (4, 8, 16, 32, 64, 128, 256)
-    repeats: int = 2                    # best-of windows: mq-bridge and poller defaults (fast, Kafka), poller's remote
+    repeats: int = 3                    # best-of windows: mq-bridge and poller defaults (fast, Kafka), poller's remote
     start_runs: int = 5                 # counted start-up runs per contender (after one warm-up)
     scenarios: tuple[str, ...] = SCENARIOS
     contenders: tuple[str, ...] = CONTENDERS
