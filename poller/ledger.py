@@ -164,7 +164,7 @@ class Room:
         self._batch = batch
         self._loop = loop
         self._recheck = recheck  # a waiter looks again this often, woken or not
-        self._waiters: list[asyncio.Future[None]] = []  # in the order they came; none done
+        self._waiters: list[asyncio.Future[None]] = []  # in the order they came
 
     async def wait(self) -> None:
         future: asyncio.Future[None] = self._loop.create_future()
@@ -172,10 +172,14 @@ class Room:
         timer = self._loop.call_later(self._recheck, self._expire, future)
         try:
             await future
+        except asyncio.CancelledError:
+            if future.cancelled():  # its task was cancelled while it waited: no longer waiting
+                self._drop(future)
+            else:  # woken, then cancelled before it ran: the room goes to the next waiter
+                self.changed()
+            raise
         finally:
             timer.cancel()
-            if future.cancelled():  # its task was cancelled: no longer waiting
-                self._drop(future)
 
     def changed(self) -> None:
         """Messages were released: wake the first waiters, one per batch that fits now."""
@@ -183,10 +187,11 @@ class Room:
         if not waiters:
             return
         fit = (self._ledger.limit - self._ledger.reserved) // self._batch
-        if fit > 0:
-            woken, self._waiters = waiters[:fit], waiters[fit:]
-            for future in woken:
-                _resolve(future)
+        while fit > 0 and waiters:
+            future = waiters.pop(0)
+            if not future.done():  # done: cancelled, its task not yet unwound; it takes no room
+                future.set_result(None)
+                fit -= 1
 
     def wake(self) -> None:
         """Wake them all (the circuit closed, or a stop)."""

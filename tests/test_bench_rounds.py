@@ -30,7 +30,8 @@ def drains(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     def drain(scenario: str, family: str) -> Throughput:
         order.append(f"{scenario}/{family}")
-        return Throughput(scenario, family, family, 100, seconds=float(len(order)), cpu_seconds=0.01 * len(order))
+        return Throughput(scenario, family, family, 100, seconds=float(len(order)), cpu_seconds=0.01 * len(order),
+                          peer_cpu_seconds={"localstack": 0.05 * len(order)})
 
     def mq(_bench: Any, scenario: str, *_a: Any, **_k: Any) -> Throughput:
         return drain(scenario, "mq-bridge")
@@ -50,6 +51,9 @@ def test_remote_windows_alternate_with_the_direct_ones(drains: list[str]) -> Non
     by_case = {(r.scenario, r.family): r for r in rows}
     assert by_case[(REMOTE, "poller")].seconds == 3.0  # its best window (least CPU per message) of the two
     assert len(by_case[(REMOTE, "poller")].details["windows"]) == 2
+    # each window says the box's pace in it: LocalStack's CPU per message (0.15 s, 0.3 s over 100)
+    assert by_case[(REMOTE, "poller")].details["windows"] == [
+        "300.0 us/msg at 33 msg/s (LocalStack 1500 us/msg)", "600.0 us/msg at 17 msg/s (LocalStack 3000 us/msg)"]
 
 
 def test_remote_alone_still_runs_its_windows(drains: list[str]) -> None:

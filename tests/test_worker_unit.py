@@ -901,3 +901,17 @@ async def test_a_waiter_that_timed_out_or_was_cancelled_does_not_take_a_wake_up(
     room.changed()
     await asyncio.sleep(0)
     assert waiter.done()
+
+
+@on_loop
+async def test_a_waiter_woken_then_cancelled_passes_the_room_on() -> None:
+    ledger = Ledger(30)
+    ledger.reserve(30)
+    room = Room(ledger, 10, asyncio.get_running_loop(), recheck=60)
+    woken, other = await _waiting(room, 2)
+    ledger.unreserve(10)
+    room.changed()  # the first is woken: its future is done, its task has not run yet
+    woken.cancel()  # a stop, before it took the room
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert woken.cancelled() and other.done() and not other.cancelled()
