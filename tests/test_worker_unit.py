@@ -864,7 +864,7 @@ async def test_room_for_one_batch_wakes_one_waiter_the_first() -> None:
     room.changed()
     await asyncio.sleep(0)
     assert first.done() and not second.done() and not third.done()
-    ledger.unreserve(20)  # room for two more batches: both
+    ledger.unreserve(20)  # room for every batch: the other two
     room.changed()
     await asyncio.sleep(0)
     assert second.done() and third.done()
