@@ -184,14 +184,12 @@ class Room:
     def changed(self) -> None:
         """Messages were released: wake the first waiters, one per batch that fits now."""
         waiters = self._waiters
-        if not waiters:
-            return
-        fit = (self._ledger.limit - self._ledger.reserved) // self._batch
-        while fit > 0 and waiters:
+        woken = 0
+        while waiters and self._ledger.fits(self._batch * (woken + 1)):
             future = waiters.pop(0)
             if not future.done():  # done: cancelled, its task not yet unwound; it takes no room
                 future.set_result(None)
-                fit -= 1
+                woken += 1
 
     def wake(self) -> None:
         """Wake them all (the circuit closed, or a stop)."""
