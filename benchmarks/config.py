@@ -36,7 +36,7 @@ class SuiteConfig:
     stall_seconds: float = 60.0
     stall_messages: int = 5_000
     concurrency: tuple[int, ...] = (4, 8, 16, 32, 64, 128, 256)
-    repeats: int = 3                    # best-of windows: mq-bridge and poller defaults (fast, Kafka), poller's remote
+    repeats: int = 3                    # interleaved windows: best of (fast, 20 ms, Kafka, remote), pooled (latency)
     start_runs: int = 5                 # counted start-up runs per contender (after one warm-up)
     scenarios: tuple[str, ...] = SCENARIOS
     contenders: tuple[str, ...] = CONTENDERS
@@ -90,8 +90,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-rate", type=float, help="messages per second offered (300)")
     p.add_argument("--stall-seconds", type=float, help="seconds of the stalled sink (full 60, quick 20)")
     p.add_argument("--repeats", type=int,
-                   help="windows each of mq-bridge and the poller's defaults on the fast sink and Kafka, and of "
-                        "the poller's on SQS +20 ms; the best of each is kept (full 2, quick 1)")
+                   help="interleaved windows each of mq-bridge and the poller's defaults on the fast sink, the "
+                        "20 ms sink and Kafka, and of the poller's on SQS +20 ms, the best of each kept; and of "
+                        "the latency case, pooled (full 3, quick 1)")
     p.add_argument("--start-runs", type=int,
                    help="counted start-up runs per contender, after a warm-up (full 5, quick 3)")
     p.add_argument("--scenarios", help=f"subset of {','.join(SCENARIOS)}")

@@ -68,6 +68,7 @@ class Latency:
     p99_ms: float = 0.0
     max_ms: float = 0.0
     cpu_us_per_msg: float = 0.0         # process tree, from the first send to the last arrival
+    windows: tuple[str, ...] = ()       # each window's own p99 and max, when pooled from several
     error: str | None = None
 
     @property

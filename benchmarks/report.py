@@ -184,10 +184,15 @@ def remote_table(rows: Sequence[Throughput]) -> str:
 def latency_table(rows: Sequence[Latency]) -> str:
     lines = [[r.contender, f"{r.offered_per_s:,.0f}", f"{r.achieved_per_s:,.0f}", f"{r.delivered:,} / {r.sent:,}",
               f"{r.p50_ms:.1f}", f"{r.p99_ms:.1f}", f"{r.max_ms:.1f}", f"{r.cpu_us_per_msg:,.0f}",
-              (r.error if r.error.startswith("skipped") else f"**failed**: {r.error}") if r.error else ""]
+              (r.error if r.error.startswith("skipped") else f"**failed**: {r.error}") if r.error
+              else _windows_note(r.windows)]
              for r in rows]
     return _md_table(["contender", "offered msg/s", "sent msg/s", "arrived / sent", "p50 ms", "p99 ms", "max ms",
                       "CPU us/msg", "notes"], lines, "lrrrrrrrl")
+
+
+def _windows_note(windows: Sequence[str]) -> str:
+    return f"{len(windows)} windows pooled: {'; '.join(windows)}" if windows else ""
 
 
 def rss_table(rss: RssRun) -> str:
@@ -280,8 +285,12 @@ def render_markdown(report: RunReport, *, image_prefix: str = "") -> str:
         body += [f"## SQS {c.sqs_rtt_ms:g} ms away (delay proxy in front of LocalStack)", "",
                  remote_table(report.rows), ""]
     if report.latency:
-        body += [f"## Latency at a steady {c.latency_rate:,.0f} msg/s for {c.latency_seconds:.0f} s (fast sink)", "",
-                 "Send stamp (in the body, wall clock before SendMessageBatch) to the first arrival at the sink.", "",
+        rounds = (f"{c.repeats} windows of {c.latency_seconds:.0f} s each, the contenders interleaved"
+                  if c.repeats > 1 else f"{c.latency_seconds:.0f} s")
+        body += [f"## Latency at a steady {c.latency_rate:,.0f} msg/s for {rounds} (fast sink)", "",
+                 "Send stamp (in the body, wall clock before SendMessageBatch) to the first arrival at the sink. "
+                 "With several windows, each contender's percentiles are over all of its messages (the windows "
+                 "pooled, none chosen); the notes give each window's own p99 and max.", "",
                  latency_table(report.latency), ""]
     if report.rss is not None:
         body += [f"## RSS with a stalled sink ({c.stall_seconds:.0f} s, queue of {c.stall_messages:,})", "",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,8 @@ from benchmarks.progress import bar
 from benchmarks.sqs import REGION, fresh_queue, preload, send_batch
 from benchmarks.startup import StartSample, first_event
 
-__all__ = ["Bench", "best_of", "inflight_sweep", "latency_cases", "rss_case", "start_cases", "throughput_cases"]
+__all__ = ["Bench", "LatencyWindow", "best_of", "inflight_sweep", "latency_cases", "pooled_latency", "rss_case",
+           "start_cases", "throughput_cases"]
 
 log = logging.getLogger(__name__)
 
@@ -174,10 +175,6 @@ def _poller_process_rows(bench: Bench, scenario: str, sink: Sink, count: int) ->
             for p in bench.config.processes]
 
 
-def _poller_rows(bench: Bench, scenario: str, sink: Sink, count: int) -> list[Throughput]:
-    return [_poller_default_row(bench, scenario, sink, count), *_poller_process_rows(bench, scenario, sink, count)]
-
-
 def best_of(repeats: int, cases: list[Callable[[], Throughput]]) -> list[Throughput]:
     """Each case ``repeats`` times, the cases interleaved (A B A B: the box's drift falls on both), and
     for each the window with the least CPU per message, the others named in its notes.
@@ -254,10 +251,15 @@ def throughput_cases(bench: Bench) -> list[Throughput]:
         if c.runs("fast", "poller"):
             rows += _poller_process_rows(bench, FAST, fast, c.messages)
     if bench.slow is not None and "slow" in c.scenarios:
+        slow = bench.slow
+        pair = []
         if c.runs("slow", "mq-bridge"):
-            rows.append(_mqbridge_http(bench, SLOW, bench.slow, c.slow_messages))
+            pair.append(lambda: _mqbridge_http(bench, SLOW, slow, c.slow_messages))
         if c.runs("slow", "poller"):
-            rows += _poller_rows(bench, SLOW, bench.slow, c.slow_messages)
+            pair.append(lambda: _poller_default_row(bench, SLOW, slow, c.slow_messages))
+        rows += best_of(c.repeats, pair)
+        if c.runs("slow", "poller"):
+            rows += _poller_process_rows(bench, SLOW, slow, c.slow_messages)
     if bench.kafka is not None and "kafka" in c.scenarios:
         rows += _kafka_rows(bench)
     if bench.proxy is not None and bench.fast is not None and "remote" in c.scenarios:
@@ -331,7 +333,7 @@ def inflight_sweep(bench: Bench) -> list[Throughput]:
 # --------------------------------------------------------------------------- latency
 
 
-def _percentile(values: list[int], q: float) -> float:
+def _percentile(values: Sequence[int], q: float) -> float:
     """Nearest rank (values sorted)."""
     if not values:
         return 0.0
@@ -358,13 +360,25 @@ def _send_steadily(bench: Bench, url: str, label: str) -> tuple[int, float]:
     return sent, time.monotonic() - started
 
 
-def run_latency(bench: Bench, label: str, make_spec: SpecFactory) -> Latency:
+@dataclass(frozen=True, slots=True)
+class LatencyWindow:
+    """One contender's window of steady load: each message's send stamp -> first arrival, in us."""
+
+    label: str
+    sent: int = 0
+    seconds: float = 0.0
+    cpu_seconds: float = 0.0
+    latencies_us: tuple[int, ...] = ()  # sorted
+    error: str | None = None
+
+
+def run_latency(bench: Bench, label: str, make_spec: SpecFactory) -> LatencyWindow:
     with fresh_queue(bench.sqs, _slug(f"latency-{label}")) as url:
         return _latency(bench, url, label, make_spec)
 
 
-def _latency(bench: Bench, url: str, label: str, make_spec: SpecFactory) -> Latency:
-    c, sink = bench.config, bench.fast
+def _latency(bench: Bench, url: str, label: str, make_spec: SpecFactory) -> LatencyWindow:
+    sink = bench.fast
     assert sink is not None
     sink.reset()
     try:
@@ -380,35 +394,62 @@ def _latency(bench: Bench, url: str, label: str, make_spec: SpecFactory) -> Late
             cpu = sum(proc.cpu().values()) - cpu0
             proc.stop()
     except Skipped as exc:
-        return Latency(label, c.latency_rate, 0, 0.0, error=str(exc))
+        return LatencyWindow(label, error=str(exc))
     except Exception as exc:  # noqa: BLE001
         log.error("latency / %s failed: %s", label, _first_line(exc))
-        return Latency(label, c.latency_rate, 0, 0.0, error=_first_line(exc))
-    latencies = sorted(sink.latencies_us())
-    delivered = len(latencies)
-    result = Latency(
-        spec.label, c.latency_rate, sent, seconds, delivered=delivered,
+        return LatencyWindow(label, error=_first_line(exc))
+    latencies = tuple(sorted(sink.latencies_us()))
+    error = None if len(latencies) >= sent else f"only {len(latencies)} of {sent} arrived"
+    window = LatencyWindow(spec.label, sent, seconds, cpu, latencies, error)
+    log.info("latency %-26s p50 %.1f ms, p99 %.1f ms, max %.1f ms at %.0f msg/s", spec.label,
+             _percentile(latencies, 0.50) / 1000, _percentile(latencies, 0.99) / 1000,
+             (latencies[-1] / 1000 if latencies else 0.0), sent / seconds if seconds else 0.0)
+    return window
+
+
+def pooled_latency(offered_per_s: float, windows: list[LatencyWindow]) -> Latency:
+    """One contender's windows as one measurement: the percentiles over every message of every
+    window (not a chosen window), the sent, the time and the CPU summed; a failed window fails it."""
+    label = next((w.label for w in windows if not w.error), windows[0].label)
+    failed = next((w.error for w in windows if w.error), None)
+    if failed and not any(w.latencies_us for w in windows):
+        return Latency(label, offered_per_s, 0, 0.0, error=failed)
+    latencies = sorted(us for w in windows for us in w.latencies_us)
+    delivered, sent = len(latencies), sum(w.sent for w in windows)
+    notes = tuple(f"p99 {_percentile(w.latencies_us, 0.99) / 1000:.1f} ms, max "
+                  f"{(w.latencies_us[-1] if w.latencies_us else 0) / 1000:.1f} ms" if not w.error else w.error
+                  for w in windows) if len(windows) > 1 else ()
+    return Latency(
+        label, offered_per_s, sent, sum(w.seconds for w in windows), delivered=delivered,
         p50_ms=_percentile(latencies, 0.50) / 1000, p99_ms=_percentile(latencies, 0.99) / 1000,
         max_ms=(latencies[-1] / 1000 if latencies else 0.0),
-        cpu_us_per_msg=cpu / delivered * 1e6 if delivered else 0.0,
-        error=None if delivered >= sent else f"only {delivered} of {sent} arrived",
+        cpu_us_per_msg=sum(w.cpu_seconds for w in windows) / delivered * 1e6 if delivered else 0.0,
+        windows=notes, error=failed,
     )
-    log.info("latency %-26s p50 %.1f ms, p99 %.1f ms at %.0f msg/s, %.0f us CPU/msg", result.contender,
-             result.p50_ms, result.p99_ms, result.achieved_per_s, result.cpu_us_per_msg)
-    return result
 
 
 def latency_cases(bench: Bench) -> list[Latency]:
+    """mq-bridge and the poller's defaults, ``repeats`` windows each, interleaved (A B A B): a stall
+    of the box (a GC pause of LocalStack's, a neighbour) lands in one window, and each contender's
+    row pools all of its windows, so one stall weighs 1/repeats of what it did in a single window."""
     c = bench.config
     if bench.fast is None or "latency" not in c.scenarios:
         return []
     fast = bench.fast
-    rows = []
+    cases: list[tuple[str, SpecFactory]] = []
     if "mq-bridge" in c.contenders:
-        rows.append(run_latency(bench, "mq-bridge", lambda url: bench.mq_bridge(
+        cases.append(("mq-bridge", lambda url: bench.mq_bridge(
             mqbridge.BASIC, mqbridge.http_route(url, bench.endpoint, REGION, fast.url), "mq-latency")))
     if "poller" in c.contenders:
-        rows.append(run_latency(bench, "poller defaults", lambda url: bench.poller(url, HttpTarget(fast.url))))
+        cases.append(("poller defaults", lambda url: bench.poller(url, HttpTarget(fast.url))))
+    windows: list[list[LatencyWindow]] = [[] for _ in cases]
+    for _ in range(max(1, c.repeats)):
+        for i, (label, make_spec) in enumerate(cases):
+            windows[i].append(run_latency(bench, label, make_spec))
+    rows = [pooled_latency(c.latency_rate, w) for w in windows]
+    for row in rows:
+        log.info("latency %-26s p50 %.1f ms, p99 %.1f ms at %.0f msg/s, %.0f us CPU/msg (%d window(s))",
+                 row.contender, row.p50_ms, row.p99_ms, row.achieved_per_s, row.cpu_us_per_msg, c.repeats)
     return rows
 
 
