@@ -117,7 +117,7 @@ POLLER_OPTIONS: tuple[Option, ...] = (
     # its choices are the installed channels' names (run_options)
     _delivery(flag="--channel", dest="channel_name", default="http", help="Where messages go."),
     _delivery(flag="--max-in-flight", run_only=True, kind=int, low=1, high=100_000,
-              default_text="200; the kafka channel's 400",
+              default_text="200",  # poller.config.MAX_IN_FLIGHT; run_options adds each channel's own
               help="Messages a process holds at most (delivering, waiting, or acked and not yet deleted); "
                    "receiving pauses above it. Memory: up to this many bodies per process (SQS's limit is "
                    "1 MiB a message)."),
@@ -193,9 +193,18 @@ def installed_channels() -> Registry:
 def run_options(channels: Registry) -> tuple[Option, ...]:
     """The options of ``poller run`` with these channels, in the order of --help's sections: the
     poller's own, each channel's before the poller's operations."""
-    own = tuple(replace(o, choices=channels.names()) if o.flag == "--channel" else o for o in POLLER_OPTIONS)
+    own = tuple(replace(o, choices=channels.names()) if o.flag == "--channel"
+                else _with_channel_rooms(o, channels) if o.flag == "--max-in-flight" else o for o in POLLER_OPTIONS)
     late = tuple(o for o in own if o.group == OPERATIONS)
     return (*(o for o in own if o.group != OPERATIONS), *channels.options(), *late)
+
+
+def _with_channel_rooms(o: Option, channels: Registry) -> Option:
+    """``--max-in-flight``'s shown default with each channel's own (``ChannelPlugin.max_in_flight``),
+    which ``poller.boot`` takes when the flag is not given: "200; the kafka channel's 400"."""
+    rooms = [f"the {name} channel's {plugin.max_in_flight}" for name, plugin in channels.channels.items()
+             if plugin.max_in_flight is not None]
+    return replace(o, default_text="; ".join([o.shown_default(), *rooms]))
 
 
 def group_of(o: Option) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -13,9 +14,10 @@ import pytest
 from click.testing import CliRunner
 
 from channels.http import HttpConfig
+from channels.registry import load_channels
 from poller.config import MAX_IN_FLIGHT, RunConfig, WorkerConfig
 from poller.cpus import cpu_quota, default_processes
-from poller.options import POLLER_OPTIONS, RUN_OPTIONS, group_of, markdown_table, option
+from poller.options import POLLER_OPTIONS, RUN_OPTIONS, group_of, markdown_table, option, run_options
 from poller.sqs import SqsTarget
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -132,11 +134,19 @@ def test_max_in_flight_defaults_to_the_channels_room(args: list[str], env: dict[
     assert plan.config.worker.max_in_flight == held
 
 
-def test_the_default_text_of_max_in_flight_is_the_poller_s_and_the_kafka_channel_s() -> None:
+def test_the_default_text_of_max_in_flight_is_the_poller_s_and_each_channel_s() -> None:
     from channels.kafka.plugin import CHANNEL
 
+    assert option("--max-in-flight").shown_default() == str(MAX_IN_FLIGHT)
+    shown = {o.flag: o.shown_default() for o in RUN_OPTIONS}
     assert CHANNEL.max_in_flight is not None
-    assert option("--max-in-flight").shown_default() == f"{MAX_IN_FLIGHT}; the kafka channel's {CHANNEL.max_in_flight}"
+    assert shown["--max-in-flight"] == f"{MAX_IN_FLIGHT}; the kafka channel's {CHANNEL.max_in_flight}"
+    # a channel from another distribution that declares its own room shows it too
+    own = load_channels(POLLER_OPTIONS)
+    roomy = replace(own.channels["http"], name="roomy", max_in_flight=50)
+    registry = replace(own, channels={**own.channels, "roomy": roomy})
+    shown = {o.flag: o.shown_default() for o in run_options(registry)}
+    assert shown["--max-in-flight"].endswith("; the roomy channel's 50")
 
 
 # -- processes that fit the container -------------------------------------------------------------
