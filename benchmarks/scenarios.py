@@ -447,9 +447,9 @@ def latency_cases(bench: Bench) -> list[Latency]:
         for i, (label, make_spec) in enumerate(cases):
             windows[i].append(run_latency(bench, label, make_spec))
     rows = [pooled_latency(c.latency_rate, w) for w in windows]
-    for row in rows:
+    for row, pooled in zip(rows, windows, strict=True):
         log.info("latency %-26s p50 %.1f ms, p99 %.1f ms at %.0f msg/s, %.0f us CPU/msg (%d window(s))",
-                 row.contender, row.p50_ms, row.p99_ms, row.achieved_per_s, row.cpu_us_per_msg, c.repeats)
+                 row.contender, row.p50_ms, row.p99_ms, row.achieved_per_s, row.cpu_us_per_msg, len(pooled))
     return rows
 
 
