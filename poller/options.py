@@ -22,6 +22,7 @@ import click
 from channels.envelopes import ENVELOPES
 from channels.options import Option, number_text
 from channels.registry import Registry, load_channels
+from poller.config import MAX_IN_FLIGHT
 from poller.logs import LOG_FORMATS, LOG_LEVELS
 
 if TYPE_CHECKING:
@@ -117,7 +118,7 @@ POLLER_OPTIONS: tuple[Option, ...] = (
     # its choices are the installed channels' names (run_options)
     _delivery(flag="--channel", dest="channel_name", default="http", help="Where messages go."),
     _delivery(flag="--max-in-flight", run_only=True, kind=int, low=1, high=100_000,
-              default_text="200",  # poller.config.MAX_IN_FLIGHT; run_options adds each channel's own
+              default_text=str(MAX_IN_FLIGHT),  # run_options adds each channel's own
               help="Messages a process holds at most (delivering, waiting, or acked and not yet deleted); "
                    "receiving pauses above it. Memory: up to this many bodies per process (SQS's limit is "
                    "1 MiB a message)."),
