@@ -119,6 +119,7 @@ def make_plan(opts: dict[str, Any], channels: Registry, *, reach_queue: bool = T
             target=target,
             channel=channel,
             receivers=opts["receivers"],
+            max_receivers=opts["max_receivers"],
             batch_size=opts["batch_size"],
             wait_time=opts["wait_time"],
             visibility_timeout=opts["visibility_timeout"],

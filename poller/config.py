@@ -45,6 +45,8 @@ class WorkerConfig:
     target: SqsTarget
     channel: ChannelConfig
     receivers: int = 8
+    # Receives beyond --receivers while a backlog waits and SQS is far (poller.window).
+    max_receivers: int = 16
     batch_size: int = 10
     wait_time: int = 20
     visibility_timeout: int | None = None
@@ -73,7 +75,8 @@ class WorkerConfig:
 
     def __post_init__(self) -> None:
         for flag, value in (
-            ("--receivers", self.receivers), ("--batch-size", self.batch_size),
+            ("--receivers", self.receivers), ("--max-receivers", self.max_receivers),
+            ("--batch-size", self.batch_size),
             ("--wait-time", self.wait_time), ("--visibility-timeout", self.visibility_timeout),
             ("--max-in-flight", self.max_in_flight), ("--delete-linger", self.delete_linger),
             ("--retries", self.retries), ("--max-processing-time", self.max_processing_time),
@@ -89,6 +92,11 @@ class WorkerConfig:
         if not 0 < self.shutdown_timeout <= 3600:
             raise ValueError(f"a worker's shutdown timeout must be above 0, not {self.shutdown_timeout}")
         check_attempt_bound(self.max_processing_time, self.channel)
+
+    @property
+    def receive_ceiling(self) -> int:
+        """The most receives at once: --max-receivers, and never fewer than --receivers."""
+        return max(self.receivers, self.max_receivers)
 
     @property
     def effective_visibility_timeout(self) -> int:

@@ -107,6 +107,10 @@ class PollerCollector(Collector):
         yield _one(GaugeMetricFamily("sqs_poller_messages_in_flight",
                                      "Messages held: delivering, waiting for a retry, or acked and not yet deleted.",
                                      labels=_LABELS), labels, values["in_flight"])
+        yield _one(GaugeMetricFamily("sqs_poller_receivers",
+                                     "ReceiveMessage calls the workers run at once: --receivers each, more while a "
+                                     "backlog waits and SQS's round trip calls for them (up to --max-receivers).",
+                                     labels=_LABELS), labels, values["receivers"])
         yield _one(GaugeMetricFamily("sqs_poller_circuit_open",
                                      "Workers whose channel is down (receiving paused, probing).",
                                      labels=_LABELS), labels, values["circuit_open"])

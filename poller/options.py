@@ -105,8 +105,14 @@ POLLER_OPTIONS: tuple[Option, ...] = (
     # 8 and 200 (below): SQS 10-20 ms away, a message is held for about two round trips (its receive,
     # its delete) plus its delivery; one worker keeping ~3,000 msg/s needs ~6 receives of 10 under way
     # and ~180 messages of room (Little's law). 4 and 100 kept 0.5-0.8 of the direct rate 20 ms away.
+    # A fixed 8 still queued at a saturated LocalStack 20 ms away (0.70-0.76 of the direct rate), and
+    # a fixed 16 queued needlessly on a near one: the window follows the round trip (poller.window).
     _sqs(flag="--receivers", run_only=True, kind=int, low=1, high=64, default=8,
-         help="Long-poll ReceiveMessage calls in flight per process."),
+         help="Long-poll ReceiveMessage calls in flight per process, at least."),
+    _sqs(flag="--max-receivers", run_only=True, kind=int, low=1, high=64, default=16,
+         help="While a backlog waits, a process adds receives beyond --receivers, up to this many: as many "
+              "as SQS's round trip calls for at the rate it receives (Little's law). At most --receivers "
+              "keeps the count fixed."),
     _sqs(flag="--batch-size", run_only=True, kind=int, low=1, high=10, default=10,
          help="Messages per ReceiveMessage."),
     _sqs(flag="--wait-time", run_only=True, kind=int, low=0, high=20, default=20, help="Long-poll wait, seconds."),

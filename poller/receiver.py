@@ -1,4 +1,5 @@
-"""The receivers: ``--receivers`` long polls of ``ReceiveMessage``, each in its own task.
+"""The receivers: long polls of ``ReceiveMessage``, each in its own task; ``--receivers`` of them,
+more while a backlog waits and SQS's round trip calls for them (``poller.window``).
 
 Each first reserves room for a whole batch below ``--max-in-flight`` (dramatiq's bounded
 prefetch, Redpanda's ``max_outstanding_messages``), does not receive while the gate holds
@@ -31,6 +32,7 @@ from poller.logs import RateLimitedLog
 from poller.sqs import SqsError
 from poller.stats import Counters
 from poller.watchdog import Watchdog
+from poller.window import ReceiveWindow
 
 __all__ = ["LOOP_LIMIT", "Budget", "Polls", "Receiver", "SharedCount"]
 
@@ -42,6 +44,8 @@ LOOP_LIMIT = 60.0  # longest healthy gap between two beats of a loop, besides a 
 _DRAINING_WAIT = 1
 # ReceiveMessage refused for good (AccessDenied, the queue gone) this long: no more heartbeats.
 REFUSED_FOR = 60.0
+# A receiver beyond the window looks again this often (the window moves once a second).
+_PARKED_RECHECK = 0.5
 
 
 class SharedCount(Protocol):
@@ -125,6 +129,7 @@ class Receiver:
                  polls: Polls, budget: Budget, hand_over: Callable[[Sequence[Message]], None],
                  counters: Counters, watchdog: Watchdog, clock: Callable[[], float]) -> None:
         self._config = config
+        self.window = ReceiveWindow(config.receivers, config.receive_ceiling, config.batch_size, clock)
         self._sqs = sqs
         self._ledger = ledger
         self._room = room
@@ -159,8 +164,13 @@ class Receiver:
         beat = self._watchdog.register(name, config.wait_time + LOOP_LIMIT)
         failures = 0
         wait_time = config.wait_time
+        window = self.window
         try:
             while not self.stopping:
+                if index >= window.limit:  # beyond what the backlog and the round trip call for
+                    beat()
+                    await self._sleep(_PARKED_RECHECK)
+                    continue
                 if not await self.reserve(config.batch_size, beat):
                     break
                 beat()
@@ -194,7 +204,9 @@ class Receiver:
                     self._receive_log.hit(str(failed))
                     await self._sleep(backoff(failures, base=0.5, cap=20.0))
                     continue
-                self._counters.observe("receive", self._clock() - started)
+                took = self._clock() - started
+                self._counters.observe("receive", took)
+                window.received(len(messages), asked, took)
                 failures = 0
                 self._refused = None
                 self._budget.give_back(asked - len(messages))

@@ -137,12 +137,13 @@ class Worker:
         self._parts = parts = self._assemble(channel, loop)
         if self._stopping:  # a signal while the channel started
             self.stop()
-        receivers = [self._task(parts.receiver.run(i), f"receiver-{i}") for i in range(config.receivers)]
+        receivers = [self._task(parts.receiver.run(i), f"receiver-{i}") for i in range(config.receive_ceiling)]
         extender = self._task(self._extend_loop(parts), "extender")
         health = self._task(self._health_loop(tick), "heartbeat")
         log.info(
-            "worker started: %d receivers, batch %d, wait %ds, max in flight %d, channel %s",
-            config.receivers, config.batch_size, config.wait_time, config.max_in_flight,
+            "worker started: %d receivers (up to %d as the round trip calls), batch %d, wait %ds, "
+            "max in flight %d, channel %s",
+            config.receivers, config.receive_ceiling, config.batch_size, config.wait_time, config.max_in_flight,
             config.channel.name,
         )
         self._check_health()  # the first heartbeat: the supervisor knows the channel started
@@ -158,7 +159,7 @@ class Worker:
         timeout = config.effective_visibility_timeout
         lanes_count = max(2, min(16, -(-config.max_in_flight // 500)))
         sqs = SqsClient(config.target, credentials=self._credentials, connections=lanes_count + 32)
-        receive_sqs = SqsClient(config.target, credentials=self._credentials, connections=config.receivers)
+        receive_sqs = SqsClient(config.target, credentials=self._credentials, connections=config.receive_ceiling)
         ledger = Ledger(config.max_in_flight)
         room = Room(ledger, config.batch_size, loop)
         gate = Gate(Circuit(threshold=config.circuit_threshold), ledger)
@@ -218,6 +219,7 @@ class Worker:
             if problem:
                 problems.append(problem)
         self.counters.set("in_flight", len(parts.ledger))
+        self.counters.set("receivers", parts.receiver.window.limit)
         self.counters.set("drained", int(parts.receiver.drained()))
         # The supervisor's autoscaler compares it a few seconds apart: how much of a core we use.
         self.counters.set("cpu_ms", int(time.process_time() * 1000))

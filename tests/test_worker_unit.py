@@ -845,6 +845,33 @@ async def test_a_receiver_waiting_out_its_backoff_is_not_a_poll_in_flight() -> N
     await asyncio.wait_for(task, 5)
 
 
+@on_loop
+async def test_a_receiver_beyond_the_window_waits_until_the_window_opens() -> None:
+    """The worker runs --max-receivers receivers; those beyond the window (poller.window) do not
+    poll until it lets them, and a stop ends them too."""
+    rig = make_rig(receivers=1, max_receivers=2)
+    loop = asyncio.get_running_loop()
+    tasks = [loop.create_task(rig.receiver.run(i)) for i in range(2)]
+    await asyncio.sleep(0.05)
+    assert rig.polls.in_flight == 1 and rig.ledger.reserved == 10
+    rig.receiver.window.limit = 2
+    for _ in range(200):
+        if rig.polls.in_flight == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert rig.polls.in_flight == 2 and rig.ledger.reserved == 20
+    rig.receiver.window.limit = 1  # the window closes: the receive under way ends as it would
+    await rig.sqs.answers.put([])  # receiver 0's: it polls again, behind receiver 1
+    await asyncio.sleep(0.01)
+    await rig.sqs.answers.put([])  # receiver 1's: it waits
+    await asyncio.sleep(0.05)
+    assert rig.polls.in_flight == 1 and rig.ledger.reserved == 10
+    rig.stop()
+    await rig.sqs.answers.put([])
+    await asyncio.wait_for(asyncio.gather(*tasks), 5)
+    assert rig.ledger.reserved == 0
+
+
 # -- room below --max-in-flight -------------------------------------------------------------------
 
 
