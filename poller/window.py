@@ -12,9 +12,11 @@ The round trip is the least time a *full* receive took over the last ``_RTT_SPAN
 did not wait in the long poll; the least one is the closest to the wire's time, without the
 server's queueing. With no full receive in that span (no backlog) the round trip is unknown and
 the window falls back to ``--receivers``. The rate is the messages received over the last
-second. Both are fed back (more receives, more rate): ``extra <= window * round_trip /
-time_a_receive_takes`` keeps the loop's gain below one, and ``ceiling`` (``--max-receivers``)
-bounds it, as ``--max-in-flight`` bounds the room each receive reserves.
+second. The rate feeds back (more receives, more rate) with a gain of the round trip over the
+time a receive takes on average: below one where the server queues (the window settles, as a
+saturated LocalStack's does), near one where it does not (real SQS with a backlog: the window
+grows to ``ceiling``, ``--max-receivers``). ``--max-in-flight`` still bounds the room each
+receive reserves.
 
 Runs on the worker's event loop.
 """
