@@ -140,10 +140,11 @@ class Worker:
         receivers = [self._task(parts.receiver.run(i), f"receiver-{i}") for i in range(config.receive_ceiling)]
         extender = self._task(self._extend_loop(parts), "extender")
         health = self._task(self._health_loop(tick), "heartbeat")
+        more = config.receive_ceiling - config.receivers
         log.info(
-            "worker started: %d receivers (up to %d as the round trip calls), batch %d, wait %ds, "
-            "max in flight %d, channel %s",
-            config.receivers, config.receive_ceiling, config.batch_size, config.wait_time, config.max_in_flight,
+            "worker started: long polls %d%s, batch %d, wait %ds, max in flight %d, channel %s",
+            config.receivers, f" (up to {more} more while SQS's round trip calls for them)" if more else "",
+            config.batch_size, config.wait_time, config.max_in_flight,
             config.channel.name,
         )
         self._check_health()  # the first heartbeat: the supervisor knows the channel started
