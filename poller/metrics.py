@@ -108,8 +108,9 @@ class PollerCollector(Collector):
                                      "Messages held: delivering, waiting for a retry, or acked and not yet deleted.",
                                      labels=_LABELS), labels, values["in_flight"])
         yield _one(GaugeMetricFamily("sqs_poller_receivers",
-                                     "ReceiveMessage calls the workers run at once: --receivers each, more while a "
-                                     "backlog waits and SQS's round trip calls for them (up to --max-receivers).",
+                                     "Long polls the workers' receive windows allow at once (a receive may still wait "
+                                     "for room below --max-in-flight): --receivers each, more while a backlog waits "
+                                     "and SQS's round trip calls for them (up to --max-receivers).",
                                      labels=_LABELS), labels, values["receivers"])
         yield _one(GaugeMetricFamily("sqs_poller_circuit_open",
                                      "Workers whose channel is down (receiving paused, probing).",

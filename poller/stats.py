@@ -28,7 +28,7 @@ FIELDS = (
     "circuit_open",    # gauge: 1 while the channel is down and receiving is paused
     "drained",         # gauge: 1 in batch mode once receives come back empty and nothing is held
     "cpu_ms",          # gauge: CPU the worker process used since it started, ms (--processes auto)
-    "receivers",       # gauge: receives the window lets run (--receivers, more 20 ms away; poller.window)
+    "receivers",       # gauge: long polls the receive window allows (--receivers, more 20 ms away; poller.window)
     # "rejected" by reason (REJECT_REASONS): a fixed few classes, never the reason's text
     "rejected_event",  # the message cannot be made an event (or a record)
     "rejected_sink",   # the sink or the broker refused the event
