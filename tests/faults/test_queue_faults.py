@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from faultproxy import Delay, FaultProxy
 from support import (
     Deliveries, FaultCase, PollerProcess, SinkDeliveries, Tally, drain, dumper_sink, queue_counts, send_messages,
     tally, wait_empty, wait_until,
@@ -115,6 +116,36 @@ def test_sigterm_during_long_polls_orphans_no_message(
                              f"times the queue's messages were handed out: {dict(receives)}")
     assert len(result.queued) == 10 and not result.delivered, result
     assert set(receives) == {1}, f"handed from poll to poll during the stop: {dict(receives)}"
+
+
+def test_sigterm_with_the_window_open_loses_nothing(
+    sqs: Any, sqs_endpoint: str, make_queue: Any, start_poller: Callable[..., PollerProcess],
+    fault_case: Callable[..., FaultCase],
+) -> None:
+    """SQS 20 ms away (the fault proxy delays every answer), a backlog of 3,000, one worker: its
+    receive window (poller/window.py) runs more long polls than --receivers' 8. SIGTERM mid-flow:
+    the receivers beyond --receivers stop with the others, what their polls bring is given back,
+    exit 0, and every message is delivered or back on the queue. Duplicates <= 10 (one delete
+    batch), as for a SIGTERM under load."""
+    case = fault_case("SIGTERM with the receive window open (SQS +20 ms)", "http", max_duplicates=10)
+    n = 3000
+    queue = make_queue(visibility_timeout=30)
+    with dumper_sink() as server, FaultProxy(sqs_endpoint) as proxy:
+        proxy.set(Delay(0.02))
+        deliveries = SinkDeliveries(server)
+        ids = send_messages(sqs, queue.url, [f"window-{i}" for i in range(n)])
+        case.count_with(lambda wait: tally(sqs, ids, deliveries, wait=wait, drain_url=queue.url))
+        poller = start_poller(queue.url, deliveries.poller_args(), "--endpoint-url", proxy.url,
+                              "--processes", "1", "--wait-time", "5")
+        wait_until(lambda: len(server.received) >= 1000, 60, "the flow to start")
+        time.sleep(1.0)  # the window moves once a second
+        assert poller.stop(timeout=40) == 0, poller.log_text()[-3000:]
+        polls = [int(line.split(" message(s) held, ")[1].split()[0]) for line in poller.log_text().splitlines()
+                 if "stopping:" in line and "long poll(s) in flight" in line]
+    result = case.finish()
+    case.note(f"long polls in flight at the stop: {polls}; {len(result.queued)} back on the queue after")
+    assert polls and max(polls) > 8, f"the window did not open beyond --receivers: {polls}"
+    assert result.queued, "nothing was left on the queue: the SIGTERM did not hit a flow"
 
 
 def test_until_empty_stop_orphans_no_message(
