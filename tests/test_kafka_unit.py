@@ -911,7 +911,8 @@ def test_a_producer_whose_poll_raises_a_fatal_error_is_replaced() -> None:
     channel, reports = channel_with(producer)
     channel._new_producer = lambda conf: new
     channel.publish([message(1)], lambda m, o, r: reports.append((m.id, o)))
-    poll_until(channel, lambda: channel._producer is not producer)
+    # The swap comes before the old producer's records are reported: wait for the report.
+    poll_until(channel, lambda: bool(reports))
     assert channel._producer is new and channel._fatal is None
     assert reports == [("id-1", Outcome.RETRY)]
 
