@@ -204,6 +204,7 @@ class Dispatcher:
         if forced is None and len(entries) == 1 and entries[0].outcome is Outcome.ACK and not self._gate.is_open:
             # The common case, without the general bookkeeping: one message, delivered.
             run.live = False
+            run.entries = []  # as below: no Held -> Run -> list -> Held cycle left for the collector
             self._gate.success()
             self._acker.ack(entries[0])
             return

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import threading
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from poller.circuit import Circuit
 from poller.config import WorkerConfig
 from poller.dispatcher import Dispatcher, Pacing, RetryPolicy
 from poller.gate import Gate
-from poller.ledger import Ledger, Room, Stage
+from poller.ledger import Held, Ledger, Room, Run, Stage
 from poller.receiver import Budget, Polls, Receiver
 from poller.sqs import SqsTarget
 from poller.stats import Counters
@@ -247,6 +248,24 @@ async def test_ack_queues_a_delete_and_the_message_stays_held_until_deleted() ->
     assert rig.held == 1 and rig.ledger.reserved == 1
     rig.acker.deleted(["rh-2"])
     assert rig.held == 0
+
+
+@on_loop
+async def test_a_delivered_message_is_freed_once_deleted_without_the_cycle_collector() -> None:
+    """Held -> Run -> entries -> Held was a cycle for every delivered message: each waited for a
+    collection, and the collector walked them all (a worker draining 20,000 messages into Kafka
+    spent 67-70 ms collecting, 19-20 ms without the cycle)."""
+    rig = make_rig()
+    gc.collect()
+    gc.disable()
+    try:
+        await rig.receive([raw_message(1)])
+        rig.channel.report_all(Outcome.ACK)
+        rig.acker.deleted(["rh-1"])
+        assert rig.held == 0
+        assert [type(o).__name__ for o in gc.get_objects() if isinstance(o, Held | Run)] == []
+    finally:
+        gc.enable()
 
 
 @on_loop
