@@ -13,6 +13,7 @@ import random
 import signal
 import threading
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -21,8 +22,8 @@ import pytest
 
 from faultproxy import Delay, FaultProxy
 from support import (
-    Deliveries, FaultCase, PollerProcess, SinkDeliveries, Tally, drain, dumper_sink, queue_counts, send_messages,
-    tally, wait_empty, wait_until,
+    Deliveries, FaultCase, PollerProcess, SinkDeliveries, Tally, drain, dumper_sink, free_port, queue_counts,
+    send_messages, tally, wait_empty, wait_until,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
@@ -126,9 +127,18 @@ def test_sigterm_with_the_window_open_loses_nothing(
     receive window (poller/window.py) runs more long polls than --receivers' 8. SIGTERM mid-flow:
     the receivers beyond --receivers stop with the others, what their polls bring is given back,
     exit 0, and every message is delivered or back on the queue. Duplicates <= 10 (one delete
-    batch), as for a SIGTERM under load."""
+    batch), as for a SIGTERM under load. The SIGTERM waits for the window to be open (its gauge);
+    how many polls are in flight at that instant depends on the room under --max-in-flight."""
     case = fault_case("SIGTERM with the receive window open (SQS +20 ms)", "http", max_duplicates=10)
-    n = 3000
+    n = 5000
+    port = free_port()
+
+    def allowed() -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            lines = response.read().decode().splitlines()
+        return max((float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith("sqs_poller_receivers{")),
+                   default=0.0)
+
     queue = make_queue(visibility_timeout=30)
     with dumper_sink() as server, FaultProxy(sqs_endpoint) as proxy:
         proxy.set(Delay(0.02))
@@ -136,15 +146,18 @@ def test_sigterm_with_the_window_open_loses_nothing(
         ids = send_messages(sqs, queue.url, [f"window-{i}" for i in range(n)])
         case.count_with(lambda wait: tally(sqs, ids, deliveries, wait=wait, drain_url=queue.url))
         poller = start_poller(queue.url, deliveries.poller_args(), "--endpoint-url", proxy.url,
-                              "--processes", "1", "--wait-time", "5")
-        wait_until(lambda: len(server.received) >= 1000, 60, "the flow to start")
-        time.sleep(1.0)  # the window moves once a second
+                              "--processes", "1", "--wait-time", "5", "--metrics-port", str(port),
+                              "--metrics-host", "127.0.0.1")
+        wait_until(lambda: len(server.received) >= 500, 60, "the flow to start")
+        wait_until(lambda: allowed() > 8, 30, "the receive window to open beyond --receivers' 8")
+        window = allowed()
         assert poller.stop(timeout=40) == 0, poller.log_text()[-3000:]
         polls = [int(line.split(" message(s) held, ")[1].split()[0]) for line in poller.log_text().splitlines()
                  if "stopping:" in line and "long poll(s) in flight" in line]
     result = case.finish()
-    case.note(f"long polls in flight at the stop: {polls}; {len(result.queued)} back on the queue after")
-    assert polls and max(polls) > 8, f"the window did not open beyond --receivers: {polls}"
+    case.note(f"window at the stop: {window:g} long polls allowed, {polls} in flight; "
+              f"{len(result.queued)} back on the queue after")
+    assert polls, "no stop line with the long polls in flight"
     assert result.queued, "nothing was left on the queue: the SIGTERM did not hit a flow"
 
 
