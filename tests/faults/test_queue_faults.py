@@ -13,17 +13,17 @@ import random
 import signal
 import threading
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from faultproxy import Delay, FaultProxy
 from support import (
-    Deliveries, FaultCase, PollerProcess, SinkDeliveries, Tally, drain, dumper_sink, free_port, queue_counts,
-    send_messages, tally, wait_empty, wait_until,
+    Deliveries, FaultCase, PollerProcess, SinkDeliveries, Tally, drain, dumper_sink, free_port, http_get,
+    queue_counts, send_messages, tally, wait_empty, wait_until,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
@@ -123,7 +123,7 @@ def test_sigterm_with_the_window_open_loses_nothing(
     sqs: Any, sqs_endpoint: str, make_queue: Any, start_poller: Callable[..., PollerProcess],
     fault_case: Callable[..., FaultCase],
 ) -> None:
-    """SQS 20 ms away (the fault proxy delays every answer), a backlog of 3,000, one worker: its
+    """SQS 20 ms away (the fault proxy delays every answer), a backlog of 5,000, one worker: its
     receive window (poller/window.py) runs more long polls than --receivers' 8. SIGTERM mid-flow:
     the receivers beyond --receivers stop with the others, what their polls bring is given back,
     exit 0, and every message is delivered or back on the queue. Duplicates <= 10 (one delete
@@ -134,10 +134,12 @@ def test_sigterm_with_the_window_open_loses_nothing(
     port = free_port()
 
     def allowed() -> float:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-            lines = response.read().decode().splitlines()
-        return max((float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith("sqs_poller_receivers{")),
-                   default=0.0)
+        """The window's gauge (0 while /metrics is not serving yet)."""
+        status, text, _ = http_get(port, "/metrics")
+        if status != 200:
+            return 0.0
+        return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+                   if sample.name == "sqs_poller_receivers")
 
     queue = make_queue(visibility_timeout=30)
     with dumper_sink() as server, FaultProxy(sqs_endpoint) as proxy:
