@@ -103,7 +103,7 @@ class Deleter:
             self._done(handles)  # deleted, failed or expired: no longer the worker's to hold
 
     async def _delete(self, pending: list[str], deadline: float) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop or self._bind()
         attempt = 0
         while pending:
             attempt += 1
@@ -137,11 +137,12 @@ class Deleter:
                               failure.code, failure.message)
                 else:
                     retry.append(pending[failure.index])
+            if not retry:
+                return
             delay = backoff(attempt, base=0.2, cap=5.0)
-            if retry and loop.time() + delay > min(deadline, self.deadline):
+            if loop.time() + delay > min(deadline, self.deadline):
                 self._counters.add("delete_failed", len(retry))
                 log.error("deleting %d message(s) failed, they will be redelivered", len(retry))
                 return
-            if retry:
-                await asyncio.sleep(delay)
+            await asyncio.sleep(delay)
             pending = retry
