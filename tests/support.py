@@ -27,6 +27,8 @@ from typing import Any, Protocol
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from channels.base import Message, Outcome
 from poller.kit.dumper import DumperServer
@@ -37,7 +39,7 @@ __all__ = [
     "message",
     "BATCH_MAX_BYTES", "BATCH_MAX_ENTRIES", "CLK_TCK", "JWT", "SECRET_KEY", "SESSION_TOKEN", "STATIC_CREDENTIALS",
     "UNICODE", "Deliveries", "FakeSts", "FaultCase", "PollerProcess", "closed_by_server", "connection_flood",
-    "http_get", "threads_of", "wait_empty",
+    "http_get", "metric_samples", "metrics_by_key", "threads_of", "wait_empty",
     "SinkDeliveries", "Tally", "TopicDeliveries", "ce_id", "consume_topic", "cpu_seconds", "drain",
     "drain_count", "dumper_sink", "free_port", "has_ids", "make_body", "message_size", "new_topic", "pid_alive",
     "poller_cpu", "queue_counts", "send_messages", "send_parallel", "silent_server", "split", "tally",
@@ -275,6 +277,26 @@ def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int, str, floa
         return exc.code, exc.read().decode(), time.monotonic() - started
     except (urllib.error.URLError, OSError) as exc:  # not listening (yet), or no answer in time
         return 0, str(exc), time.monotonic() - started
+
+
+def metric_samples(port: int, timeout: float = 5.0) -> list[Sample]:
+    """What ``/metrics`` on 127.0.0.1:``port`` serves, parsed by prometheus_client; [] while
+    nothing answers there (not serving yet)."""
+    status, text, _ = http_get(port, "/metrics", timeout)
+    if status != 200:
+        return []
+    return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
+
+
+def metrics_by_key(samples: Iterable[Sample], labels: Sequence[str] = ("le",)) -> dict[str, float]:
+    """Sample values keyed ``name[value]...``, a ``[value]`` for each of ``labels`` the sample
+    has (``sqs_poller_publish_seconds_bucket[+Inf]``); samples that differ only in other labels
+    are added up (``sqs_poller_messages_rejected_total`` over its reasons)."""
+    found: dict[str, float] = {}
+    for sample in samples:
+        key = sample.name + "".join(f"[{sample.labels[name]}]" for name in labels if name in sample.labels)
+        found[key] = found.get(key, 0.0) + sample.value
+    return found
 
 
 def threads_of(pid: int) -> int:

@@ -12,8 +12,6 @@ import random
 import signal
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,7 +24,8 @@ from cloudevents.core.bindings.http import HTTPMessage, from_http_event
 from channels.http import REFUSAL_RUN
 from poller.kit.dumper import DumperServer
 from support import (
-    PollerProcess, drain, free_port, http_get, make_body, queue_counts, send_messages, wait_empty, wait_until,
+    PollerProcess, drain, free_port, http_get, make_body, metric_samples, metrics_by_key, queue_counts, send_messages,
+    wait_empty, wait_until,
 )
 
 pytestmark = pytest.mark.integration
@@ -178,21 +177,14 @@ def test_rejected_messages_go_to_the_dlq_and_the_rest_flow(
 def test_a_scrape_during_a_real_run_matches_what_the_sink_received(
     sqs: Any, make_queue: Any, aws_env: dict[str, str], tmp_path: Path
 ) -> None:
-    from prometheus_client.parser import text_string_to_metric_families
-
     queue = make_queue(visibility_timeout=30)
     port = free_port()
 
     def scrape() -> dict[str, float]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-            text = response.read().decode()
-        samples = {}
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                assert sample.labels.get("queue") == queue.name and sample.labels.get("channel") == "http"
-                bound = sample.labels.get("le")
-                samples[sample.name + (f"[{bound}]" if bound else "")] = sample.value
-        return samples
+        samples = metric_samples(port)
+        for sample in samples:
+            assert sample.labels.get("queue") == queue.name and sample.labels.get("channel") == "http"
+        return metrics_by_key(samples)
 
     with sink() as server:
         ids = send_messages(sqs, queue.url, [f"metric {i}" for i in range(50)])

@@ -180,8 +180,7 @@ def test_start_up_errors_follow_log_format_json(monkeypatch: Any, capsys: Any) -
 def test_metrics_show_message_age_and_the_reason_of_rejects(
     sqs: Any, make_queue: Any, aws_env: dict[str, str], tmp_path: Path
 ) -> None:
-    from prometheus_client.parser import text_string_to_metric_families
-    from support import free_port, http_get
+    from support import free_port, metric_samples, metrics_by_key
 
     queue = make_queue(dlq_max_receive_count=1)
     for body in ("fine", "fine too", "refused"):
@@ -189,15 +188,7 @@ def test_metrics_show_message_age_and_the_reason_of_rejects(
     port = free_port()
 
     def samples() -> dict[str, float]:
-        found: dict[str, float] = {}
-        status, text, _ = http_get(port, "/metrics")
-        if status != 200:  # not serving yet
-            return found
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                key = sample.name + "".join(f"[{sample.labels[k]}]" for k in ("reason", "le") if k in sample.labels)
-                found[key] = sample.value
-        return found
+        return metrics_by_key(metric_samples(port), ("reason", "le"))
 
     with sink(respond=lambda event, headers: 400 if event["data"].get("Body") == "refused" else None) as server:
         poller = PollerProcess(args(queue.url, "--sink", server.url, "--metrics-port", str(port)), aws_env,

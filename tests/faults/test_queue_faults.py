@@ -18,12 +18,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
 from faultproxy import Delay, FaultProxy
 from support import (
-    Deliveries, FaultCase, PollerProcess, SinkDeliveries, Tally, drain, dumper_sink, free_port, http_get,
-    queue_counts, send_messages, tally, wait_empty, wait_until,
+    Deliveries, FaultCase, PollerProcess, SinkDeliveries, Tally, drain, dumper_sink, free_port, metric_samples,
+    metrics_by_key, queue_counts, send_messages, tally, wait_empty, wait_until,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
@@ -135,11 +133,7 @@ def test_sigterm_with_the_window_open_loses_nothing(
 
     def allowed() -> float:
         """The window's gauge (0 while /metrics is not serving yet)."""
-        status, text, _ = http_get(port, "/metrics")
-        if status != 200:
-            return 0.0
-        return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
-                   if sample.name == "sqs_poller_receivers")
+        return metrics_by_key(metric_samples(port)).get("sqs_poller_receivers", 0.0)
 
     queue = make_queue(visibility_timeout=30)
     with dumper_sink() as server, FaultProxy(sqs_endpoint) as proxy:
