@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
+
 from faultproxy import Delay, FaultProxy
 from support import (
     Deliveries, FaultCase, PollerProcess, SinkDeliveries, Tally, drain, dumper_sink, free_port, metric_samples,
